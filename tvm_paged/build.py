@@ -1,0 +1,201 @@
+"""Targets, compilation and the kernel caches: the only place that turns a config into a callable.
+
+Data flow: ``KernelConfig`` -> kernel builder (``tvm_paged.kernels``) -> PrimFunc -> optional tuned schedule
+-> ``tvm.compile`` -> function, cached in memory per (config, target) and on disk as a shared library so a
+second process does not recompile. Target spelling lives here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any, Callable
+
+from . import tvm_compat as tc
+from .config import KernelConfig
+
+# Fast-math without "no NaNs / no infinities": reassociation lets LLVM vectorize the head_dim reductions,
+# while -inf (the online softmax's start value, empty splits) keeps its meaning. The full "fast-math" flag
+# would let LLVM assume no infinities, which breaks exactly the cases the tests check.
+_LLVM_MATH_FLAGS = {
+    "fast-math-reassoc": True,
+    "fast-math-contract": True,
+    "fast-math-nsz": True,
+    "fast-math-arcp": True,
+}
+
+TargetSpec = "str | dict | tc.Target | None"
+
+
+def local_target() -> "tc.Target":
+    """The CPU this process runs on: LLVM with the host's own ``mcpu`` and the cores it may use."""
+    return tc.Target({"kind": "llvm", "mcpu": tc.host_cpu(), "num-cores": tc.allowed_cores(), **_LLVM_MATH_FLAGS})
+
+
+def resolve_target(spec: Any = None) -> "tc.Target":
+    """``None``/``"local"`` -> :func:`local_target`; a TVM tag (``nvidia/nvidia-h100``); a JSON/dict target."""
+    if spec is None or spec == "local":
+        return local_target()
+    if isinstance(spec, tc.Target):
+        return spec
+    if isinstance(spec, str):
+        text = spec.strip()
+        if text.startswith("{"):
+            try:
+                spec = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"target: not valid JSON: {exc}") from exc
+        else:
+            try:
+                return tc.Target(text)
+            except Exception as exc:  # TVM raises its own error types
+                raise ValueError(f"target: unknown target or tag {text!r} ({exc})") from exc
+    if isinstance(spec, dict):
+        spec = dict(spec)
+        if spec.get("kind") == "llvm":
+            spec.setdefault("num-cores", tc.allowed_cores())
+            for key, value in _LLVM_MATH_FLAGS.items():
+                spec.setdefault(key, value)
+        try:
+            return tc.Target(spec)
+        except Exception as exc:
+            raise ValueError(f"target: invalid target dict {spec!r} ({exc})") from exc
+    raise ValueError(f"target: expected a tag, a JSON/dict target or 'local', got {type(spec).__name__}")
+
+
+def target_kind(target: "tc.Target") -> str:
+    """``"cpu"`` or ``"cuda"``: which family of kernel builders applies."""
+    name = target.kind.name
+    if name == "llvm":
+        return "cpu"
+    if name == "cuda":
+        return "cuda"
+    raise ValueError(f"target: kind {name!r} is not supported (llvm or cuda)")
+
+
+def target_key(target: "tc.Target") -> str:
+    """A short, stable, filesystem-safe name for a target (``llvm-znver3-2c``, ``cuda-sm_90a``)."""
+    kind = target_kind(target)
+    if kind == "cpu":
+        attrs = target.attrs
+        mcpu = str(attrs.get("mcpu", "generic"))
+        triple = str(attrs.get("mtriple", "")).split("-")[0]
+        return "-".join(p for p in ("llvm", triple, mcpu, f"{int(attrs.get('num-cores', 1))}c") if p)
+    return f"cuda-{target.attrs.get('arch', 'unknown')}"
+
+
+def cpu_vector_lanes(target: "tc.Target") -> int:
+    """float32 lanes of the widest SIMD unit the CPU target may use (16 for AVX-512, 8 for AVX2, 4 otherwise)."""
+    from tvm.target import codegen  # noqa: PLC0415  (spelled in one place: here)
+
+    for feature, lanes in (("avx512f", 16), ("avx2", 8)):
+        try:
+            if codegen.llvm_cpu_has_features(feature, target):
+                return lanes
+        except Exception:  # a target for another architecture
+            break
+    return 4
+
+
+def with_host(target: "tc.Target") -> "tc.Target":
+    """A CUDA target with a host: the tag's own host, else this CPU."""
+    if target_kind(target) != "cuda" or target.host is not None:
+        return target
+    return tc.Target(target, local_target())
+
+
+# --------------------------------------------------------------------------------------------- caches
+def cache_dir() -> Path:
+    """On-disk compile cache; ``TVM_PAGED_CACHE_DIR`` overrides ``~/.cache/tvm_paged``."""
+    root = os.environ.get("TVM_PAGED_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "tvm_paged")
+    return Path(root) / f"tvm-{tc.TVM_VERSION}"
+
+
+_MEMORY: dict[tuple[str, str], Callable] = {}
+_LOCK = threading.Lock()
+
+
+def prim_func(cfg: KernelConfig, target: "tc.Target"):
+    """The PrimFunc for ``cfg`` on ``target``: the default schedule, or a committed tuned one when present."""
+    from .kernels import build_kernel  # noqa: PLC0415
+    from . import schedules  # noqa: PLC0415
+
+    func = build_kernel(cfg, target)
+    return schedules.apply_best(func, cfg, target)
+
+
+def compile_kernel(cfg: KernelConfig, target: "tc.Target"):
+    """Compile one kernel; returns TVM's executable (``.mod`` is the runtime module)."""
+    func = prim_func(cfg, target)
+    target = with_host(target)
+    with target:
+        return tc.compile_module(func, target)
+
+
+def _fingerprint(func, target: "tc.Target") -> str:
+    h = hashlib.sha256()
+    h.update(func.script().encode())
+    h.update(str(target).encode())
+    h.update(f"{tc.TVM_VERSION}/{tc.FFI_VERSION}".encode())
+    return h.hexdigest()[:16]
+
+
+def get_kernel(cfg: KernelConfig, target: Any = None) -> Callable:
+    """A callable for ``cfg`` on ``target`` (default: the local CPU), compiled at most once per process and,
+    for CPU targets, loaded from the on-disk cache when another process already built it."""
+    target = resolve_target(target)
+    key = (cfg.name, str(target))
+    fn = _MEMORY.get(key)
+    if fn is not None:
+        return fn
+    with _LOCK:
+        fn = _MEMORY.get(key)
+        if fn is None:
+            fn = _load_or_compile(cfg, target)
+            _MEMORY[key] = fn
+    return fn
+
+
+def _load_or_compile(cfg: KernelConfig, target: "tc.Target") -> Callable:
+    if target_kind(target) != "cpu" or os.environ.get("TVM_PAGED_NO_DISK_CACHE"):
+        return compile_kernel(cfg, target).mod[cfg.name]
+    func = prim_func(cfg, target)
+    path = cache_dir() / target_key(target) / f"{cfg.name}-{_fingerprint(func, target)}.so"
+    if path.exists():
+        try:
+            return tc.load_module(str(path))[cfg.name]
+        except Exception:  # a truncated or foreign file: rebuild below
+            path.unlink(missing_ok=True)
+    with target:
+        ex = tc.compile_module(func, target)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Write then rename: a concurrent process never loads a half-written library.
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
+        os.close(fd)
+        ex.export_library(tmp)
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a read-only cache still leaves a working in-memory kernel
+    return ex.mod[cfg.name]
+
+
+def clear_memory_cache() -> None:
+    _MEMORY.clear()
+
+
+def target_for_device(device) -> Any:
+    """The target that runs on a torch device: the local CPU, or the CUDA GPU's own architecture."""
+    if device.type == "cpu":
+        return None
+    if device.type == "cuda":
+        import torch  # noqa: PLC0415
+
+        major, minor = torch.cuda.get_device_capability(device)
+        arch = f"sm_{major}{minor}" + ("a" if major >= 9 else "")
+        return tc.Target({"kind": "cuda", "arch": arch, "max_num_threads": 1024, "thread_warp_size": 32})
+    raise ValueError(f"device: {device} is not supported (cpu or cuda)")

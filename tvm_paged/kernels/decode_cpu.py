@@ -1,0 +1,164 @@
+"""Paged decode attention for CPUs (one query token per sequence), as a hand-scheduled TVMScript program.
+
+Work is split over (sequence, KV split) pairs run in parallel; each task walks its pages in order and, inside a
+page, tokens outer and heads inner, so the page's ``[page_size, num_kv_heads, head_dim]`` block is read
+contiguously and every query head of a group reuses each K/V row from L1. The softmax is online, rescaled once
+per page, started from a true minus infinity. Partial states of the splits are merged by their log-sum-exp in a
+second parallel loop of the same function, so one long sequence still uses every core.
+
+Signature (all arrays C-contiguous; batch ``B``, ``num_pages``, ``max_pages_per_seq`` and ``num_splits``
+are symbolic):
+
+    q           [B, num_qo_heads, head_dim]                      dtype
+    k_cache     [num_pages, page_size, num_kv_heads, head_dim]   dtype
+    v_cache     [num_pages, page_size, num_kv_heads, head_dim]   dtype
+    block_table [B, max_pages_per_seq]                           int32
+    seq_lens    [B]                                              int32 (>= 1, validated by the caller)
+    out         [B, num_qo_heads, head_dim]                      dtype        (written)
+    lse         [B, num_qo_heads]                                float32, natural log (written)
+    o_part      [B, num_splits, num_qo_heads, head_dim]          float32 scratch
+    lse_part    [B, num_splits, num_qo_heads]                    float32 scratch (log2 domain)
+    scale       float32 scalar: softmax scale
+"""
+
+from __future__ import annotations
+
+from ..config import KernelConfig
+from ..tvm_compat import T, prefetch
+from .common import LN2, LOG2E, exp2, from_f32, to_f32
+
+_CACHE_LINE = 64
+
+
+def build_decode_cpu(cfg: KernelConfig, *, lanes: int = 8, use_prefetch: bool = True):
+    """Return the decode PrimFunc for ``cfg`` (kernel ``decode``) on an LLVM CPU target."""
+    if cfg.kernel != "decode":
+        raise ValueError(f"build_decode_cpu needs a decode config, got {cfg.name}")
+    Hq, Hkv, D, S, G = cfg.num_qo_heads, cfg.num_kv_heads, cfg.head_dim, cfg.page_size, cfg.group_size
+    dt = cfg.dtype
+    E = cfg.itemsize
+    # Elements per cache line, and cache lines per page of one cache (K or V).
+    line = max(1, _CACHE_LINE // E)
+    lines_per_page = (S * Hkv * D + line - 1) // line
+    neg_inf = T.float32(float("-inf"))
+
+    @T.prim_func
+    def decode(
+        q_h: T.handle, k_h: T.handle, v_h: T.handle, bt_h: T.handle, sl_h: T.handle,
+        out_h: T.handle, lse_h: T.handle, op_h: T.handle, lp_h: T.handle, scale: T.float32,
+    ):
+        T.func_attr({"global_symbol": cfg.name, "tirx.noalias": True})
+        B = T.int64()
+        P = T.int64()
+        M = T.int64()
+        NS = T.int64()
+        # align = element size: torch.from_numpy and sliced tensors are not 64-byte aligned.
+        Q = T.match_buffer(q_h, (B, Hq, D), dt, align=E)
+        K = T.match_buffer(k_h, (P, S, Hkv, D), dt, align=E)
+        V = T.match_buffer(v_h, (P, S, Hkv, D), dt, align=E)
+        BT = T.match_buffer(bt_h, (B, M), "int32", align=4)
+        SL = T.match_buffer(sl_h, (B,), "int32", align=4)
+        O = T.match_buffer(out_h, (B, Hq, D), dt, align=E)
+        LSE = T.match_buffer(lse_h, (B, Hq), "float32", align=4)
+        OP = T.match_buffer(op_h, (B, NS, Hq, D), "float32", align=4)
+        LP = T.match_buffer(lp_h, (B, NS, Hq), "float32", align=4)
+
+        for task in T.parallel(B * NS):
+            qf = T.alloc_buffer((Hq, D), "float32")
+            acc = T.alloc_buffer((Hq, D), "float32")
+            sc = T.alloc_buffer((S, Hq), "float32")
+            m = T.alloc_buffer((Hq,), "float32")
+            lsum = T.alloc_buffer((Hq,), "float32")
+            alpha = T.alloc_buffer((Hq,), "float32")
+            dot = T.alloc_buffer((1,), "float32")
+            b: T.int64 = task // NS
+            s: T.int64 = task % NS
+            seq_len: T.int64 = T.Cast("int64", SL[b])
+            n_pages: T.int64 = (seq_len + S - 1) // S
+            chunk: T.int64 = (n_pages + NS - 1) // NS
+            p_begin: T.int64 = T.min(s * chunk, n_pages)
+            p_end: T.int64 = T.min(p_begin + chunk, n_pages)
+            # Fold the softmax scale and log2(e) into q once: scores come out in the log2 domain.
+            for h, d in T.grid(Hq, D):
+                qf[h, d] = to_f32(Q[b, h, d], dt) * (scale * T.float32(LOG2E))
+                acc[h, d] = T.float32(0)
+            for h in range(Hq):
+                m[h] = neg_inf
+                lsum[h] = T.float32(0)
+            for pi in range(p_end - p_begin):
+                page: T.int64 = T.Cast("int64", BT[b, p_begin + pi])
+                n: T.int64 = T.min(T.int64(S), seq_len - (p_begin + pi) * S)
+                if use_prefetch:
+                    # The hardware prefetcher restarts at every page of a fragmented table: ask for the next
+                    # page's K and this page's V ahead of use.
+                    if pi + 1 < p_end - p_begin:
+                        nxt: T.int64 = T.Cast("int64", BT[b, p_begin + pi + 1])
+                        for c in range(lines_per_page):
+                            prefetch(T.address_of(K[nxt, 0, 0, c * line]))
+                    for c in range(lines_per_page):
+                        prefetch(T.address_of(V[page, 0, 0, c * line]))
+                # Scores of this page: only the n tokens in use are read (unused slots may hold anything).
+                for t in range(n):
+                    for kvh in range(Hkv):
+                        for g in range(G):
+                            dot[0] = T.float32(0)
+                            for d in range(D):
+                                dot[0] = dot[0] + qf[kvh * G + g, d] * to_f32(K[page, t, kvh, d], dt)
+                            sc[t, kvh * G + g] = dot[0]
+                # Online softmax, one rescale per page.
+                for h in range(Hq):
+                    dot[0] = m[h]
+                    for t in range(n):
+                        dot[0] = T.max(dot[0], sc[t, h])
+                    alpha[h] = exp2(m[h] - dot[0])
+                    m[h] = dot[0]
+                    for t in range(n):
+                        sc[t, h] = exp2(sc[t, h] - dot[0])
+                    dot[0] = T.float32(0)
+                    for t in range(n):
+                        dot[0] = dot[0] + sc[t, h]
+                    lsum[h] = lsum[h] * alpha[h] + dot[0]
+                for h, d in T.grid(Hq, D):
+                    acc[h, d] = acc[h, d] * alpha[h]
+                for t in range(n):
+                    for kvh in range(Hkv):
+                        for g in range(G):
+                            for d in range(D):
+                                acc[kvh * G + g, d] = acc[kvh * G + g, d] + sc[t, kvh * G + g] * to_f32(
+                                    V[page, t, kvh, d], dt
+                                )
+            for h in range(Hq):
+                if lsum[h] > T.float32(0):
+                    LP[b, s, h] = m[h] + T.log2(lsum[h])
+                    for d in range(D):
+                        OP[b, s, h, d] = acc[h, d] / lsum[h]
+                else:  # an empty split (more splits than pages)
+                    LP[b, s, h] = neg_inf
+                    for d in range(D):
+                        OP[b, s, h, d] = T.float32(0)
+
+        # Merge the splits of each (sequence, head) by their log-sum-exp.
+        for bh in T.parallel(B * Hq):
+            mx = T.alloc_buffer((1,), "float32")
+            tot = T.alloc_buffer((1,), "float32")
+            w = T.alloc_buffer((NS,), "float32")
+            o = T.alloc_buffer((D,), "float32")
+            b: T.int64 = bh // Hq
+            h: T.int64 = bh % Hq
+            mx[0] = neg_inf
+            for s in range(NS):
+                mx[0] = T.max(mx[0], LP[b, s, h])
+            tot[0] = T.float32(0)
+            for s in range(NS):
+                w[s] = T.exp2(LP[b, s, h] - mx[0])
+                tot[0] = tot[0] + w[s]
+            for d in range(D):
+                o[d] = T.float32(0)
+            for s in range(NS):
+                for d in range(D):
+                    o[d] = o[d] + OP[b, s, h, d] * (w[s] / tot[0])
+            for d in range(D):
+                O[b, h, d] = from_f32(o[d], dt)
+            LSE[b, h] = (mx[0] + T.log2(tot[0])) * T.float32(LN2)
+
+    return decode

@@ -1,0 +1,127 @@
+"""Argument checks for the functional API. Every check runs before any kernel and raises ``ValueError``
+naming the offending argument, so bad input never reaches compiled code (no crash, no out-of-bounds read)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .config import DTYPES
+
+_TORCH_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+
+def as_tensor(x, name: str) -> torch.Tensor:
+    """A torch view of ``x`` (a torch tensor or numpy array, zero copy)."""
+    if isinstance(x, torch.Tensor):
+        return x
+    if isinstance(x, np.ndarray):
+        if x.dtype.name == "bfloat16":  # ml_dtypes: reinterpret the bits
+            return torch.from_numpy(x.view(np.uint16)).view(torch.bfloat16)
+        try:
+            return torch.from_numpy(x)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{name}: unsupported array ({exc})") from exc
+    raise ValueError(f"{name}: expected a torch.Tensor or numpy.ndarray, got {type(x).__name__}")
+
+
+def dtype_name(t: torch.Tensor, name: str) -> str:
+    try:
+        return _TORCH_DTYPES[t.dtype]
+    except KeyError:
+        raise ValueError(f"{name}: dtype {t.dtype} is not supported (one of {tuple(DTYPES)})") from None
+
+
+def check_rank(t: torch.Tensor, rank: int, name: str, shape_doc: str) -> None:
+    if t.dim() != rank:
+        raise ValueError(f"{name}: expected rank {rank} {shape_doc}, got shape {tuple(t.shape)}")
+
+
+def check_contiguous_cache(t: torch.Tensor, name: str) -> None:
+    if not t.is_contiguous():
+        raise ValueError(f"{name}: the cache must be contiguous (it is written in place)")
+
+
+def check_cache_pair(k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[int, int, int, int]:
+    """-> (num_pages, page_size, num_kv_heads, head_dim)."""
+    doc = "[num_pages, page_size, num_kv_heads, head_dim]"
+    check_rank(k_cache, 4, "k_cache", doc)
+    check_rank(v_cache, 4, "v_cache", doc)
+    if k_cache.shape != v_cache.shape:
+        raise ValueError(f"v_cache: shape {tuple(v_cache.shape)} differs from k_cache {tuple(k_cache.shape)}")
+    if k_cache.dtype != v_cache.dtype:
+        raise ValueError(f"v_cache: dtype {v_cache.dtype} differs from k_cache {k_cache.dtype}")
+    if k_cache.device != v_cache.device:
+        raise ValueError(f"v_cache: device {v_cache.device} differs from k_cache {k_cache.device}")
+    check_contiguous_cache(k_cache, "k_cache")
+    check_contiguous_cache(v_cache, "v_cache")
+    if min(k_cache.shape) <= 0:
+        raise ValueError(f"k_cache: every dimension must be positive, got {tuple(k_cache.shape)}")
+    return tuple(int(s) for s in k_cache.shape)
+
+
+def index_array(x, name: str, rank: int, shape_doc: str, dtypes=(torch.int32,)) -> torch.Tensor:
+    """An integer tensor of the given rank on its own device, as int32 contiguous (int64 accepted and narrowed
+    when the values fit)."""
+    t = as_tensor(x, name)
+    check_rank(t, rank, name, shape_doc)
+    if t.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"{name}: expected int32 {shape_doc}, got dtype {t.dtype}")
+    if t.dtype not in dtypes:
+        if t.numel() and (int(t.max()) > 2**31 - 1 or int(t.min()) < -(2**31)):
+            raise ValueError(f"{name}: values do not fit int32")
+        t = t.to(torch.int32)
+    return t.contiguous()
+
+
+def check_block_table(block_table: torch.Tensor, seq_lens: torch.Tensor, page_size: int, num_pages: int) -> None:
+    """Lengths positive and within the table; every page a sequence uses inside ``[0, num_pages)``.
+    Entries past a sequence's last page are ignored (they may be -1)."""
+    batch, max_pages = block_table.shape
+    if seq_lens.shape[0] != batch:
+        raise ValueError(f"seq_lens: length {seq_lens.shape[0]} does not match block_table's batch {batch}")
+    lens = seq_lens.cpu().numpy().astype(np.int64)
+    if batch == 0:
+        raise ValueError("block_table: batch must be at least 1")
+    if (lens <= 0).any():
+        b = int(np.argmax(lens <= 0))
+        raise ValueError(f"seq_lens: every length must be positive, seq_lens[{b}] = {lens[b]}")
+    capacity = max_pages * page_size
+    if (lens > capacity).any():
+        b = int(np.argmax(lens > capacity))
+        raise ValueError(
+            f"seq_lens: seq_lens[{b}] = {lens[b]} exceeds what block_table holds "
+            f"({max_pages} pages x page_size {page_size} = {capacity})"
+        )
+    table = block_table.cpu().numpy()
+    used = np.arange(max_pages)[None, :] < ((lens + page_size - 1) // page_size)[:, None]
+    bad = used & ((table < 0) | (table >= num_pages))
+    if bad.any():
+        b, p = (int(i) for i in np.argwhere(bad)[0])
+        raise ValueError(
+            f"block_table: block_table[{b}, {p}] = {table[b, p]} is outside [0, num_pages = {num_pages}) "
+            f"and sequence {b} uses it"
+        )
+
+
+def check_cu_seqlens(cu_seqlens_q: torch.Tensor, batch: int, total_q: int, seq_lens: torch.Tensor) -> np.ndarray:
+    """``cu_seqlens_q`` [batch + 1]: starts at 0, monotone, ends at ``total_q``, each query count at most its
+    sequence's length. Returns the per-sequence query counts."""
+    if cu_seqlens_q.shape[0] != batch + 1:
+        raise ValueError(f"cu_seqlens_q: expected {batch + 1} entries (batch + 1), got {cu_seqlens_q.shape[0]}")
+    cu = cu_seqlens_q.cpu().numpy().astype(np.int64)
+    if cu[0] != 0:
+        raise ValueError(f"cu_seqlens_q: must start at 0, got {cu[0]}")
+    q_lens = np.diff(cu)
+    if (q_lens < 0).any():
+        raise ValueError("cu_seqlens_q: must be monotone non-decreasing")
+    if cu[-1] != total_q:
+        raise ValueError(f"cu_seqlens_q: last entry {cu[-1]} does not match q's {total_q} rows")
+    lens = seq_lens.cpu().numpy().astype(np.int64)
+    if (q_lens > lens).any():
+        b = int(np.argmax(q_lens > lens))
+        raise ValueError(
+            f"cu_seqlens_q: sequence {b} has {q_lens[b]} queries but seq_lens[{b}] = {lens[b]} "
+            "(queries are part of the cached length)"
+        )
+    return q_lens
