@@ -120,12 +120,13 @@ _LOCK = threading.Lock()
 
 
 def prim_func(cfg: KernelConfig, target: "tc.Target"):
-    """The PrimFunc for ``cfg`` on ``target``: the default schedule, or a committed tuned one when present."""
-    from .kernels import build_kernel  # noqa: PLC0415
+    """The PrimFunc for ``cfg`` on ``target``: built with the committed tuned knobs when
+    ``schedules/<target_key>/<cfg.name>.json`` holds some, else with the builder's defaults."""
     from . import schedules  # noqa: PLC0415
+    from .kernels import build_kernel  # noqa: PLC0415
 
-    func = build_kernel(cfg, target)
-    return schedules.apply_best(func, cfg, target)
+    tuned = schedules.lookup(cfg, target)
+    return build_kernel(cfg, target, **(tuned.knobs if tuned else {}))
 
 
 def compile_kernel(cfg: KernelConfig, target: "tc.Target"):

@@ -43,3 +43,20 @@ def build_kernel(cfg: KernelConfig, target, **knobs):
     from .page_ops_cuda import build_copy_pages_cuda, build_write_kv_cuda  # noqa: PLC0415
 
     return build_write_kv_cuda(cfg, target) if cfg.kernel == "write_kv" else build_copy_pages_cuda(cfg, target)
+
+
+def knob_space(cfg: KernelConfig, target) -> dict[str, list]:
+    """The tunable builder knobs of ``cfg``'s kernel on ``target`` and their candidate values (first = default).
+    Every combination builds a correct kernel; only speed differs."""
+    from ..build import cpu_vector_lanes, target_kind  # noqa: PLC0415
+
+    kind = target_kind(target)
+    if kind == "cpu" and cfg.kernel == "decode":
+        from .decode_cpu import knob_space as space  # noqa: PLC0415
+
+        return space(cfg, cpu_vector_lanes(target))
+    if kind == "cuda" and cfg.kernel == "decode":
+        from .decode_cuda import knob_space as space  # noqa: PLC0415
+
+        return space(cfg, target)
+    return {}

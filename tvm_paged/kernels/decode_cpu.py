@@ -24,22 +24,52 @@ are symbolic):
 from __future__ import annotations
 
 from ..config import KernelConfig
-from ..tvm_compat import T, prefetch
+from ..tvm_compat import T
+from ..tvm_compat import prefetch as prefetch_line
 from .common import LN2, LOG2E, exp2, from_f32, to_f32
 
 _CACHE_LINE = 64
 
 
-def build_decode_cpu(cfg: KernelConfig, *, lanes: int = 8, use_prefetch: bool = True):
-    """Return the decode PrimFunc for ``cfg`` (kernel ``decode``) on an LLVM CPU target."""
+def knob_space(cfg: KernelConfig, lanes: int) -> dict[str, list]:
+    """Tunable knobs of :func:`build_decode_cpu` (first value of each list = the default).
+
+    ``lanes``: float32 SIMD lanes per vector op; ``group_tile``: query heads of a group accumulated together
+    (register pressure vs K reuse); ``prefetch``: software prefetch of the next page's K and this page's V
+    ("kv"), only the next page's K ("k") or none.
+    """
+    lane_opts = [n for n in (lanes, lanes * 2, lanes // 2) if n >= 4 and cfg.head_dim % n == 0]
+    tiles = sorted({t for t in (8, 4, 2, 1, cfg.group_size) if t <= cfg.group_size and cfg.group_size % t == 0},
+                   key=lambda t: (abs(t - 4), -t))
+    return {"lanes": lane_opts or [1], "group_tile": tiles, "prefetch": ["kv", "k", "none"]}
+
+
+def build_decode_cpu(cfg: KernelConfig, *, lanes: int = 8, group_tile: int | None = None, prefetch: str = "kv"):
+    """Return the decode PrimFunc for ``cfg`` (kernel ``decode``) on an LLVM CPU target.
+
+    ``lanes`` float32 lanes per vector (8 for AVX2, 16 for AVX-512); ``group_tile`` query heads accumulated
+    together (default: the largest divisor of the group size up to 4); ``prefetch`` "kv", "k" or "none".
+    """
     if cfg.kernel != "decode":
         raise ValueError(f"build_decode_cpu needs a decode config, got {cfg.name}")
     Hq, Hkv, D, S, G = cfg.num_qo_heads, cfg.num_kv_heads, cfg.head_dim, cfg.page_size, cfg.group_size
     dt = cfg.dtype
     E = cfg.itemsize
-    # Elements per cache line, and cache lines per page of one cache (K or V).
+    L = lanes if D % lanes == 0 else 1
+    if group_tile is None:
+        group_tile = max(t for t in (1, 2, 4) if G % t == 0)
+    if G % group_tile:
+        raise ValueError(f"group_tile {group_tile} must divide the group size {G}")
+    GT = group_tile
+    NGT = G // GT
+    NDC = D // L
+    if prefetch not in ("kv", "k", "none"):
+        raise ValueError(f"prefetch must be 'kv', 'k' or 'none', got {prefetch!r}")
+    # Elements per cache line, and cache lines per token row of one cache ([num_kv_heads, head_dim]).
     line = max(1, _CACHE_LINE // E)
-    lines_per_page = (S * Hkv * D + line - 1) // line
+    lines_per_row = (Hkv * D + line - 1) // line
+    pf_k = prefetch in ("kv", "k")
+    pf_v = prefetch == "kv"
     neg_inf = T.float32(float("-inf"))
 
     @T.prim_func
@@ -68,9 +98,13 @@ def build_decode_cpu(cfg: KernelConfig, *, lanes: int = 8, use_prefetch: bool = 
             acc = T.alloc_buffer((Hq, D), "float32")
             sc = T.alloc_buffer((S, Hq), "float32")
             m = T.alloc_buffer((Hq,), "float32")
+            mnew = T.alloc_buffer((Hq,), "float32")
             lsum = T.alloc_buffer((Hq,), "float32")
             alpha = T.alloc_buffer((Hq,), "float32")
-            dot = T.alloc_buffer((1,), "float32")
+            # Register tiles: GT heads x L lanes, promoted to vector registers once the loops unroll.
+            qk = T.alloc_buffer((GT, L), "float32")
+            ov = T.alloc_buffer((GT, L), "float32")
+            red = T.alloc_buffer((1,), "float32")
             b: T.int64 = task // NS
             s: T.int64 = task % NS
             seq_len: T.int64 = T.Cast("int64", SL[b])
@@ -87,46 +121,64 @@ def build_decode_cpu(cfg: KernelConfig, *, lanes: int = 8, use_prefetch: bool = 
                 lsum[h] = T.float32(0)
             for pi in range(p_end - p_begin):
                 page: T.int64 = T.Cast("int64", BT[b, p_begin + pi])
+                nxt: T.int64 = T.Cast("int64", BT[b, T.min(p_begin + pi + 1, p_end - 1)])
                 n: T.int64 = T.min(T.int64(S), seq_len - (p_begin + pi) * S)
-                if use_prefetch:
+                # Scores of this page, tokens outer and heads inner: the page is read contiguously and each K
+                # row is shared by the GT heads of a tile. Only the n tokens in use are read.
+                for t in range(n):
                     # The hardware prefetcher restarts at every page of a fragmented table: ask for the next
-                    # page's K and this page's V ahead of use.
-                    if pi + 1 < p_end - p_begin:
-                        nxt: T.int64 = T.Cast("int64", BT[b, p_begin + pi + 1])
-                        for c in range(lines_per_page):
-                            prefetch(T.address_of(K[nxt, 0, 0, c * line]))
-                    for c in range(lines_per_page):
-                        prefetch(T.address_of(V[page, 0, 0, c * line]))
-                # Scores of this page: only the n tokens in use are read (unused slots may hold anything).
-                for t in range(n):
+                    # page's K row and this page's V row ahead of use, spread over the token loop.
+                    if pf_k:
+                        for c in range(lines_per_row):
+                            prefetch_line(T.address_of(K[nxt, t, 0, c * line]))
+                    if pf_v:
+                        for c in range(lines_per_row):
+                            prefetch_line(T.address_of(V[page, t, 0, c * line]))
                     for kvh in range(Hkv):
-                        for g in range(G):
-                            dot[0] = T.float32(0)
-                            for d in range(D):
-                                dot[0] = dot[0] + qf[kvh * G + g, d] * to_f32(K[page, t, kvh, d], dt)
-                            sc[t, kvh * G + g] = dot[0]
-                # Online softmax, one rescale per page.
+                        for gt in range(NGT):
+                            for g, l in T.grid(GT, L):
+                                qk[g, l] = T.float32(0)
+                            for dc in T.unroll(NDC):
+                                for g in T.unroll(GT):
+                                    for l in T.vectorized(L):
+                                        qk[g, l] = qk[g, l] + qf[kvh * G + gt * GT + g, dc * L + l] * to_f32(
+                                            K[page, t, kvh, dc * L + l], dt
+                                        )
+                            for g in T.unroll(GT):
+                                red[0] = T.float32(0)
+                                for l in range(L):
+                                    red[0] = red[0] + qk[g, l]
+                                sc[t, kvh * G + gt * GT + g] = red[0]
+                # Online softmax, one rescale per page, vectorized over heads.
                 for h in range(Hq):
-                    dot[0] = m[h]
-                    for t in range(n):
-                        dot[0] = T.max(dot[0], sc[t, h])
-                    alpha[h] = exp2(m[h] - dot[0])
-                    m[h] = dot[0]
-                    for t in range(n):
-                        sc[t, h] = exp2(sc[t, h] - dot[0])
-                    dot[0] = T.float32(0)
-                    for t in range(n):
-                        dot[0] = dot[0] + sc[t, h]
-                    lsum[h] = lsum[h] * alpha[h] + dot[0]
-                for h, d in T.grid(Hq, D):
-                    acc[h, d] = acc[h, d] * alpha[h]
+                    mnew[h] = m[h]
                 for t in range(n):
-                    for kvh in range(Hkv):
-                        for g in range(G):
-                            for d in range(D):
-                                acc[kvh * G + g, d] = acc[kvh * G + g, d] + sc[t, kvh * G + g] * to_f32(
-                                    V[page, t, kvh, d], dt
-                                )
+                    for h in range(Hq):
+                        mnew[h] = T.max(mnew[h], sc[t, h])
+                for h in range(Hq):
+                    alpha[h] = exp2(m[h] - mnew[h])
+                    m[h] = mnew[h]
+                    lsum[h] = lsum[h] * alpha[h]
+                for t in range(n):
+                    for h in range(Hq):
+                        sc[t, h] = exp2(sc[t, h] - mnew[h])
+                        lsum[h] = lsum[h] + sc[t, h]
+                # P.V with the accumulator tile in registers across the page's tokens.
+                for kvh in range(Hkv):
+                    for gt in range(NGT):
+                        for dc in range(NDC):
+                            for g in T.unroll(GT):
+                                for l in T.vectorized(L):
+                                    ov[g, l] = acc[kvh * G + gt * GT + g, dc * L + l] * alpha[kvh * G + gt * GT + g]
+                            for t in range(n):
+                                for g in T.unroll(GT):
+                                    for l in T.vectorized(L):
+                                        ov[g, l] = ov[g, l] + sc[t, kvh * G + gt * GT + g] * to_f32(
+                                            V[page, t, kvh, dc * L + l], dt
+                                        )
+                            for g in T.unroll(GT):
+                                for l in T.vectorized(L):
+                                    acc[kvh * G + gt * GT + g, dc * L + l] = ov[g, l]
             for h in range(Hq):
                 if lsum[h] > T.float32(0):
                     LP[b, s, h] = m[h] + T.log2(lsum[h])
