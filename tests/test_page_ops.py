@@ -1,0 +1,56 @@
+"""write_kv and copy_pages against plain torch indexing."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import tvm_paged as tp
+from paged_data import DTYPES
+
+
+@pytest.mark.parametrize("dtype,hkv,d,p", [("float32", 2, 64, 5), ("float16", 8, 128, 16), ("bfloat16", 1, 80, 1),
+                                          ("float32", 4, 256, 32)])
+@pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
+def test_write_kv(dtype, hkv, d, p, index_dtype):
+    torch.manual_seed(0)
+    num_pages = 11
+    kc = torch.full((num_pages, p, hkv, d), float("nan"), dtype=DTYPES[dtype])
+    vc = kc.clone()
+    n = 17 if p > 1 else 9
+    slots = torch.randperm(num_pages * p)[:n]
+    slots[3] = -1  # a padding token is skipped
+    k = torch.randn(n, hkv, d).to(kc.dtype)
+    v = torch.randn(n, hkv, d).to(kc.dtype)
+    expect_k, expect_v = kc.clone(), vc.clone()
+    live = slots >= 0
+    expect_k.view(-1, hkv, d)[slots[live]] = k[live]
+    expect_v.view(-1, hkv, d)[slots[live]] = v[live]
+    tp.write_kv(k, v, kc, vc, slots.to(index_dtype))
+    assert torch.equal(kc.nan_to_num(7.0), expect_k.nan_to_num(7.0))
+    assert torch.equal(vc.nan_to_num(7.0), expect_v.nan_to_num(7.0))
+
+
+@pytest.mark.parametrize("dtype,hkv,d,p", [("float32", 2, 64, 5), ("float16", 8, 128, 16)])
+def test_copy_pages(dtype, hkv, d, p):
+    torch.manual_seed(1)
+    kc = torch.randn(13, p, hkv, d).to(DTYPES[dtype])
+    vc = torch.randn(13, p, hkv, d).to(DTYPES[dtype])
+    src = torch.tensor([0, 4, 4, 9], dtype=torch.int32)
+    dst = torch.tensor([12, 1, 2, 3], dtype=torch.int32)
+    expect_k, expect_v = kc.clone(), vc.clone()
+    expect_k[dst.long()] = kc[src.long()]
+    expect_v[dst.long()] = vc[src.long()]
+    tp.copy_pages(kc, vc, src, dst)
+    assert torch.equal(kc, expect_k) and torch.equal(vc, expect_v)
+
+
+def test_numpy_caches_are_written_in_place():
+    kc = np.zeros((4, 5, 2, 64), dtype=np.float32)
+    vc = np.zeros_like(kc)
+    k = np.ones((2, 2, 64), dtype=np.float32)
+    tp.write_kv(k, 2 * k, kc, vc, np.array([0, 19], dtype=np.int64))
+    assert kc[0, 0].min() == 1 and vc[3, 4].min() == 2 and kc.sum() == 2 * 2 * 64
+    tp.copy_pages(kc, vc, np.array([3], dtype=np.int32), np.array([1], dtype=np.int32))
+    assert (vc[1] == vc[3]).all()

@@ -1,0 +1,103 @@
+"""Bad input raises ValueError naming the argument before any kernel runs; caches stay untouched."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import tvm_paged as tp
+from paged_data import make_pool, random_q
+
+
+@pytest.fixture()
+def batch():
+    k, v, bt, sl = make_pool([7, 12, 3], page_size=5, num_kv_heads=2, head_dim=64, seed=3)
+    q = random_q(3, 4, 64, seed=4)
+    return q, k, v, bt, sl
+
+
+def _decode_raises(match, q, k, v, bt, sl):
+    with pytest.raises(ValueError, match=match):
+        tp.paged_decode(q, k, v, bt, sl)
+
+
+def test_ranks(batch):
+    q, k, v, bt, sl = batch
+    _decode_raises("q", q[0], k, v, bt, sl)
+    _decode_raises("k_cache", q, k[0], v, bt, sl)
+    _decode_raises("block_table", q, k, v, bt[0], sl)
+    _decode_raises("seq_lens", q, k, v, bt, sl[None])
+
+
+def test_heads_and_dims(batch):
+    q, k, v, bt, sl = batch
+    _decode_raises("num_qo_heads", q[:, :3].contiguous(), k, v, bt, sl)  # 3 not a multiple of 2
+    _decode_raises("head_dim", q[..., :32].contiguous(), k, v, bt, sl)
+    _decode_raises("v_cache", q, k, v[..., :32].contiguous(), bt, sl)
+    _decode_raises("v_cache", q, k, v.half(), bt, sl)
+    _decode_raises("q", q.half(), k, v, bt, sl)
+    _decode_raises("q", q[:2], k, v, bt, sl)  # batch mismatch
+    _decode_raises("dtype", q.double(), k.double(), v.double(), bt, sl)
+    _decode_raises("block_table", q, k, v, bt.float(), sl)
+    _decode_raises("k_cache", q, k.transpose(1, 2), v.transpose(1, 2), bt, sl)  # not contiguous
+
+
+def test_page_indices_and_lengths(batch):
+    q, k, v, bt, sl = batch
+    bad = bt.clone()
+    bad[1, 1] = k.shape[0]  # a page the sequence uses, out of range
+    _decode_raises(r"block_table\[1, 1\]", q, k, v, bad, sl)
+    bad[1, 1] = -1
+    _decode_raises("block_table", q, k, v, bad, sl)
+    ok = bt.clone()
+    ok[2, 1:] = 10**6  # past sequence 2's last page: ignored
+    tp.paged_decode(q, k, v, ok, sl)
+    _decode_raises("seq_lens", q, k, v, bt, torch.tensor([7, 0, 3], dtype=torch.int32))
+    _decode_raises("seq_lens", q, k, v, bt, torch.tensor([7, -2, 3], dtype=torch.int32))
+    _decode_raises("exceeds", q, k, v, bt, torch.tensor([7, 16, 3], dtype=torch.int32))
+    _decode_raises("seq_lens", q, k, v, bt, torch.tensor([7, 12], dtype=torch.int32))
+    with pytest.raises(ValueError, match="scale"):
+        tp.paged_decode(q, k, v, bt, sl, scale=float("nan"))
+
+
+def test_prefill_cu_seqlens(batch):
+    q, k, v, bt, sl = batch
+    qp = random_q(6, 4, 64, seed=5)
+    for cu, match in [([0, 2, 1, 6], "monotone"), ([0, 2, 4, 5], "last entry"), ([1, 2, 4, 6], "start"),
+                      ([0, 2, 6], "entries"), ([0, 0, 2, 6], "seq_lens")]:
+        with pytest.raises(ValueError, match=match):
+            tp.paged_prefill(qp, k, v, bt, sl, torch.tensor(cu, dtype=torch.int32))
+
+
+def test_write_kv_rejects_and_leaves_cache(batch):
+    _, k, v, _, _ = batch
+    k0, v0 = k.clone(), v.clone()
+    new = torch.randn(3, 2, 64)
+    capacity = k.shape[0] * k.shape[1]
+    for slots, match in [([0, 1, capacity], "slot_mapping"), ([0, 1, -2], "slot_mapping"), ([4, 4, 5], "same slot"),
+                         ([0, 1], "slot_mapping")]:
+        with pytest.raises(ValueError, match=match):
+            tp.write_kv(new, new, k, v, torch.tensor(slots))
+    with pytest.raises(ValueError, match="k"):
+        tp.write_kv(new[..., :32], new, k, v, torch.tensor([0, 1, 2]))
+    with pytest.raises(ValueError, match="v"):
+        tp.write_kv(new, new.half(), k, v, torch.tensor([0, 1, 2]))
+    with pytest.raises(ValueError, match="slot_mapping"):
+        tp.write_kv(new, new, k, v, torch.tensor([0.0, 1.0, 2.0]))
+    assert torch.equal(k.nan_to_num(3), k0.nan_to_num(3)) and torch.equal(v.nan_to_num(3), v0.nan_to_num(3))
+
+
+def test_copy_pages_rejects(batch):
+    _, k, v, _, _ = batch
+    n = k.shape[0]
+    for src, dst, match in [([0], [n], "dst_pages"), ([-1], [1], "src_pages"), ([0, 1], [2, 2], "distinct"),
+                            ([0, 1], [1, 2], "also a source"), ([0, 1], [2], "dst_pages")]:
+        with pytest.raises(ValueError, match=match):
+            tp.copy_pages(k, v, np.array(src, dtype=np.int32), np.array(dst, dtype=np.int32))
+
+
+def test_non_tensor_argument(batch):
+    q, k, v, bt, sl = batch
+    with pytest.raises(ValueError, match="q"):
+        tp.paged_decode(q.tolist(), k, v, bt, sl)
