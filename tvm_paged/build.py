@@ -129,9 +129,16 @@ def prim_func(cfg: KernelConfig, target: "tc.Target"):
     return build_kernel(cfg, target, **(tuned.knobs if tuned else {}))
 
 
-def compile_kernel(cfg: KernelConfig, target: "tc.Target"):
-    """Compile one kernel; returns TVM's executable (``.mod`` is the runtime module)."""
-    func = prim_func(cfg, target)
+def compile_kernel(cfg: KernelConfig, target: "tc.Target", knobs: dict | None = None):
+    """Compile one kernel; returns TVM's executable (``.mod`` is the runtime module, ``.mod[cfg.name]`` the
+    function). ``knobs=None``: the committed tuned schedule if any, else the default; a dict: exactly those
+    builder knobs (``{}`` = the default schedule)."""
+    if knobs is None:
+        func = prim_func(cfg, target)
+    else:
+        from .kernels import build_kernel  # noqa: PLC0415
+
+        func = build_kernel(cfg, target, **knobs)
     target = with_host(target)
     with target:
         return tc.compile_module(func, target)

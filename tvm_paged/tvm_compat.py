@@ -84,8 +84,181 @@ def prefetch(address):
     return T.evaluate(T.call_intrin("void", "tirx.prefetch", address, 0, 1, 1))
 
 
+def runtime_num_threads() -> int:
+    """Workers in TVM's CPU thread pool."""
+    return int(tvm.get_global_func("runtime.NumThreads")())
+
+
 def size_thread_pool(num_threads: int | None = None) -> int:
     """(Re)size TVM's CPU thread pool; defaults to every core this process may use."""
     n = num_threads or _allowed_cores()
     tvm.get_global_func("runtime.config_threadpool")(0, n)
     return n
+
+
+# ----------------------------------------------------------------------------------- export and load
+# Appended for tvm_paged.export / tvm_paged.loader: shipping compiled libraries, cross compiling, and
+# compiling CUDA device code to a binary on a machine with no GPU.
+import contextlib  # noqa: E402
+import re as _re  # noqa: E402
+from pathlib import Path as _Path  # noqa: E402
+
+CUDA_COMPILE_CALLBACK = "tvm_callback_cuda_compile"
+# What the CUDA runtime plugin registers: deserializing a CUDA module from a library needs the first; turning
+# generated CUDA source into an embedded binary at build time needs the second.
+_CUDA_LOADER = "ffi.Module.load_from_bytes.cuda"
+_CUDA_CREATOR = "ffi.Module.create.cuda"
+
+
+def ir_module(funcs: dict):
+    """An IRModule of ``{symbol: PrimFunc}``."""
+    return tvm.IRModule(dict(funcs))
+
+
+def buffer_signature(func) -> list[dict]:
+    """A PrimFunc's parameters in order: ``{"buffer", "shape", "dtype"}`` for tensors (symbolic dims as their
+    variable names) and ``{"buffer", "dtype"}`` for scalars. (0.27 dropped ``buffer_map``: a tensor parameter
+    is a Var whose ``ty`` is a BufferType.)"""
+    out = []
+    for p in func.params:
+        ty = getattr(p, "ty", None)
+        if isinstance(ty, tirx.buffer.BufferType):
+            shape = [int(s) if isinstance(s, tvm.tirx.IntImm) else _re.sub(r"T\.int\d+\((-?\d+)\)", r"\1", str(s))
+                     for s in ty.shape]
+            out.append({"buffer": str(p), "shape": shape, "dtype": str(ty.dtype)})
+        else:
+            out.append({"buffer": str(p), "dtype": str(getattr(ty, "dtype", "unknown"))})
+    return out
+
+
+def export_library(executable, path: str, cross_cc: str | None = None) -> None:
+    """Write a compiled executable as one shared library; ``cross_cc`` (``aarch64-linux-gnu-gcc``) links
+    the host code for another architecture."""
+    from tvm.support import cc as _cc  # noqa: PLC0415
+
+    fcompile = _cc.cross_compiler(cross_cc) if cross_cc else None
+    executable.export_library(path, fcompile=fcompile)
+
+
+def imported_module_kinds(executable) -> list[str]:
+    """Kinds of the modules the host module imports (``["cuda"]`` for a CUDA build)."""
+    return [str(m.kind) for m in executable.mod.imports]
+
+
+def cuda_codegen_available() -> bool:
+    """Whether a CUDA build in this process embeds device binaries (the CUDA runtime plugin loaded). Without it
+    TVM silently falls back to embedding CUDA source."""
+    return tvm_ffi.get_global_func(_CUDA_CREATOR, allow_missing=True) is not None
+
+
+def cuda_runtime_available() -> bool:
+    """Whether this process can load a library holding CUDA kernels."""
+    return tvm_ffi.get_global_func(_CUDA_LOADER, allow_missing=True) is not None
+
+
+def cuda_runtime_plugin() -> "_Path | None":
+    """Path of TVM's CUDA runtime plugin (``libtvm_runtime_cuda.so``), or None when the wheel has none."""
+    for d in (_Path(tvm.__file__).parent / "lib", _Path(tvm.__file__).parent):
+        p = d / "libtvm_runtime_cuda.so"
+        if p.exists():
+            return p
+    return None
+
+
+def nvcc_fatbin(code: str, gencode: list[str]) -> bytes:
+    """Compile CUDA source with nvcc into a fatbin for the explicit ``-gencode`` list (needs a CUDA target in
+    scope: ``with target:``)."""
+    from tvm.support import nvcc as _nvcc  # noqa: PLC0415
+
+    return bytes(_nvcc.compile_cuda(code, target_format="fatbin", arch=list(gencode), compiler="nvcc"))
+
+
+@contextlib.contextmanager
+def cuda_compile_callback(callback):
+    """Within the block, TVM turns generated CUDA source into device code with ``callback(code) -> bytes``;
+    the previous callback is restored afterwards."""
+    previous = tvm_ffi.get_global_func(CUDA_COMPILE_CALLBACK, allow_missing=True)
+    tvm_ffi.register_global_func(CUDA_COMPILE_CALLBACK, callback, override=True)
+    try:
+        yield
+    finally:
+        if previous is not None:
+            tvm_ffi.register_global_func(CUDA_COMPILE_CALLBACK, previous, override=True)
+
+
+# ------------------------------------------------------------------------------------------ tuning
+# Appended for tvm_paged.tune / tvm_paged.tuning: specializing a kernel to one workload, MetaSchedule's parts
+# and TVM's RPC tracker and server. MetaSchedule is imported on first use only: it is slow to import and nothing
+# but the tuner needs it.
+
+
+def specialize(func, dims: dict, scalars: dict | None = None):
+    """``func`` with its symbolic shape variables fixed (``dims``: variable name -> int, e.g. ``{"B": 8}``) and
+    its scalar parameters bound (``scalars``: parameter name -> value); those parameters disappear from the
+    signature. A tensor parameter whose shape holds an expression (``B + 1``) is left to follow from the others."""
+    scalars = scalars or {}
+    pmap = {}
+    for p in func.params:
+        ty = getattr(p, "ty", None)
+        if isinstance(ty, tirx.buffer.BufferType):
+            if not all(isinstance(s, (tirx.Var, tirx.IntImm)) for s in ty.shape):
+                continue
+            shape = []
+            for s in ty.shape:
+                if isinstance(s, tirx.Var):
+                    if s.name_hint not in dims:
+                        raise KeyError(f"specialize: no value for the symbolic dimension {s.name_hint!r} of {p}")
+                    s = tirx.IntImm(s.dtype, int(dims[s.name_hint]))
+                shape.append(s)
+            pmap[p] = tirx.decl_buffer(shape, ty.dtype, name=str(p), data_alignment=int(ty.data_alignment),
+                                       elem_offset=ty.elem_offset, offset_factor=int(ty.offset_factor))
+        elif str(p) in scalars:
+            pmap[p] = tirx.const(scalars[str(p)], p.dtype)
+    return func.specialize(pmap)
+
+
+def meta_schedule():
+    """TVM's MetaSchedule package (``tvm.s_tir.meta_schedule``)."""
+    from tvm.s_tir import meta_schedule as _ms  # noqa: PLC0415
+
+    return _ms
+
+
+def empty_trace():
+    """A schedule trace with no instructions: the record of a kernel measured exactly as its builder wrote it."""
+    from tvm.s_tir import Trace  # noqa: PLC0415
+
+    return Trace([], {})
+
+
+def schedule(mod):
+    """A TensorIR schedule of ``mod`` (MetaSchedule measure candidates carry one)."""
+    from tvm.s_tir import Schedule  # noqa: PLC0415
+
+    return Schedule(mod)
+
+
+def rpc_tracker(host: str = "127.0.0.1", port: int = 9190, port_end: int = 9199, silent: bool = True):
+    """Start an RPC tracker in a subprocess (``.host``, ``.port``, ``.terminate()``); needs ``tornado``."""
+    from tvm.rpc.tracker import Tracker  # noqa: PLC0415
+
+    return Tracker(host, port=port, port_end=port_end, silent=silent)
+
+
+def rpc_server(tracker_host: str, tracker_port: int, key: str, host: str = "127.0.0.1", port: int = 9091,
+               port_end: int = 9199, silent: bool = True):
+    """Start an RPC server in a subprocess, registered with a tracker under ``key`` (``.terminate()``)."""
+    from tvm.rpc.server import Server  # noqa: PLC0415
+
+    return Server(host, port=port, port_end=port_end, tracker_addr=(tracker_host, tracker_port), key=key,
+                  silent=silent)
+
+
+def device(kind: str, index: int = 0):
+    """A runtime device by name (``"cpu"``, ``"cuda"``)."""
+    return tvm.runtime.device(kind, index)
+
+
+def empty(shape, dtype: str, dev):
+    """An uninitialized tensor on ``dev`` (a local or an RPC session's device)."""
+    return tvm.runtime.empty(tuple(int(s) for s in shape), dtype, dev)
