@@ -22,9 +22,6 @@ __all__ = [
     "copy_pages",
 ]
 
-try:  # the allocator and cache import nothing of TVM; keep them importable on their own
-    from .allocator import OutOfPages, PageAllocator  # noqa: F401
+from .loader import PagedLibrary, load  # noqa: E402
 
-    __all__ += ["OutOfPages", "PageAllocator"]
-except ImportError:  # pragma: no cover
-    pass
+__all__ += ["load", "PagedLibrary"]

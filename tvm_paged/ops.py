@@ -8,6 +8,8 @@ picks the KV split) and a run (once per layer). ``paged_decode`` / ``paged_prefi
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 from dataclasses import dataclass
 
@@ -44,6 +46,29 @@ class AttentionPlan:
     @property
     def batch(self) -> int:
         return int(self.block_table.shape[0])
+
+
+# Where run_* / write_kv / copy_pages get their compiled kernel: ``provider(cfg, device) -> callable``. None (the
+# default) compiles on demand through build.get_kernel; tvm_paged.loader installs a library's kernels instead.
+_KERNEL_PROVIDER: contextvars.ContextVar = contextvars.ContextVar("tvm_paged_kernel_provider", default=None)
+
+
+@contextlib.contextmanager
+def use_kernels(provider):
+    """Within the block (this thread/context only), kernels come from ``provider(cfg, device)`` instead of
+    being compiled; validation is unchanged."""
+    token = _KERNEL_PROVIDER.set(provider)
+    try:
+        yield
+    finally:
+        _KERNEL_PROVIDER.reset(token)
+
+
+def _kernel(cfg: KernelConfig, device: torch.device):
+    provider = _KERNEL_PROVIDER.get()
+    if provider is not None:
+        return provider(cfg, device)
+    return build.get_kernel(cfg, build.target_for_device(device))
 
 
 def _num_threads() -> int:
@@ -143,7 +168,7 @@ def run_decode(plan: AttentionPlan, q, k_cache, v_cache, *, scale=None, return_l
         raise ValueError(f"k_cache: pool ({num_pages} pages of {page_size}) differs from the plan's "
                          f"({plan.num_pages} of {plan.page_size})")
     cfg = _config("decode", q, kc)
-    fn = build.get_kernel(cfg, build.target_for_device(q.device))
+    fn = _kernel(cfg, q.device)
     q = q.contiguous()
     batch, hq, _ = q.shape
     out = torch.empty_like(q)
@@ -165,7 +190,7 @@ def run_prefill(plan: AttentionPlan, q, k_cache, v_cache, *, scale=None, causal=
         raise ValueError(f"k_cache: pool ({num_pages} pages of {page_size}) differs from the plan's "
                          f"({plan.num_pages} of {plan.page_size})")
     cfg = _config("prefill", q, kc)
-    fn = build.get_kernel(cfg, build.target_for_device(q.device))
+    fn = _kernel(cfg, q.device)
     q = q.contiguous()
     out = torch.empty_like(q)
     lse = torch.empty(q.shape[0], q.shape[1], dtype=torch.float32, device=q.device)
@@ -258,7 +283,7 @@ def write_kv(k, v, k_cache, v_cache, slot_mapping) -> None:
     if kt.shape[0] == 0:
         return
     cfg = KernelConfig.for_pages("write_kv", V.dtype_name(kc, "k_cache"), num_kv_heads, head_dim, page_size)
-    fn = build.get_kernel(cfg, build.target_for_device(kc.device))
+    fn = _kernel(cfg, kc.device)
     fn(kt.contiguous(), vt.contiguous(), kc, vc, slots.to(device=kc.device, dtype=torch.int64).contiguous())
 
 
@@ -287,5 +312,5 @@ def copy_pages(k_cache, v_cache, src_pages, dst_pages) -> None:
     if len(s) == 0:
         return
     cfg = KernelConfig.for_pages("copy_pages", V.dtype_name(kc, "k_cache"), num_kv_heads, head_dim, page_size)
-    fn = build.get_kernel(cfg, build.target_for_device(kc.device))
+    fn = _kernel(cfg, kc.device)
     fn(kc, vc, src.to(kc.device), dst.to(kc.device))

@@ -1,0 +1,183 @@
+"""Load a library written by ``tvm-paged export`` and run the functional API on its kernels.
+
+    lib = tvm_paged.load("exports/orin")          # checks SHA-256, TVM/ffi versions, architecture
+    out = lib.paged_decode(q, k_cache, v_cache, block_table, seq_lens)
+
+The returned :class:`PagedLibrary` offers ``paged_decode``, ``paged_prefill``, ``write_kv``, ``copy_pages``,
+``plan_decode`` / ``run_decode``, ``plan_prefill`` / ``run_prefill`` with the signatures and the validation of
+:mod:`tvm_paged.ops`, plus a check that every tensor fits the exported configuration and device.
+
+Loading compiles nothing: this module reaches TVM only through ``tvm_compat``'s runtime load; it imports neither
+``tvm_paged.build``'s compile path, nor ``tvm_paged.kernels``, nor MetaSchedule, and needs no C or CUDA compiler.
+A CUDA library holds compiled device code; the machine needs the CUDA driver and TVM's CUDA runtime only.
+
+**Loading a library runs its code** (its initialisers when it is opened, its kernels when called): load only
+libraries you trust. The SHA-256 check (``verify=True``, the default) refuses a library changed since its
+manifest was written; it cannot catch a library and manifest replaced together.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+
+from . import ops
+from . import tvm_compat as tc
+from .config import ATTENTION_KERNELS, KernelConfig
+from .export import FORMAT, KERNEL_PARAMS, MANIFEST, _Elf, host_machine, sha256_file
+
+
+class LoadError(ValueError):
+    """A library that cannot be loaded here: missing or malformed files, another architecture, no CUDA runtime."""
+
+
+class IntegrityError(LoadError):
+    """The library's SHA-256 differs from its manifest's: it changed after export."""
+
+
+class AbiMismatchError(LoadError):
+    """The library was exported with another TVM or tvm-ffi version than this process runs."""
+
+
+def load(path, *, verify: bool = True) -> "PagedLibrary":
+    """Load an export folder (or its ``manifest.json``). Loading runs the library's code: see the module docstring.
+
+    ``verify``: refuse a library whose SHA-256 differs from the manifest (default on).
+    Raises :class:`LoadError` (a ValueError; :class:`IntegrityError`, :class:`AbiMismatchError`) before any
+    kernel runs.
+    """
+    path = Path(path)
+    manifest_path = path / MANIFEST if path.is_dir() else path
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise LoadError(f"{manifest_path}: not a readable export manifest ({exc})") from exc
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise LoadError(f"{manifest_path}: format {manifest.get('format') if isinstance(manifest, dict) else '?'!r}"
+                        f" is not {FORMAT!r}")
+    try:
+        lib_name = manifest["library"]["file"]
+        kernels = manifest["kernels"]
+        config = KernelConfig("decode", *(manifest["config"][k] for k in
+                                          ("dtype", "num_qo_heads", "num_kv_heads", "head_dim", "page_size")))
+        target_kind = manifest["target"]["kind"]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise LoadError(f"{manifest_path}: malformed manifest ({exc!r})") from exc
+    if Path(lib_name).name != lib_name:
+        raise LoadError(f"{manifest_path}: library file {lib_name!r} must sit next to the manifest")
+    lib_path = manifest_path.parent / lib_name
+    if not lib_path.is_file():
+        raise LoadError(f"{lib_path}: library file missing")
+
+    if verify:
+        digest = sha256_file(lib_path)
+        if digest != manifest["library"].get("sha256"):
+            raise IntegrityError(f"{lib_path}: SHA-256 {digest} does not match the manifest's "
+                                 f"{manifest['library'].get('sha256')}; refusing a library changed after export")
+    versions = manifest.get("versions", {})
+    here = {"tvm": tc.TVM_VERSION, "tvm_ffi": tc.FFI_VERSION}
+    for key, mine in here.items():
+        if versions.get(key) != mine:
+            raise AbiMismatchError(f"{manifest_path}: exported with {key} {versions.get(key)}, this process runs "
+                                   f"{key} {mine}; re-export with this TVM (the runtime ABI is not stable)")
+    for name, info in kernels.items():
+        params = tuple(p.get("name") for p in info.get("params", ()))
+        if name not in KERNEL_PARAMS or params != KERNEL_PARAMS[name]:
+            raise LoadError(f"{manifest_path}: kernel {name} takes ({', '.join(map(str, params))}); this tvm_paged "
+                            "passes a different argument list: re-export with this version")
+    with open(lib_path, "rb") as f:
+        try:
+            machine = _Elf(f.read()).machine
+        except ValueError as exc:
+            raise LoadError(f"{lib_path}: {exc}") from exc
+    if machine != host_machine():
+        raise LoadError(f"{lib_path}: built for {machine}, this machine is {host_machine()}")
+    if target_kind == "cuda" and not tc.cuda_runtime_available():
+        raise LoadError(f"{lib_path}: holds CUDA kernels, but TVM's CUDA runtime is not available in this process "
+                        "(libtvm_runtime_cuda.so did not load: is the CUDA driver, libcuda.so.1, installed?)")
+    try:
+        module = tc.load_module(str(lib_path))
+        functions = {name: module[info["symbol"]] for name, info in kernels.items()}
+    except Exception as exc:  # TVM raises its own error types
+        raise LoadError(f"{lib_path}: TVM could not load it ({exc})") from exc
+    return PagedLibrary(manifest, lib_path, config, functions, module)
+
+
+def _bound(op):
+    """``op`` from tvm_paged.ops, running on the library's kernels."""
+
+    @functools.wraps(op)
+    def method(self, *args, **kwargs):
+        with ops.use_kernels(self._kernel):
+            return op(*args, **kwargs)
+
+    method.__doc__ = f"{op.__doc__}\n\n(Runs on this library's kernels; see :func:`tvm_paged.ops.{op.__name__}`.)"
+    return method
+
+
+class PagedLibrary:
+    """One exported configuration's kernels, loaded. Build it with :func:`load`.
+
+    ``config``: the decode KernelConfig of the export; ``device_type``: ``"cpu"`` or ``"cuda"``;
+    ``manifest``: the manifest as a dict; ``kernels``: the kernel names the library holds.
+    """
+
+    def __init__(self, manifest: dict, path: Path, config: KernelConfig, functions: dict, module):
+        self.manifest = manifest
+        self.path = path
+        self.config = config
+        self.device_type = "cuda" if manifest["target"]["kind"] == "cuda" else "cpu"
+        self._functions = functions
+        self._module = module  # keeps the library open while its functions live
+
+    @property
+    def kernels(self) -> tuple[str, ...]:
+        return tuple(self._functions)
+
+    def __repr__(self) -> str:
+        return (f"PagedLibrary({self.manifest['config']['name']}, target={self.manifest['target']['key']}, "
+                f"kernels={list(self._functions)}, path={str(self.path)!r})")
+
+    def _kernel(self, cfg: KernelConfig, device):
+        """ops' kernel provider: the library's function for ``cfg`` after checking it fits the export."""
+        arg = "q" if cfg.kernel in ATTENTION_KERNELS else "k_cache"
+        if device.type != self.device_type:
+            raise ValueError(f"{arg}: tensors on {device}, but this library's kernels run on {self.device_type} "
+                             f"({self.manifest['target']['key']})")
+        want = self.config.with_kernel(cfg.kernel)
+        for field, name in (("dtype", arg), ("num_kv_heads", "k_cache"), ("num_qo_heads", "q"),
+                            ("head_dim", arg), ("page_size", "k_cache")):
+            got, expected = getattr(cfg, field), getattr(want, field)
+            if got != expected:
+                raise ValueError(f"{name}: {field} {got} does not match the exported configuration "
+                                 f"{self.manifest['config']['name']} ({field} {expected})")
+        fn = self._functions.get(cfg.kernel)
+        if fn is None:
+            why = self.manifest.get("missing", {}).get(cfg.kernel, "not exported")
+            raise LoadError(f"this library has no {cfg.kernel} kernel: {why}")
+        return fn
+
+    def _page_size(self, page_size):
+        if page_size is not None and page_size != self.config.page_size:
+            raise ValueError(f"page_size: {page_size} does not match the exported configuration "
+                             f"{self.manifest['config']['name']} (page_size {self.config.page_size})")
+        return self.config.page_size
+
+    paged_decode = _bound(ops.paged_decode)
+    paged_prefill = _bound(ops.paged_prefill)
+    run_decode = _bound(ops.run_decode)
+    run_prefill = _bound(ops.run_prefill)
+    write_kv = _bound(ops.write_kv)
+    copy_pages = _bound(ops.copy_pages)
+
+    def plan_decode(self, block_table, seq_lens, *, num_pages: int, page_size: int | None = None, device=None):
+        """:func:`tvm_paged.ops.plan_decode` with the exported page size."""
+        return ops.plan_decode(block_table, seq_lens, page_size=self._page_size(page_size), num_pages=num_pages,
+                               device=device)
+
+    def plan_prefill(self, block_table, seq_lens, cu_seqlens_q, total_q: int, *, num_pages: int,
+                     page_size: int | None = None, device=None):
+        """:func:`tvm_paged.ops.plan_prefill` with the exported page size."""
+        return ops.plan_prefill(block_table, seq_lens, cu_seqlens_q, total_q, page_size=self._page_size(page_size),
+                                num_pages=num_pages, device=device)
