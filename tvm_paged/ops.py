@@ -112,7 +112,8 @@ def plan_prefill(block_table, seq_lens, cu_seqlens_q, total_q: int, *, page_size
     V.check_block_table(bt, sl, page_size, num_pages)
     q_lens = V.check_cu_seqlens(cu, bt.shape[0], total_q, sl)
     tiles = [(b, r, min(r + PREFILL_Q_TILE, n)) for b, n in enumerate(q_lens) for r in range(0, n, PREFILL_Q_TILE)]
-    tiles_t = torch.tensor(tiles if tiles else np.zeros((0, 3)), dtype=torch.int32).reshape(-1, 3)
+    # An empty tensor built from an empty array gets zero strides, which TVM rejects: build it directly.
+    tiles_t = torch.tensor(tiles, dtype=torch.int32) if tiles else torch.zeros((0, 3), dtype=torch.int32)
     device = torch.device(device) if device is not None else bt.device
     return AttentionPlan(bt.to(device), sl.to(device), page_size, num_pages,
                          cu_seqlens_q=cu.to(device), tiles=tiles_t.to(device))

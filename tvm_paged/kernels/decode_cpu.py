@@ -105,13 +105,13 @@ def build_decode_cpu(cfg: KernelConfig, *, lanes: int = 8, group_tile: int | Non
             qk = T.alloc_buffer((GT, L), "float32")
             ov = T.alloc_buffer((GT, L), "float32")
             red = T.alloc_buffer((1,), "float32")
-            b: T.int64 = task // NS
-            s: T.int64 = task % NS
-            seq_len: T.int64 = T.Cast("int64", SL[b])
-            n_pages: T.int64 = (seq_len + S - 1) // S
-            chunk: T.int64 = (n_pages + NS - 1) // NS
-            p_begin: T.int64 = T.min(s * chunk, n_pages)
-            p_end: T.int64 = T.min(p_begin + chunk, n_pages)
+            b: T.let[T.int64] = task // NS
+            s: T.let[T.int64] = task % NS
+            seq_len: T.let[T.int64] = T.Cast("int64", SL[b])
+            n_pages: T.let[T.int64] = (seq_len + S - 1) // S
+            chunk: T.let[T.int64] = (n_pages + NS - 1) // NS
+            p_begin: T.let[T.int64] = T.min(s * chunk, n_pages)
+            p_end: T.let[T.int64] = T.min(p_begin + chunk, n_pages)
             # Fold the softmax scale and log2(e) into q once: scores come out in the log2 domain.
             for h, d in T.grid(Hq, D):
                 qf[h, d] = to_f32(Q[b, h, d], dt) * (scale * T.float32(LOG2E))
@@ -120,9 +120,9 @@ def build_decode_cpu(cfg: KernelConfig, *, lanes: int = 8, group_tile: int | Non
                 m[h] = neg_inf
                 lsum[h] = T.float32(0)
             for pi in range(p_end - p_begin):
-                page: T.int64 = T.Cast("int64", BT[b, p_begin + pi])
-                nxt: T.int64 = T.Cast("int64", BT[b, T.min(p_begin + pi + 1, p_end - 1)])
-                n: T.int64 = T.min(T.int64(S), seq_len - (p_begin + pi) * S)
+                page: T.let[T.int64] = T.Cast("int64", BT[b, p_begin + pi])
+                nxt: T.let[T.int64] = T.Cast("int64", BT[b, T.min(p_begin + pi + 1, p_end - 1)])
+                n: T.let[T.int64] = T.min(T.int64(S), seq_len - (p_begin + pi) * S)
                 # Scores of this page, tokens outer and heads inner: the page is read contiguously and each K
                 # row is shared by the GT heads of a tile. Only the n tokens in use are read.
                 for t in range(n):
@@ -195,8 +195,8 @@ def build_decode_cpu(cfg: KernelConfig, *, lanes: int = 8, group_tile: int | Non
             tot = T.alloc_buffer((1,), "float32")
             w = T.alloc_buffer((NS,), "float32")
             o = T.alloc_buffer((D,), "float32")
-            b: T.int64 = bh // Hq
-            h: T.int64 = bh % Hq
+            b: T.let[T.int64] = bh // Hq
+            h: T.let[T.int64] = bh % Hq
             mx[0] = neg_inf
             for s in range(NS):
                 mx[0] = T.max(mx[0], LP[b, s, h])
