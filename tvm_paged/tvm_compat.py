@@ -206,14 +206,14 @@ def specialize(func, dims: dict, scalars: dict | None = None):
             shape = []
             for s in ty.shape:
                 if isinstance(s, tirx.Var):
-                    if s.name_hint not in dims:
-                        raise KeyError(f"specialize: no value for the symbolic dimension {s.name_hint!r} of {p}")
-                    s = tirx.IntImm(s.dtype, int(dims[s.name_hint]))
+                    if s.name not in dims:
+                        raise KeyError(f"specialize: no value for the symbolic dimension {s.name!r} of {p}")
+                    s = tirx.IntImm(str(s.ty.dtype), int(dims[s.name]))
                 shape.append(s)
             pmap[p] = tirx.decl_buffer(shape, ty.dtype, name=str(p), data_alignment=int(ty.data_alignment),
                                        elem_offset=ty.elem_offset, offset_factor=int(ty.offset_factor))
         elif str(p) in scalars:
-            pmap[p] = tirx.const(scalars[str(p)], p.dtype)
+            pmap[p] = tirx.const(scalars[str(p)], str(p.ty.dtype))
     return func.specialize(pmap)
 
 
@@ -262,3 +262,42 @@ def device(kind: str, index: int = 0):
 def empty(shape, dtype: str, dev):
     """An uninitialized tensor on ``dev`` (a local or an RPC session's device)."""
     return tvm.runtime.empty(tuple(int(s) for s in shape), dtype, dev)
+
+
+def signature_only(func, attrs: dict):
+    """``func``'s signature (parameters, buffers) with an empty body and extra attributes: a compact stand-in
+    for a kernel in a MetaSchedule database (a full kernel serializes to hundreds of KB there)."""
+    return func.with_body(tirx.Evaluate(0)).with_attrs(attrs)
+
+
+def float_imm(value: float, dtype: str = "float64"):
+    return tirx.FloatImm(dtype, float(value))
+
+
+def save_json(obj) -> str:
+    """TVM's JSON serialization of an IR object (an IRModule)."""
+    return tvm.ir.save_json(obj)
+
+
+def load_json(text: str):
+    return tvm.ir.load_json(text)
+
+
+def lower_for_inspection(func, target):
+    """(host TIR as TVMScript text, CUDA source) of ``func`` built for a CUDA target, host left uncompiled.
+    Lets tests read the launches and emulate the device code without a GPU."""
+    from tvm.tirx.build import codegen_build, split_host_device_mods  # noqa: PLC0415
+
+    mod = tvm.tirx.transform.BindTarget(target)(tvm.IRModule.from_expr(func))
+    pipeline, _, finalize_device = tvm.tirx.get_default_tir_pipeline(target)
+    host, devices = split_host_device_mods(pipeline(mod))
+    ((dev_target, dev_mod),) = devices.items()
+    return host.script(), codegen_build(finalize_device()(dev_mod), dev_target).inspect_source("cuda")
+
+
+def compile_cuda_with_nvcc(source: str, target, arch: str, target_format: str = "cubin") -> bytes:
+    """nvcc-compile CUDA source for ``arch`` (needs the target in scope in 0.27)."""
+    from tvm.support import nvcc  # noqa: PLC0415
+
+    with target:
+        return bytes(nvcc.compile_cuda(source, target_format=target_format, arch=arch, compiler="nvcc"))

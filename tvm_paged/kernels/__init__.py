@@ -59,4 +59,8 @@ def knob_space(cfg: KernelConfig, target) -> dict[str, list]:
         from .decode_cuda import knob_space as space  # noqa: PLC0415
 
         return space(cfg, target)
+    if kind == "cuda" and cfg.kernel == "prefill":
+        from .prefill_cuda import knob_space as space  # noqa: PLC0415
+
+        return space(cfg, target)
     return {}

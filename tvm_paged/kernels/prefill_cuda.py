@@ -1,0 +1,333 @@
+"""Paged (chunked) prefill attention for CUDA GPUs, as a thread-bound TVMScript program.
+
+Signature (``B``, ``num_pages``, ``max_pages_per_seq``, ``total_q`` and ``num_tiles`` are symbolic):
+
+    q            [total_q, num_qo_heads, head_dim]                dtype
+    k_cache      [num_pages, page_size, num_kv_heads, head_dim]   dtype
+    v_cache      [num_pages, page_size, num_kv_heads, head_dim]   dtype
+    block_table  [B, max_pages_per_seq]                           int32
+    seq_lens     [B]                                              int32
+    cu_seqlens_q [B + 1]                                          int32
+    tiles        [num_tiles, 3]                                   int32 rows (b, row_start, row_end), relative
+    out          [total_q, num_qo_heads, head_dim]                dtype (written)
+    lse          [total_q, num_qo_heads]                          float32, natural log (written)
+    scale        float32; causal int32
+
+Query ``i`` of sequence ``b`` (row ``cu_seqlens_q[b] + i``) sits at position ``seq_lens[b] - q_len_b + i``; causal:
+key ``j`` visible iff ``j <= position``; otherwise all ``seq_lens[b]`` keys.
+
+One thread block per (tile, KV head, query-head group); the tile's rows are taken 16 at a time (any tile height
+works). The block's queries are (row, head) pairs, ``queries_per_group`` of them per lane group:
+
+* ``threadIdx.x`` (``bdx`` lanes): each lane owns a ``vec``-element slice of head_dim (as in the decode kernel).
+* ``threadIdx.y``: lane groups; group ``ty`` holds its queries' q slices and output accumulators in registers.
+* Keys and values are staged ``kv_tile`` tokens at a time in shared memory (16-byte loads, only tokens below
+  the block's visible limit are read); every group then scores its queries against the staged rows
+  (partial dot per lane + warp-shuffle butterfly), ``tokens_per_step`` tokens per online-softmax rescale.
+
+The softmax runs in the log2 domain from a true minus infinity; a still-infinite running max is replaced by 0
+before any ``exp2`` so ``-inf - -inf`` never occurs. This kernel uses CUDA cores only (no tensor cores): simple,
+and correct for every head_dim / group size; not a peak-FLOP prefill.
+"""
+
+from __future__ import annotations
+
+import math
+
+from ..config import KernelConfig
+from ..tvm_compat import T
+from .decode_cuda import feasible_space, head_dim_lanes, target_limits
+
+LOG2E = math.log2(math.e)
+LN2 = math.log(2.0)
+# Rows of a tile handled per pass (the planner's tiles are at most ops.PREFILL_Q_TILE = 16 rows; taller tiles are
+# walked in passes of Q_ROWS).
+Q_ROWS = 16
+
+
+def _floor_pow2(n: int) -> int:
+    return 1 << (max(1, n).bit_length() - 1)
+
+
+def prefill_plan(cfg: KernelConfig, target=None, *, vec: int | None = None, heads_per_block: int | None = None,
+                 queries_per_group: int | None = None, kv_tile: int | None = None,
+                 tokens_per_step: int = 4, max_threads: int = 256) -> dict:
+    """Resolve the prefill kernel's knobs; raise ValueError when they cannot fit the target.
+
+    Knobs:
+      ``vec``               head_dim elements per lane (power of two dividing head_dim; default one 16-byte load)
+      ``heads_per_block``   query heads of a group per block, a divisor of the group size (default: the most
+                            that fit ``max_threads`` with ``queries_per_group`` <= 32 / vec)
+      ``queries_per_group`` (row, head) pairs per lane group, a divisor of 16 * heads_per_block (their q slices
+                            and accumulators live in registers)
+      ``kv_tile``           tokens staged in shared memory per step (default: 64, or what 32 KiB holds)
+      ``tokens_per_step``   tokens per online-softmax rescale, divides kv_tile (default 4)
+      ``max_threads``       cap on threads per block used by the defaults (default 256)
+    """
+    if cfg.kernel != "prefill":
+        raise ValueError(f"prefill kernel needs a prefill config, got {cfg.name}")
+    lim = target_limits(target)
+    D, G, E = cfg.head_dim, cfg.group_size, cfg.itemsize
+    vec, lanes, bdx, active = head_dim_lanes(D, E, vec, lim["warp"])
+    if max_threads < lim["warp"]:
+        raise ValueError(f"max_threads ({max_threads}) must be at least a warp ({lim['warp']})")
+    max_threads = min(lim["max_threads"], max_threads)
+    nq_cap = max(1, 32 // vec)
+
+    def group_count(gq, nq):
+        qn = Q_ROWS * gq
+        if qn % nq:
+            return None
+        bdy = qn // nq
+        threads = bdx * bdy
+        if threads % lim["warp"] or threads > lim["max_threads"]:
+            return None
+        return bdy
+
+    if heads_per_block is None:
+        # The largest divisor of the group whose 16 rows fit one block with nq_cap queries per lane group.
+        heads_per_block = 1
+        for gq in range(G, 0, -1):
+            if G % gq == 0 and Q_ROWS * gq * bdx <= max_threads * nq_cap:
+                heads_per_block = gq
+                break
+    if G % heads_per_block:
+        raise ValueError(f"heads_per_block ({heads_per_block}) must divide the group size ({G})")
+    gq = heads_per_block
+    qn = Q_ROWS * gq
+    if queries_per_group is None:
+        queries_per_group = None
+        for nq in range(min(nq_cap, qn), 0, -1):
+            bdy = group_count(gq, nq)
+            if bdy is not None and bdx * bdy <= max_threads:
+                queries_per_group = nq
+                break
+        if queries_per_group is None:
+            for nq in range(1, qn + 1):
+                if group_count(gq, nq) is not None:
+                    queries_per_group = nq
+                    break
+        if queries_per_group is None:
+            raise ValueError(f"prefill {cfg.name}: no queries_per_group gives full warps within the thread limit")
+    nq = queries_per_group
+    bdy = group_count(gq, nq)
+    if bdy is None:
+        raise ValueError(f"prefill {cfg.name}: queries_per_group {nq} must divide {qn} and give a block of whole "
+                         f"warps within {lim['max_threads']} threads (bdx {bdx})")
+    if kv_tile is None:
+        kv_tile = max(tokens_per_step, min(64, _floor_pow2(min(lim["max_shared"], 32 * 1024) // (2 * D * E))))
+    if kv_tile < 1 or tokens_per_step < 1 or kv_tile % tokens_per_step:
+        raise ValueError(f"kv_tile ({kv_tile}) must be a positive multiple of tokens_per_step ({tokens_per_step})")
+    shared = 2 * kv_tile * D * E
+    if shared > lim["max_shared"]:
+        raise ValueError(f"prefill {cfg.name}: K/V tiles need {shared} bytes of shared memory, the target allows "
+                         f"{lim['max_shared']}: lower kv_tile")
+    return {
+        "vec": vec, "lanes": lanes, "bdx": bdx, "active": active, "bdy": bdy, "gq": gq, "head_groups": G // gq,
+        "nq": nq, "kv_tile": kv_tile, "step": tokens_per_step, "shared_bytes": shared, "num_threads": bdx * bdy,
+    }
+
+
+def knob_space(cfg: KernelConfig, target=None) -> dict[str, list]:
+    """Tunable knobs of :func:`build_prefill_cuda` (first value of each list = the default); every combination
+    fits the target. ``heads_per_block`` and ``queries_per_group`` follow from ``max_threads``."""
+    base = prefill_plan(cfg, target)
+    tiles = [base["kv_tile"]] + [t for t in (16, 32, 64) if t <= base["kv_tile"] * 2]
+    space = {"max_threads": [256, 128, 512], "kv_tile": tiles, "tokens_per_step": [base["step"], 2, 8]}
+    return feasible_space(space, lambda **k: prefill_plan(cfg, target, **k))
+
+
+def build_prefill_cuda(cfg: KernelConfig, target=None, **knobs):
+    """Return the prefill PrimFunc for ``cfg`` on a CUDA target (knobs: see :func:`prefill_plan`)."""
+    plan = prefill_plan(cfg, target, **knobs)
+    Hq, Hkv, D, S, G = cfg.num_qo_heads, cfg.num_kv_heads, cfg.head_dim, cfg.page_size, cfg.group_size
+    dt = cfg.dtype
+    E = cfg.itemsize
+    VEC, LANES, BDX, ACT, BDY = (plan[k] for k in ("vec", "lanes", "bdx", "active", "bdy"))
+    GQ, HG, NQ, KT, C = plan["gq"], plan["head_groups"], plan["nq"], plan["kv_tile"], plan["step"]
+    NCH = VEC // LANES
+    LOG_BDX = BDX.bit_length() - 1
+    QR = Q_ROWS
+    ROWS_PER_PASS = (KT + BDY - 1) // BDY  # staged rows each lane group loads
+    BLOCKS_PER_TILE = Hkv * HG
+    is_f32 = dt == "float32"
+    neg_inf = T.float32(float("-inf"))
+    full_mask = T.uint32(0xFFFFFFFF)
+
+    def f32(x):
+        return x if is_f32 else T.Cast("float32", x)
+
+    def store(x):
+        return x if is_f32 else T.Cast(dt, x)
+
+    @T.prim_func
+    def prefill(
+        q_h: T.handle, k_h: T.handle, v_h: T.handle, bt_h: T.handle, sl_h: T.handle, cu_h: T.handle,
+        tiles_h: T.handle, out_h: T.handle, lse_h: T.handle, scale: T.float32, causal: T.int32,
+    ):
+        T.func_attr({"global_symbol": cfg.name, "tirx.noalias": True})
+        B = T.int64()
+        P = T.int64()
+        M = T.int64()
+        TQ = T.int64()
+        NT = T.int64()
+        Q = T.match_buffer(q_h, (TQ, Hq, D), dt, align=E)
+        K = T.match_buffer(k_h, (P, S, Hkv, D), dt, align=E)
+        V = T.match_buffer(v_h, (P, S, Hkv, D), dt, align=E)
+        BT = T.match_buffer(bt_h, (B, M), "int32", align=4)
+        SL = T.match_buffer(sl_h, (B,), "int32", align=4)
+        CU = T.match_buffer(cu_h, (B + 1,), "int32", align=4)
+        TILES = T.match_buffer(tiles_h, (NT, 3), "int32", align=4)
+        O = T.match_buffer(out_h, (TQ, Hq, D), dt, align=E)
+        LSE = T.match_buffer(lse_h, (TQ, Hq), "float32", align=4)
+
+        for bid in T.thread_binding(T.max(NT, T.int64(1)) * BLOCKS_PER_TILE, thread="blockIdx.x"):
+            for ty in T.thread_binding(BDY, thread="threadIdx.y"):
+                for tx in T.thread_binding(BDX, thread="threadIdx.x"):
+                    qf = T.alloc_buffer((NQ, VEC), "float32", scope="local")
+                    acc = T.alloc_buffer((NQ, VEC), "float32", scope="local")
+                    m = T.alloc_buffer((NQ,), "float32", scope="local")
+                    lsum = T.alloc_buffer((NQ,), "float32", scope="local")
+                    sc = T.alloc_buffer((NQ, C), "float32", scope="local")
+                    kf = T.alloc_buffer((VEC,), "float32", scope="local")
+                    stage = T.alloc_buffer((VEC,), dt, scope="local")
+                    red = T.alloc_buffer((1,), "float32", scope="local")
+                    tmp = T.alloc_buffer((3,), "float32", scope="local")
+                    Ks = T.alloc_buffer((KT, D), dt, scope="shared")
+                    Vs = T.alloc_buffer((KT, D), dt, scope="shared")
+
+                    hg: T.int64 = bid % HG
+                    kvh: T.int64 = (bid // HG) % Hkv
+                    t: T.int64 = bid // BLOCKS_PER_TILE
+                    if t < NT:
+                        b: T.int64 = T.Cast("int64", TILES[t, 0])
+                        r0: T.int64 = T.Cast("int64", TILES[t, 1])
+                        r1: T.int64 = T.Cast("int64", TILES[t, 2])
+                        q_start: T.int64 = T.Cast("int64", CU[b])
+                        seq_len: T.int64 = T.Cast("int64", SL[b])
+                        # Position of query row r is q_off + r.
+                        q_off: T.int64 = seq_len - (T.Cast("int64", CU[b + 1]) - q_start)
+                        h0: T.int64 = kvh * G + hg * GQ
+                        for rc in range((r1 - r0 + (QR - 1)) // QR):
+                            rb: T.int64 = r0 + rc * QR  # first row of this pass
+                            r_end: T.int64 = T.min(rb + QR, r1)
+                            # Keys any query of the pass may see.
+                            kv_hi: T.int64 = T.if_then_else(causal != 0, T.min(seq_len, q_off + r_end), seq_len)
+                            # Query i of this group: pair (row rb + qi // GQ, head h0 + qi % GQ), qi = ty*NQ + i.
+                            for i in T.unroll(NQ):
+                                if rb + (ty * NQ + i) // GQ < r_end and tx < ACT:
+                                    for c in T.unroll(NCH):
+                                        for v in T.vectorized(LANES):
+                                            stage[c * LANES + v] = Q[
+                                                q_start + rb + (ty * NQ + i) // GQ, h0 + (ty * NQ + i) % GQ,
+                                                tx * VEC + c * LANES + v,
+                                            ]
+                                    for v in T.unroll(VEC):
+                                        qf[i, v] = f32(stage[v]) * (scale * T.float32(LOG2E))
+                                else:
+                                    for v in T.unroll(VEC):
+                                        qf[i, v] = T.float32(0)
+                                for v in T.unroll(VEC):
+                                    acc[i, v] = T.float32(0)
+                                m[i] = neg_inf
+                                lsum[i] = T.float32(0)
+
+                            for kt in range((kv_hi + (KT - 1)) // KT):
+                                # Stage KT rows of K and V (rows past kv_hi are never read from the cache).
+                                for rr in T.unroll(ROWS_PER_PASS):
+                                    if ty + rr * BDY < KT and tx < ACT:
+                                        if kt * KT + ty + rr * BDY < kv_hi:
+                                            for c in T.unroll(NCH):
+                                                for v in T.vectorized(LANES):
+                                                    Ks[ty + rr * BDY, tx * VEC + c * LANES + v] = K[
+                                                        T.Cast("int64", BT[b, (kt * KT + ty + rr * BDY) // S]),
+                                                        (kt * KT + ty + rr * BDY) % S, kvh,
+                                                        tx * VEC + c * LANES + v,
+                                                    ]
+                                            for c in T.unroll(NCH):
+                                                for v in T.vectorized(LANES):
+                                                    Vs[ty + rr * BDY, tx * VEC + c * LANES + v] = V[
+                                                        T.Cast("int64", BT[b, (kt * KT + ty + rr * BDY) // S]),
+                                                        (kt * KT + ty + rr * BDY) % S, kvh,
+                                                        tx * VEC + c * LANES + v,
+                                                    ]
+                                        else:
+                                            for v in T.unroll(VEC):
+                                                Ks[ty + rr * BDY, tx * VEC + v] = T.Cast(dt, T.float32(0))
+                                                Vs[ty + rr * BDY, tx * VEC + v] = T.Cast(dt, T.float32(0))
+                                T.tvm_storage_sync("shared")
+                                for js in range(KT // C):
+                                    # Scores of C staged tokens for each of this group's queries.
+                                    for j in T.unroll(C):
+                                        if tx < ACT:
+                                            for v in T.unroll(VEC):
+                                                kf[v] = f32(Ks[js * C + j, tx * VEC + v])
+                                        else:
+                                            for v in T.unroll(VEC):
+                                                kf[v] = T.float32(0)
+                                        for i in T.unroll(NQ):
+                                            red[0] = T.float32(0)
+                                            for v in T.unroll(VEC):
+                                                red[0] = red[0] + qf[i, v] * kf[v]
+                                            for k in T.unroll(LOG_BDX):
+                                                red[0] = red[0] + T.tvm_warp_shuffle(
+                                                    full_mask, red[0],
+                                                    T.bitwise_xor(tx, T.shift_right(BDX // 2, k)), BDX, 32,
+                                                )
+                                            # Visible: a real query row, a key below seq_len (and below the
+                                            # pass limit), and (causal) at or before the query's position.
+                                            sc[i, j] = T.if_then_else(
+                                                rb + (ty * NQ + i) // GQ < r_end
+                                                and kt * KT + js * C + j < kv_hi
+                                                and (
+                                                    causal == 0
+                                                    or kt * KT + js * C + j <= q_off + rb + (ty * NQ + i) // GQ
+                                                ),
+                                                red[0], neg_inf,
+                                            )
+                                    # Online softmax update, once per C tokens.
+                                    for i in T.unroll(NQ):
+                                        tmp[0] = m[i]
+                                        for j in T.unroll(C):
+                                            tmp[0] = T.max(tmp[0], sc[i, j])
+                                        tmp[1] = T.if_then_else(tmp[0] == neg_inf, T.float32(0), tmp[0])
+                                        tmp[2] = T.exp2(m[i] - tmp[1])
+                                        m[i] = tmp[0]
+                                        lsum[i] = lsum[i] * tmp[2]
+                                        for j in T.unroll(C):
+                                            sc[i, j] = T.exp2(sc[i, j] - tmp[1])
+                                            lsum[i] = lsum[i] + sc[i, j]
+                                        for v in T.unroll(VEC):
+                                            acc[i, v] = acc[i, v] * tmp[2]
+                                    if tx < ACT:
+                                        for j in T.unroll(C):
+                                            for v in T.unroll(VEC):
+                                                kf[v] = f32(Vs[js * C + j, tx * VEC + v])
+                                            for i in T.unroll(NQ):
+                                                for v in T.unroll(VEC):
+                                                    acc[i, v] = acc[i, v] + sc[i, j] * kf[v]
+                                T.tvm_storage_sync("shared")
+
+                            for i in T.unroll(NQ):
+                                if rb + (ty * NQ + i) // GQ < r_end:
+                                    tmp[0] = T.if_then_else(
+                                        lsum[i] > T.float32(0), T.float32(1) / lsum[i], T.float32(0)
+                                    )
+                                    if tx < ACT:
+                                        for v in T.unroll(VEC):
+                                            stage[v] = store(acc[i, v] * tmp[0])
+                                        for c in T.unroll(NCH):
+                                            for v in T.vectorized(LANES):
+                                                O[
+                                                    q_start + rb + (ty * NQ + i) // GQ, h0 + (ty * NQ + i) % GQ,
+                                                    tx * VEC + c * LANES + v,
+                                                ] = stage[c * LANES + v]
+                                    if tx == 0:
+                                        LSE[q_start + rb + (ty * NQ + i) // GQ, h0 + (ty * NQ + i) % GQ] = (
+                                            T.if_then_else(
+                                                lsum[i] > T.float32(0),
+                                                (m[i] + T.log2(lsum[i])) * T.float32(LN2), neg_inf,
+                                            )
+                                        )
+
+    return prefill
