@@ -1,0 +1,259 @@
+"""Page allocator for the paged KV cache: ref-counted pages, copy-on-write forks, prefix caching.
+
+Host-side bookkeeping only (pure Python + numpy, no tvm/torch). It decides which physical page
+of the KV cache holds each token of each sequence; the kernels consume what it produces:
+
+    block_table   int32 [num_seqs, max_pages]  page ids of each sequence, rows padded with -1
+    seq_lens      int32 [num_seqs]             tokens held by each sequence
+    slot_mapping  int64 [num_tokens]           where each new token's K/V goes: page * page_size + offset
+    copies        int32 [num_copies] (src, dst) whole-page copies owed before writing those slots
+
+One step: ``append_slots`` for every running sequence (concatenated: slot_mapping), ``pop_copies``
+and copy those pages, write the new K/V at the slots, then attention over ``block_table``.
+Fork only sequences whose earlier slots have been written (a copy reads the page as it is then).
+"""
+from __future__ import annotations
+
+import operator
+from collections import OrderedDict, deque
+from typing import Hashable, Iterable, Sequence
+
+import numpy as np
+
+
+class OutOfPages(MemoryError):
+    """Not enough free pages for the request; the allocator was left unchanged."""
+
+
+class _Seq:
+    __slots__ = ("pages", "row", "length", "last_hash", "partial")
+
+    def __init__(self, pages, row, length, last_hash, partial):
+        self.pages = pages          # list[int]: page ids, ceil(length / page_size) of them
+        self.row = row              # this sequence's row in PageAllocator._table
+        self.length = length        # tokens held
+        self.last_hash = last_hash  # chained hash of the last full page (None before the first one)
+        self.partial = partial      # token ids in the not-yet-full last page; None once the chain broke
+
+
+class PageAllocator:
+    """Hands out pages of ``page_size`` token slots from a pool of ``num_pages`` pages.
+
+    A page held by several sequences (after ``fork`` or a prefix-cache hit) is ref-counted and
+    never written in place: the first append into a shared, partly filled page moves the appending
+    sequence to a fresh copy (see ``pop_copies``). Full pages whose token ids are known are keyed
+    by a chained hash so a later prompt with the same prefix can reuse them (``add_sequence``).
+    """
+
+    def __init__(self, num_pages: int, page_size: int):
+        if num_pages <= 0 or page_size <= 0:
+            raise ValueError(f"num_pages and page_size must be > 0, got {num_pages}, {page_size}")
+        self.num_pages = int(num_pages)
+        self.page_size = int(page_size)
+        self._ref = [0] * self.num_pages          # live sequences holding each page
+        self._free = deque(range(self.num_pages))  # free pages not in the prefix cache
+        self._cached_free = OrderedDict()          # free pages still in the prefix cache, LRU first
+        self._key_to_page = {}                     # (prev hash, page token ids) -> page
+        self._page_key = {}                        # inverse, for eviction
+        self._seqs = {}                            # seq_id -> _Seq
+        self._copies = []                          # (src, dst) page copies not yet popped
+        # Mirror of every live sequence's pages as int32 rows padded with -1, so block_table is one
+        # numpy gather instead of converting Python lists each step. Grows by doubling.
+        self._table = np.full((8, 8), -1, dtype=np.int32)
+        self._free_rows = []
+        self._rows_used = 0
+
+    # -- queries -------------------------------------------------------------------------------
+    def _seq(self, seq_id: Hashable) -> _Seq:
+        try:
+            return self._seqs[seq_id]
+        except KeyError:
+            raise KeyError(f"unknown sequence id {seq_id!r}") from None
+
+    @property
+    def num_free_pages(self) -> int:
+        """Pages no live sequence holds (never-cached free + cached free)."""
+        return len(self._free) + len(self._cached_free)
+
+    def seq_len(self, seq_id: Hashable) -> int:
+        return self._seq(seq_id).length
+
+    def pages_of(self, seq_id: Hashable) -> list[int]:
+        """Page ids of the sequence, in token order (a copy)."""
+        return list(self._seq(seq_id).pages)
+
+    def seq_lens(self, seq_ids: Iterable[Hashable]) -> np.ndarray:
+        """int32 [len(seq_ids)] tokens held by each sequence."""
+        return np.array([self._seq(s).length for s in seq_ids], dtype=np.int32)
+
+    def block_table(self, seq_ids: Iterable[Hashable]) -> np.ndarray:
+        """int32 [len(seq_ids), max_pages] page ids, rows padded with -1 (max_pages >= 1)."""
+        seqs = [self._seq(s) for s in seq_ids]
+        max_pages = max([len(s.pages) for s in seqs], default=0) or 1
+        return self._table[np.array([s.row for s in seqs], dtype=np.intp), :max_pages]
+
+    def _needed(self, seq: _Seq, n: int) -> tuple[int, bool]:
+        """(fresh pages needed to append n tokens, whether one is a copy-on-write); as append_slots."""
+        cow = n > 0 and seq.length % self.page_size != 0 and self._ref[seq.pages[-1]] > 1
+        return -(-(seq.length + n) // self.page_size) - len(seq.pages) + cow, cow
+
+    def can_append(self, seq_id: Hashable, num_tokens: int) -> bool:
+        """Whether append_slots(seq_id, num_tokens) would get its pages (copy-on-write included)."""
+        seq, n = self._seq(seq_id), operator.index(num_tokens)
+        if n < 0:
+            raise ValueError(f"num_tokens must be >= 0, got {n}")
+        return self._needed(seq, n)[0] <= self.num_free_pages
+
+    # -- page pool and table rows ---------------------------------------------------------------
+    def _take_page(self) -> int:
+        if self._free:
+            page = self._free.popleft()
+        else:  # only now evict the least recently used cached page: it may still save a prefill
+            page, _ = self._cached_free.popitem(last=False)
+            del self._key_to_page[self._page_key.pop(page)]
+        self._ref[page] = 1
+        return page
+
+    def _release(self, page: int) -> None:
+        self._ref[page] -= 1
+        if self._ref[page] == 0:
+            if page in self._page_key:
+                self._cached_free[page] = None  # most recently used end
+            else:
+                self._free.append(page)
+
+    def _new_seq(self, seq_id: Hashable, pages: list, length: int, last_hash, partial) -> _Seq:
+        if self._free_rows:
+            row = self._free_rows.pop()
+        else:
+            row, self._rows_used = self._rows_used, self._rows_used + 1
+        seq = self._seqs[seq_id] = _Seq(pages, row, length, last_hash, partial)
+        self._set_row(seq, 0)
+        return seq
+
+    def _set_row(self, seq: _Seq, start: int) -> None:
+        """Copy seq.pages[start:] into its table row, growing the table when needed."""
+        rows, cols = self._table.shape
+        if seq.row >= rows or len(seq.pages) > cols:
+            new_rows = 2 * rows if seq.row >= rows else rows  # rows are handed out one at a time
+            new_cols = max(len(seq.pages), 2 * cols) if len(seq.pages) > cols else cols
+            grown = np.full((new_rows, new_cols), -1, dtype=np.int32)
+            grown[:rows, :cols] = self._table
+            self._table = grown
+        self._table[seq.row, start : len(seq.pages)] = seq.pages[start:]
+
+    # -- mutations ----------------------------------------------------------------------------
+    def add_sequence(self, seq_id: Hashable, prompt_token_ids: Sequence[int] | None = None) -> int:
+        """Register a sequence; returns how many prompt tokens are already cached (whole pages).
+
+        The sequence starts at that length, sharing the cached pages. At least one prompt token is
+        always left uncached so the caller still runs the model on it (it needs its logits); the
+        caller appends the remaining prompt tokens with ``append_slots(..., token_ids=...)``.
+        """
+        if seq_id in self._seqs:
+            raise ValueError(f"sequence id {seq_id!r} already exists")
+        pages, last_hash, ps = [], None, self.page_size
+        if prompt_token_ids is not None:
+            tokens = list(map(operator.index, prompt_token_ids))  # ints only: they are hashed
+            for i in range((len(tokens) - 1) // ps):  # full pages, never the last prompt token
+                key = (last_hash, tuple(tokens[i * ps : (i + 1) * ps]))
+                page = self._key_to_page.get(key)
+                if page is None:
+                    break
+                if self._ref[page] == 0:
+                    del self._cached_free[page]  # back out of the free pool
+                self._ref[page] += 1
+                pages.append(page)
+                last_hash = hash(key)
+        return self._new_seq(seq_id, pages, len(pages) * ps, last_hash, []).length
+
+    def append_slots(self, seq_id: Hashable, num_tokens: int,
+                     token_ids: Sequence[int] | None = None) -> np.ndarray:
+        """Grow the sequence by num_tokens; returns their slots, int64 [num_tokens].
+
+        slot = page * page_size + offset. Raises OutOfPages (changing nothing) when the free pool
+        cannot cover the new pages plus a copy-on-write copy. Without token_ids the prefix-cache
+        hash chain of this sequence is broken: none of its later pages can be reused.
+        """
+        # Runs once per sequence per decode step: helpers (_seq, _needed) are inlined (-25%).
+        try:
+            seq = self._seqs[seq_id]
+        except KeyError:
+            seq = self._seq(seq_id)  # raises the KeyError with a message
+        n = operator.index(num_tokens)
+        if n < 0:
+            raise ValueError(f"num_tokens must be >= 0, got {n}")
+        if token_ids is not None:
+            if len(token_ids) != n:
+                raise ValueError(f"token_ids has {len(token_ids)} ids, num_tokens is {n}")
+            if seq.partial is not None:  # they will be hashed: ints only, checked before any change
+                token_ids = list(map(operator.index, token_ids))
+        ps, pages, old_len = self.page_size, seq.pages, seq.length
+        cow = n > 0 and old_len % ps != 0 and self._ref[pages[-1]] > 1
+        need = -(-(old_len + n) // ps) - len(pages) + cow
+        if need > len(self._free) + len(self._cached_free):  # check before mutating anything
+            raise OutOfPages(f"sequence {seq_id!r} needs {need} pages, {self.num_free_pages} free")
+        if need:
+            first_new = len(pages)
+            if cow:  # the last page is shared and partly filled: write into a private copy
+                old, first_new = pages[-1], first_new - 1
+                pages[-1] = self._take_page()
+                self._ref[old] -= 1  # still >= 1: another sequence holds it
+                self._copies.append((old, pages[-1]))
+            for _ in range(need - cow):
+                pages.append(self._take_page())
+            self._set_row(seq, first_new)
+        seq.length = old_len + n
+        if token_ids is None:
+            if n > 0:
+                seq.partial = None
+        elif seq.partial is not None:
+            if len(seq.partial) + n < ps:  # no page fills up (the decode case): just remember the ids
+                seq.partial.extend(token_ids)
+            else:
+                self._hash_full_pages(seq, token_ids, old_len // ps)
+        if n == 1:  # decode fast path: numpy fancy indexing costs more than it saves here
+            return np.array([pages[old_len // ps] * ps + old_len % ps], dtype=np.int64)
+        first = old_len // ps
+        pos = np.arange(old_len, old_len + n, dtype=np.int64)
+        return np.asarray(pages[first:], dtype=np.int64)[pos // ps - first] * ps + pos % ps
+
+    def _hash_full_pages(self, seq: _Seq, token_ids: list[int], page_idx: int) -> None:
+        """Feed token ids into the sequence's partial page; key every page that fills up."""
+        ps, i = self.page_size, 0
+        while i < len(token_ids):
+            take = ps - len(seq.partial)
+            seq.partial.extend(token_ids[i : i + take])
+            i += take
+            if len(seq.partial) == ps:
+                key = (seq.last_hash, tuple(seq.partial))
+                if key not in self._key_to_page:  # first copy wins; a duplicate page stays uncached
+                    self._key_to_page[key] = seq.pages[page_idx]
+                    self._page_key[seq.pages[page_idx]] = key
+                seq.last_hash, seq.partial, page_idx = hash(key), [], page_idx + 1
+
+    def pop_copies(self) -> tuple[np.ndarray, np.ndarray]:
+        """(src, dst) int32 [num_copies] page copies to do, in order, before writing new slots."""
+        copies, self._copies = self._copies, []
+        src = np.array([s for s, _ in copies], dtype=np.int32)
+        return src, np.array([d for _, d in copies], dtype=np.int32)
+
+    def fork(self, parent_id: Hashable, child_id: Hashable) -> None:
+        """The child shares every page of the parent (no copy until one of them writes)."""
+        parent = self._seq(parent_id)
+        if child_id in self._seqs:
+            raise ValueError(f"sequence id {child_id!r} already exists")
+        for page in parent.pages:
+            self._ref[page] += 1
+        partial = None if parent.partial is None else list(parent.partial)
+        self._new_seq(child_id, list(parent.pages), parent.length, parent.last_hash, partial)
+
+    def free(self, seq_id: Hashable) -> None:
+        """Drop the sequence; pages nobody else holds go back to the pool (keyed ones stay cached)."""
+        seq = self._seq(seq_id)
+        del self._seqs[seq_id]
+        self._table[seq.row, : len(seq.pages)] = -1
+        self._free_rows.append(seq.row)
+        # Tail first, so LRU eviction drops a prefix's tail before its head (a head alone still hits).
+        for page in reversed(seq.pages):
+            self._release(page)
