@@ -3,6 +3,7 @@
 Cache layout: ``k_cache``, ``v_cache`` ``[num_pages, page_size, num_kv_heads, head_dim]``.
 """
 
+from .allocator import OutOfPages, PageAllocator
 from .config import KernelConfig
 from .ops import AttentionPlan, copy_pages, paged_decode, paged_prefill, plan_decode, plan_prefill, run_decode, \
     run_prefill, write_kv
@@ -20,6 +21,8 @@ __all__ = [
     "run_prefill",
     "write_kv",
     "copy_pages",
+    "PageAllocator",
+    "OutOfPages",
 ]
 
 from .loader import PagedLibrary, load  # noqa: E402
