@@ -4,6 +4,7 @@ Cache layout: ``k_cache``, ``v_cache`` ``[num_pages, page_size, num_kv_heads, he
 """
 
 from .allocator import OutOfPages, PageAllocator
+from .cache import PagedKVCache
 from .config import KernelConfig
 from .ops import AttentionPlan, copy_pages, paged_decode, paged_prefill, plan_decode, plan_prefill, run_decode, \
     run_prefill, write_kv
@@ -23,6 +24,7 @@ __all__ = [
     "copy_pages",
     "PageAllocator",
     "OutOfPages",
+    "PagedKVCache",
 ]
 
 from .loader import PagedLibrary, load  # noqa: E402

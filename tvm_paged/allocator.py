@@ -218,6 +218,60 @@ class PageAllocator:
         pos = np.arange(old_len, old_len + n, dtype=np.int64)
         return np.asarray(pages[first:], dtype=np.int64)[pos // ps - first] * ps + pos % ps
 
+    def pages_needed(self, seq_ids: Sequence[Hashable], num_tokens: Sequence[int]) -> int:
+        """Fresh pages that appending num_tokens[i] to seq_ids[i] (distinct), in order, would take: new pages
+        plus copy-on-write copies (a page shared only inside the batch is copied by all its holders but the
+        last). Changes nothing."""
+        ps, ref = self.page_size, self._ref
+        need, leaving = 0, {}
+        for sid, n in zip(seq_ids, num_tokens):
+            seq = self._seq(sid)
+            cow = 0
+            if n > 0 and seq.length % ps:
+                last = seq.pages[-1]
+                if ref[last] - leaving.get(last, 0) > 1:
+                    cow, leaving[last] = 1, leaving.get(last, 0) + 1
+            need += -(-(seq.length + n) // ps) - len(seq.pages) + cow
+        return need
+
+    def append_slots_batch(self, seq_ids: Sequence[Hashable], num_tokens: Sequence[int],
+                           token_ids: Sequence[Sequence[int] | None] | None = None) -> np.ndarray:
+        """``append_slots`` for several distinct sequences, all or nothing: their slots concatenated, int64
+        [sum(num_tokens)]. Raises (changing nothing) OutOfPages when ``pages_needed`` exceeds the free pool, and
+        what append_slots raises for bad arguments."""
+        ps, ref = self.page_size, self._ref
+        seqs = [self._seq(s) for s in seq_ids]
+        if len(set(map(id, seqs))) != len(seqs):
+            raise ValueError("seq_ids: a sequence appears twice")
+        for i, n in enumerate(num_tokens):
+            if operator.index(n) < 0:
+                raise ValueError(f"num_tokens[{i}] must be >= 0, got {n}")
+        if token_ids is not None:
+            token_ids = [None if ids is None else list(map(operator.index, ids)) for ids in token_ids]
+            for i, (ids, n) in enumerate(zip(token_ids, num_tokens)):
+                if ids is not None and len(ids) != n:
+                    raise ValueError(f"token_ids[{i}] has {len(ids)} ids, num_tokens is {n}")
+        need = self.pages_needed(seq_ids, num_tokens)
+        if need > len(self._free) + len(self._cached_free):
+            raise OutOfPages(f"the batch needs {need} pages, {self.num_free_pages} free")
+        out = []
+        for i, (sid, seq, n) in enumerate(zip(seq_ids, seqs, num_tokens)):
+            ids = None if token_ids is None else token_ids[i]
+            old = seq.length
+            if n == 1 and old % ps and ref[seq.pages[-1]] == 1:  # decode into a private page: inline
+                seq.length = old + 1
+                if ids is None:
+                    seq.partial = None
+                elif seq.partial is not None:
+                    if len(seq.partial) + 1 < ps:
+                        seq.partial.append(ids[0])
+                    else:
+                        self._hash_full_pages(seq, ids, old // ps)
+                out.append(seq.pages[-1] * ps + old % ps)
+            else:
+                out.extend(self.append_slots(sid, n, ids).tolist())
+        return np.array(out, dtype=np.int64)
+
     def _hash_full_pages(self, seq: _Seq, token_ids: list[int], page_idx: int) -> None:
         """Feed token ids into the sequence's partial page; key every page that fills up."""
         ps, i = self.page_size, 0

@@ -1,0 +1,191 @@
+"""The paged KV cache of a whole model: per-layer K/V pools sharing one :class:`PageAllocator`.
+
+One model step over a batch of sequences::
+
+    step = cache.begin_step(seq_ids, num_new_tokens, token_ids=...)  # slots, copy-on-write, table, plan: once
+    for layer in range(num_layers):
+        cache.write(layer, step, k, v)          # the new tokens' K/V into their slots
+        out = cache.attention(layer, step, q)   # causal attention over everything the sequence holds
+
+``begin_step`` is the only call that takes pages for tokens, and it is atomic: when the pool cannot hold the step
+it raises :class:`OutOfPages` and nothing changed (the caller preempts a sequence and tries again). Add, fork and
+free sequences between steps, never between a step's ``begin_step`` and its last ``write``: a fork or a prefix hit
+reads pages as they are.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Hashable, Sequence
+
+import numpy as np
+import torch
+
+from . import ops
+from .allocator import OutOfPages, PageAllocator
+
+__all__ = ["PagedKVCache", "Step", "OutOfPages"]
+
+
+@dataclass(frozen=True)
+class Step:
+    """The bookkeeping of one model step, shared by every layer. Rows of ``q``/``k``/``v`` are the new tokens
+    of ``seq_ids[0]``, then of ``seq_ids[1]``, ... (``cu_seqlens_q`` delimits them).
+
+    ``q_lens`` [batch] int64 new tokens per sequence (numpy); ``slot_mapping`` [num_tokens] int64;
+    ``positions`` [num_tokens] int64, each new token's position in its sequence (for RoPE);
+    ``block_table`` [batch, max_pages] int32 padded with -1; ``seq_lens`` [batch] int32 (new tokens included);
+    ``cu_seqlens_q`` [batch + 1] int32; ``plan`` the attention plan (decode when every ``q_lens`` is 1);
+    ``copied_pages`` how many copy-on-write page copies the step did.
+    """
+
+    seq_ids: tuple
+    q_lens: np.ndarray
+    slot_mapping: torch.Tensor
+    positions: torch.Tensor
+    block_table: torch.Tensor
+    seq_lens: torch.Tensor
+    cu_seqlens_q: torch.Tensor
+    plan: ops.AttentionPlan
+    is_decode: bool
+    copied_pages: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.slot_mapping.shape[0])
+
+
+class PagedKVCache:
+    """K/V caches of ``num_layers`` layers, each ``[num_pages, page_size, num_kv_heads, head_dim]`` in ``dtype``
+    on ``device`` (``k_caches[layer]``, ``v_caches[layer]``), and the allocator that maps sequences to pages.
+
+    A page id means the same page in every layer: one allocator serves them all.
+    """
+
+    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, page_size: int, num_pages: int,
+                 dtype: torch.dtype = torch.float32, device="cpu"):
+        if num_layers <= 0:
+            raise ValueError(f"num_layers must be > 0, got {num_layers}")
+        self.num_layers, self.num_kv_heads, self.head_dim = int(num_layers), int(num_kv_heads), int(head_dim)
+        self.page_size, self.num_pages = int(page_size), int(num_pages)
+        self.dtype, self.device = dtype, torch.device(device)
+        self.allocator = PageAllocator(num_pages, page_size)
+        shape = (self.num_pages, self.page_size, self.num_kv_heads, self.head_dim)
+        self.k_caches = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(self.num_layers)]
+        self.v_caches = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(self.num_layers)]
+
+    # -- sequences (between steps) ---------------------------------------------------------------
+    def add_sequence(self, seq_id: Hashable, prompt_token_ids: Sequence[int] | None = None) -> int:
+        """Register a sequence; returns how many leading prompt tokens are already cached (whole pages, never
+        the whole prompt). The sequence starts at that length: feed ``prompt[cached:]`` through steps."""
+        return self.allocator.add_sequence(seq_id, prompt_token_ids)
+
+    def fork(self, parent_id: Hashable, child_id: Hashable) -> None:
+        """The child starts as a copy of the parent, sharing its pages (copy-on-write at the first write)."""
+        self.allocator.fork(parent_id, child_id)
+
+    def free(self, seq_id: Hashable) -> None:
+        """Drop the sequence; its pages return to the pool (full pages of known tokens stay prefix-cached)."""
+        self.allocator.free(seq_id)
+
+    def seq_len(self, seq_id: Hashable) -> int:
+        return self.allocator.seq_len(seq_id)
+
+    @property
+    def num_free_pages(self) -> int:
+        return self.allocator.num_free_pages
+
+    def pages_needed(self, seq_ids: Sequence[Hashable], num_new_tokens) -> int:
+        """Fresh pages a step appending ``num_new_tokens`` (an int or one count per sequence) to ``seq_ids``
+        would take, copy-on-write copies included; changes nothing."""
+        seq_ids = list(seq_ids)
+        if not seq_ids:
+            return 0
+        return self.allocator.pages_needed(seq_ids, self._q_lens(seq_ids, num_new_tokens).tolist())
+
+    def can_begin_step(self, seq_ids: Sequence[Hashable], num_new_tokens) -> bool:
+        """Whether :meth:`begin_step` would succeed; changes nothing."""
+        return self.pages_needed(seq_ids, num_new_tokens) <= self.allocator.num_free_pages
+
+    @staticmethod
+    def _q_lens(seq_ids: list, num_new_tokens) -> np.ndarray:
+        if isinstance(num_new_tokens, (int, np.integer)):
+            q_lens = np.full(len(seq_ids), int(num_new_tokens), dtype=np.int64)
+        else:
+            q_lens = np.asarray(list(num_new_tokens), dtype=np.int64)
+        if not seq_ids:
+            raise ValueError("seq_ids: a step needs at least one sequence")
+        if q_lens.shape != (len(seq_ids),):
+            raise ValueError(f"num_new_tokens: {q_lens.shape[0]} counts for {len(seq_ids)} sequences")
+        if (q_lens < 1).any():
+            raise ValueError(f"num_new_tokens: every sequence in a step needs >= 1 new token, got {q_lens.tolist()}")
+        if len(set(seq_ids)) != len(seq_ids):
+            raise ValueError("seq_ids: a sequence appears twice in one step")
+        return q_lens
+
+    # -- one step -------------------------------------------------------------------------------
+    def begin_step(self, seq_ids: Sequence[Hashable], num_new_tokens, token_ids=None) -> Step:
+        """Reserve slots for the new tokens of every sequence, do the copy-on-write page copies they owe (in
+        every layer), and build the block table and the attention plan once for all layers.
+
+        Args:
+            seq_ids: the batch, distinct live sequences.
+            num_new_tokens: an int for all (1 = decode) or one count >= 1 per sequence (prefill chunks).
+            token_ids: optional, one list of token ids per sequence (the new tokens'): lets full pages enter
+                the prefix cache. Without it the sequences' later pages cannot be reused by other prompts.
+        Raises:
+            OutOfPages: the pool cannot hold the step; nothing changed.
+        """
+        alloc = self.allocator
+        seq_ids = list(seq_ids)
+        q_lens = self._q_lens(seq_ids, num_new_tokens)
+        q_list = q_lens.tolist()
+        if token_ids is not None:
+            if len(token_ids) != len(seq_ids):
+                raise ValueError(f"token_ids: {len(token_ids)} lists for {len(seq_ids)} sequences")
+            for i, (ids, n) in enumerate(zip(token_ids, q_list)):
+                if ids is not None and len(ids) != n:
+                    raise ValueError(f"token_ids[{i}]: {len(ids)} ids for {n} new tokens")
+        old_lens = alloc.seq_lens(seq_ids).astype(np.int64)
+        slots = alloc.append_slots_batch(seq_ids, q_list, token_ids)  # all or nothing
+        src, dst = alloc.pop_copies()
+        if len(src):
+            src_t, dst_t = torch.from_numpy(src), torch.from_numpy(dst)
+            for kc, vc in zip(self.k_caches, self.v_caches):
+                ops.copy_pages(kc, vc, src_t, dst_t)
+
+        batch = len(seq_ids)
+        seq_lens = (old_lens + q_lens).astype(np.int32)
+        block_table = torch.from_numpy(alloc.block_table(seq_ids))
+        is_decode = max(q_list) == 1
+        if is_decode:  # each new token sits at its sequence's old length
+            cu = np.arange(batch + 1, dtype=np.int32)
+            total, positions = batch, old_lens
+        else:
+            cu = np.zeros(batch + 1, dtype=np.int32)
+            cu[1:] = np.cumsum(q_lens)
+            total = int(cu[-1])
+            positions = np.repeat(old_lens - cu[:-1], q_lens) + np.arange(total, dtype=np.int64)
+        slot_mapping = torch.from_numpy(slots).to(self.device)
+        seq_lens_t, cu_t = torch.from_numpy(seq_lens), torch.from_numpy(cu)
+        if is_decode:
+            plan = ops.plan_decode(block_table, seq_lens_t, page_size=self.page_size, num_pages=self.num_pages,
+                                   device=self.device)
+        else:
+            plan = ops.plan_prefill(block_table, seq_lens_t, cu_t, total, page_size=self.page_size,
+                                    num_pages=self.num_pages, device=self.device)
+        return Step(tuple(seq_ids), q_lens, slot_mapping, torch.from_numpy(positions), block_table, seq_lens_t,
+                    cu_t, plan, is_decode, len(src))
+
+    def write(self, layer: int, step: Step, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write the step's new keys and values of one layer. ``k``, ``v`` [step.num_tokens, num_kv_heads,
+        head_dim] in the cache's dtype."""
+        ops.write_kv(k, v, self.k_caches[layer], self.v_caches[layer], step.slot_mapping)
+
+    def attention(self, layer: int, step: Step, q: torch.Tensor, *, scale: float | None = None) -> torch.Tensor:
+        """Causal attention of the new tokens over all their sequence holds, after :meth:`write` of this layer.
+        ``q`` [step.num_tokens, num_qo_heads, head_dim] -> the same shape and dtype."""
+        kc, vc = self.k_caches[layer], self.v_caches[layer]
+        if step.is_decode:
+            return ops.run_decode(step.plan, q, kc, vc, scale=scale)
+        return ops.run_prefill(step.plan, q, kc, vc, scale=scale, causal=True)

@@ -1,0 +1,115 @@
+"""``tvm-paged demo``: serve a stream of synthetic requests with a small Llama-style model on the paged cache.
+
+Continuous batching (see :mod:`.scheduler`): requests arrive while others run, share prompt prefixes (prefix-cache
+hits), long prompts are prefilled in chunks, some ask for parallel samples (forks sharing the prompt's pages,
+copy-on-write), finished sequences free their pages, and a full pool preempts and later recomputes a request.
+On sampled steps the paged logits are checked against the same model run with plain contiguous attention over
+the sequence's whole history; a mismatch ends the run with exit status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+
+from .engine import Engine, LogitsMismatch
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    m = p.add_argument_group("model")
+    m.add_argument("--num-layers", type=int, default=4)
+    m.add_argument("--hidden", type=int, default=512)
+    m.add_argument("--num-qo-heads", type=int, default=8)
+    m.add_argument("--num-kv-heads", type=int, default=2)
+    m.add_argument("--head-dim", type=int, default=64)
+    m.add_argument("--intermediate", type=int, default=1024, help="SwiGLU width")
+    m.add_argument("--vocab", type=int, default=1000)
+    c = p.add_argument_group("cache and scheduling")
+    c.add_argument("--page-size", type=int, default=16)
+    c.add_argument("--num-pages", type=int, default=64, help="KV pool size in pages, the same ids in every layer "
+                   "(small enough that the default workload preempts)")
+    c.add_argument("--max-batch", type=int, default=32, help="running sequences at most")
+    c.add_argument("--max-tokens-per-step", type=int, default=96, help="token budget of a step (prefill chunks)")
+    w = p.add_argument_group("workload")
+    w.add_argument("--requests", type=int, default=32)
+    w.add_argument("--max-prompt", type=int, default=160)
+    w.add_argument("--max-new-tokens", type=int, default=40)
+    w.add_argument("--arrival-rate", type=float, default=0.5, help="requests per step")
+    w.add_argument("--parallel-frac", type=float, default=0.25, help="share of requests asking for n = 2..3 samples")
+    w.add_argument("--temperature", type=float, default=0.8, help="sampling temperature of n > 1 requests "
+                   "(n = 1 is greedy)")
+    w.add_argument("--seed", type=int, default=0)
+    k = p.add_argument_group("checks and output")
+    k.add_argument("--check-every", type=int, default=8, help="check logits every k-th step (0: only events)")
+    k.add_argument("--check-seqs", type=int, default=2, help="sequences checked per checked step")
+    k.add_argument("--torch-threads", type=int, default=1,
+                   help="torch threads for the model's matmuls (small ones: more threads mostly add contention "
+                        "with the kernels' own thread pool)")
+    k.add_argument("--no-progress", action="store_true", help="no progress bar")
+    k.add_argument("--json", metavar="PATH", help="also write the summary as JSON")
+
+
+def format_summary(s: dict) -> str:
+    rows = [
+        ("requests", f"{s['requests']} ({s['sequences']} sequences with parallel samples), {s['steps']} steps "
+                     f"({s['prefill_steps']} with prefill, {s['decode_steps']} decode only)"),
+        ("generated tokens", f"{s['generated_tokens']}: {s['tokens_per_s']:.1f} tok/s "
+                             f"({s['all_tokens_per_s']:.1f} tok/s with {s['prefill_tokens']} prefill tokens); "
+                             f"{s['wall_s']:.2f} s of which {s['check_s']:.2f} s checking; kernels ready in "
+                             f"{s['compile_s']:.2f} s"),
+        ("KV pages", f"peak {s['peak_pages_used']} used for {s['peak_pages_needed']} pages of tokens, "
+                     f"waste {s['kv_waste_pct']:.1f}% over the run ({s['kv_waste_pages_per_seq']:.2f} pages per "
+                     f"sequence; pool {s['num_pages']} x {s['page_size']}); contiguous max-length allocation: "
+                     f"peak {s['contiguous_peak_pages']} pages, waste {s['contiguous_waste_pct']:.1f}%"),
+        ("prefix cache", f"{s['prefix_cached_tokens']} of {s['prompt_tokens']} prompt tokens "
+                         f"({s['prefix_hit_rate_pct']:.1f}%); requests with a hit: {s['prefix_hit_requests']}"),
+        ("forks", f"{s['forks']} forks shared {s['fork_shared_pages']} pages, {s['cow_copies']} copied on write: "
+                  f"{s['fork_pages_saved']} pages saved"),
+        ("chunked prefill", f"{s['chunked_prefills']} chunks continued a prompt"),
+        ("preemptions", f"{s['preemptions']} (pages of {s['preempted_tokens']} computed tokens freed; on "
+                        f"readmission {s['recompute_cached_tokens']} tokens came back from the prefix cache)"),
+        ("logits checks", f"{s['checks_passed']}/{s['checks']} passed (max |diff| {s['max_abs_logit_diff']:.2e})"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def run(args) -> int:
+    threads = torch.get_num_threads()
+    if args.torch_threads > 0:
+        torch.set_num_threads(args.torch_threads)
+    try:
+        return _run(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(args) -> int:
+    try:
+        engine = Engine(args)
+    except ValueError as exc:
+        print(f"tvm-paged demo: {exc}", file=sys.stderr)
+        return 2
+    try:
+        summary = engine.run()
+    except LogitsMismatch as exc:
+        print(f"tvm-paged demo: logits check FAILED: {exc}", file=sys.stderr)
+        return 1
+    print(format_summary(summary))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(summary, f, indent=1)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="tvm-paged demo", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
