@@ -1,0 +1,307 @@
+"""Tuning: a real (tiny) MetaSchedule tuning run and its resume, valid measurement inputs, applying a committed
+schedule through paged_decode, corrupt or foreign schedule files, a CUDA target with no GPU, and tuning through
+an RPC tracker and server on loopback.
+
+One small config (decode f32 h4x2 d64 p8, bucket 2x8) keeps each tuning run to a few builds.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import warnings
+
+import numpy as np
+import pytest
+
+import tvm_paged as tp
+from tvm_paged import build, reference, schedules
+from tvm_paged import tvm_compat as tc
+from tvm_paged.config import KernelConfig
+from tvm_paged.kernels import build_kernel
+from tvm_paged.tuning.records import TuningLog
+from tvm_paged.tuning.search import TuneOptions, tune
+from tvm_paged.tuning.space import KnobSpace, knob_key
+from tvm_paged.tuning.workload import ROLES, Bucket, make_workload
+from paged_data import ATOL, LSE_ATOL, assert_close, make_pool, random_q
+
+CFG = KernelConfig("decode", "float32", 4, 2, 64, 8)
+BUCKET = Bucket(2, 8)
+
+
+def _opts(tmp, **kw) -> TuneOptions:
+    base = dict(trials=3, per_round=3, work_dir=tmp / "logs", schedules_root=tmp / "schedules", repeat=3,
+                min_repeat_ms=10, pool_mb=4, progress=False)
+    return TuneOptions(**{**base, **kw})
+
+
+def _records(log: TuningLog) -> list[list[float]]:
+    return [[float(s) for s in r.run_secs] for r in log.db.get_all_tuning_records()]
+
+
+@pytest.fixture(scope="module")
+def target():
+    return build.resolve_target("local")
+
+
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory, target):
+    """One 3-trial tuning run into a temporary folder: (folder, summary)."""
+    tmp = tmp_path_factory.mktemp("tune")
+    return tmp, tune(CFG, target, [BUCKET], _opts(tmp))
+
+
+@pytest.fixture()
+def fresh_build(tmp_path, monkeypatch):
+    """Kernels compiled afresh into a private disk cache, schedules read from ``tmp_path/schedules``."""
+    monkeypatch.setenv("TVM_PAGED_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("TVM_PAGED_SCHEDULES_DIR", str(tmp_path / "schedules"))
+    build.clear_memory_cache()
+    yield tmp_path / "schedules"
+    build.clear_memory_cache()
+
+
+def _decode_matches_reference(seed=0):
+    seq_lens = [61, 9, 64, 1, 40]
+    k, v, bt, sl = make_pool(seq_lens, page_size=CFG.page_size, num_kv_heads=CFG.num_kv_heads,
+                             head_dim=CFG.head_dim, seed=seed)
+    q = random_q(len(seq_lens), CFG.num_qo_heads, CFG.head_dim, seed=seed + 1)
+    out, lse = tp.paged_decode(q, k, v, bt, sl, return_lse=True)
+    ref_out, ref_lse = reference.decode(q, k, v, bt, sl)
+    assert_close(out, ref_out, ATOL["float32"])
+    assert_close(lse, ref_lse, LSE_ATOL["float32"], "lse")
+
+
+# ------------------------------------------------------------------------------------------- tuning runs
+def test_tune_measures_and_writes_schedule(tuned, target):
+    tmp, summary = tuned
+    log = TuningLog(tmp / "logs")
+    records = _records(log)
+    assert len(records) == 3
+    assert all(secs and all(np.isfinite(s) and 0 < s < 1 for s in secs) for secs in records)
+    rows = log.rows()
+    assert len(rows) == 3 and all(r["error"] is None and r["gbps"] > 0 for r in rows)
+    space = KnobSpace(schedules.knob_space(CFG, target))
+    assert rows[0]["knobs"] == space.default  # trial 0 is the untuned default
+    assert len({knob_key(r["knobs"]) for r in rows}) == 3
+    [b] = summary["buckets"]
+    assert (b["batch"], b["max_pages"], b["trials"]) == (2, 8, 3)
+    assert b["gbps"] == max(r["gbps"] for r in rows) and b["default_gbps"] == rows[0]["gbps"]
+    path = tmp / "schedules" / build.target_key(target) / f"{CFG.name}.json"
+    assert summary["schedule"] == str(path)
+    doc = json.loads(path.read_text())
+    assert doc["knobs"] == b["knobs"] and doc["config"] == CFG.name
+    script = path.with_suffix(".tvmscript").read_text()
+    assert "T.prim_func" in script and len(script) < 32_000 and path.stat().st_size < 4_000
+
+
+def test_tune_interrupt_then_resume_without_remeasuring(tuned, target, monkeypatch):
+    """An interrupt after a trial is committed leaves a valid log and schedule; the next run continues."""
+    tmp, _ = tuned
+    before = TuningLog(tmp / "logs").rows()
+    goal = len(before) + 2
+    commit = TuningLog.commit
+
+    def commit_then_interrupt(self, *args, **kwargs):
+        commit(self, *args, **kwargs)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(TuningLog, "commit", commit_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        tune(CFG, target, [BUCKET], _opts(tmp, trials=goal, per_round=2))
+    monkeypatch.setattr(TuningLog, "commit", commit)
+    log = TuningLog(tmp / "logs")  # reloads the database from disk
+    assert len(log.rows()) == len(before) + 1 == len(_records(log))
+    assert log.rows()[: len(before)] == before
+    assert schedules.load(CFG, target, tmp / "schedules" / build.target_key(target) / f"{CFG.name}.json")
+
+    summary = tune(CFG, target, [BUCKET], _opts(tmp, trials=goal, per_round=2))
+    log = TuningLog(tmp / "logs")
+    rows = log.rows()
+    assert len(rows) == goal == len(_records(log))
+    assert len({knob_key(r["knobs"]) for r in rows}) == goal  # nothing measured twice
+    assert summary["buckets"][0]["trials"] == goal
+    # Everything asked for is measured: the same budget again measures nothing.
+    tune(CFG, target, [BUCKET], _opts(tmp, trials=goal))
+    assert len(TuningLog(tmp / "logs").rows()) == goal
+
+
+def test_rpc_loopback_tune(tmp_path, target):
+    base = random.Random().randrange(20000, 40000, 200)
+    tracker = tc.rpc_tracker("127.0.0.1", port=base, port_end=base + 99)
+    server = None
+    try:
+        server = tc.rpc_server("127.0.0.1", tracker.port, "tvm-paged-test", port=base + 100, port_end=base + 199)
+        summary = tune(CFG, target, [BUCKET], _opts(tmp_path, trials=2, per_round=2,
+                                                    rpc_tracker=("127.0.0.1", tracker.port),
+                                                    rpc_key="tvm-paged-test"))
+    finally:
+        if server is not None:
+            server.terminate()
+        tracker.terminate()
+    records = _records(TuningLog(tmp_path / "logs"))
+    assert len(records) == 2 and all(all(np.isfinite(s) and 0 < s < 1 for s in secs) for secs in records)
+    assert summary["buckets"][0]["trials"] == 2 and summary["schedule"]
+
+
+# -------------------------------------------------------------------------------- applying schedules
+def test_tuned_schedule_reproduces_reference(tuned, target, fresh_build, monkeypatch):
+    tmp, summary = tuned
+    monkeypatch.setenv("TVM_PAGED_SCHEDULES_DIR", str(tmp / "schedules"))
+    found = schedules.lookup(CFG, target)
+    assert found is not None and found.knobs == summary["buckets"][0]["knobs"]
+    assert build.prim_func(CFG, target).script() == build_kernel(CFG, target, **found.knobs).script()
+    _decode_matches_reference()
+
+
+def test_non_default_schedule_reproduces_reference(target, fresh_build):
+    space = KnobSpace(schedules.knob_space(CFG, target))
+    knobs = space.knobs(space.size - 1)  # every knob off its default where it has a choice
+    assert knobs != space.default
+    schedules.write(CFG, target, [{"batch": 2, "max_pages": 8, "knobs": knobs, "gbps": 1.0}], root=fresh_build)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert schedules.lookup(CFG, target).knobs == knobs
+    _decode_matches_reference(seed=3)
+
+
+def _good_doc(target):
+    space = KnobSpace(schedules.knob_space(CFG, target))
+    knobs = space.knobs(space.size - 1)
+    return {"format": 1, "config": CFG.name, "target_key": build.target_key(target), "knobs": knobs,
+            "buckets": [{"batch": 2, "max_pages": 8, "knobs": knobs, "gbps": 1.0}]}
+
+
+def _corrupt(doc):
+    return "{ not json"
+
+
+def _other_config(doc):
+    return json.dumps({**doc, "config": "decode_f32_h8x2_d64_p8"})
+
+
+def _other_target(doc):
+    return json.dumps({**doc, "target_key": "llvm-cortex-a78-8c"})
+
+
+def _unknown_knob(doc):
+    return json.dumps({**doc, "knobs": {**doc["knobs"], "unroll": 4}})
+
+
+def _bad_value(doc):
+    bucket = {**doc["buckets"][0], "knobs": {**doc["knobs"], "lanes": 3}}
+    return json.dumps({**doc, "buckets": [bucket]})
+
+
+def _bool_for_int(doc):
+    return json.dumps({**doc, "knobs": {**doc["knobs"], "lanes": True}})
+
+
+def _no_buckets(doc):
+    return json.dumps({**doc, "buckets": []})
+
+
+@pytest.mark.parametrize("spoil", [_corrupt, _other_config, _other_target, _unknown_knob, _bad_value,
+                                   _bool_for_int, _no_buckets])
+def test_bad_schedule_file_warns_and_falls_back(spoil, target, tmp_path, monkeypatch):
+    monkeypatch.setenv("TVM_PAGED_SCHEDULES_DIR", str(tmp_path))
+    path = schedules.schedule_path(CFG, target)
+    path.parent.mkdir(parents=True)
+    path.write_text(spoil(_good_doc(target)))
+    with pytest.warns(RuntimeWarning, match="ignoring schedule file"):
+        assert schedules.lookup(CFG, target) is None
+
+
+def test_corrupt_schedule_still_gives_correct_decode(target, fresh_build):
+    path = schedules.schedule_path(CFG, target)
+    path.parent.mkdir(parents=True)
+    path.write_text(_bad_value(_good_doc(target)))
+    with pytest.warns(RuntimeWarning, match="ignoring schedule file"):
+        _decode_matches_reference(seed=5)
+
+
+def test_lookup_picks_nearest_bucket(target, tmp_path, monkeypatch):
+    monkeypatch.setenv("TVM_PAGED_SCHEDULES_DIR", str(tmp_path))
+    space = KnobSpace(schedules.knob_space(CFG, target))
+    small, large = space.knobs(1), space.knobs(space.size - 1)
+    schedules.write(CFG, target, [{"batch": 1, "max_pages": 1024, "knobs": large, "gbps": 2.0},
+                                  {"batch": 8, "max_pages": 8, "knobs": small, "gbps": 1.0}])
+    assert schedules.lookup(CFG, target).knobs == large  # no bucket given: the largest-traffic bucket's
+    assert schedules.lookup(CFG, target, batch=16, max_pages=4).knobs == small
+    assert schedules.lookup(CFG, target, batch=1, max_pages=512).bucket == (1, 1024)
+    assert schedules.lookup(KernelConfig("decode", "float32", 8, 2, 64, 8), target) is None  # no file: silent
+
+
+def test_no_schedule_means_default(target, tmp_path, monkeypatch):
+    monkeypatch.setenv("TVM_PAGED_SCHEDULES_DIR", str(tmp_path / "none"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert schedules.lookup(CFG, target) is None
+
+
+# --------------------------------------------------------------------------------- inputs and the CLI
+def test_measurement_inputs_are_valid(target):
+    """What the runner measures on: tables of distinct in-pool pages covering each length, real lengths."""
+    wl = make_workload(CFG, Bucket(3, 5), pool_mb=1, pool_factor=4, tables=2, seed=7)
+    mod = wl.module(build_kernel(CFG, target))
+    args_info = [info.as_json() for info in tc.meta_schedule().arg_info.ArgInfo.from_entry_func(mod)]
+    sets = wl.inputs()(tc.cpu_device(), args_info, 2)
+    assert len(sets) == 2
+    roles = ROLES["decode"]
+    pages = []
+    for args in sets:
+        a = dict(zip(roles, (x.numpy() for x in args)))
+        assert a["seq_lens"].tolist() == list(wl.seq_lens)
+        assert a["block_table"].shape == (3, 5) and a["o_part"].shape[1] == wl.num_splits
+        table = a["block_table"]
+        assert table.min() >= 0 and table.max() < wl.num_pages == a["k_cache"].shape[0]
+        assert len(np.unique(table)) == table.size
+        assert np.isfinite(a["k_cache"]).all() and np.isfinite(a["q"]).all()
+        pages.append(set(table.ravel().tolist()))
+    assert not pages[0] & pages[1]  # the pool holds both tables on distinct pages
+    assert wl.kv_bytes == 2 * sum(wl.seq_lens) * CFG.num_kv_heads * CFG.head_dim * 4
+    assert max(wl.seq_lens) == 5 * CFG.page_size and min(wl.seq_lens) > 4 * CFG.page_size
+
+
+def test_cuda_target_without_gpu_fails_clearly(tmp_path, capsys):
+    if tc.cuda_device(0).exist:
+        pytest.skip("this machine has a CUDA device")
+    from tvm_paged.cli import main
+
+    rc = main(["tune", "--target", "nvidia/nvidia-h100", "--num-qo-heads", "4", "--num-kv-heads", "2",
+               "--head-dim", "64", "--page-size", "8", "--dtype", "float32", "--buckets", "2x8", "--trials", "2",
+               "--work-dir", str(tmp_path / "logs"), "--schedules-dir", str(tmp_path / "s"), "--no-progress"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "no local CUDA device" in err and "--rpc-tracker" in err
+    assert not (tmp_path / "logs").exists()
+
+
+@pytest.mark.parametrize("strategy", ["xgb", "mutate", "random"])
+def test_proposer_never_repeats_and_finds_the_best(strategy):
+    """The search on a synthetic 36-point space: default first, no repeats, and the guided strategies reach the
+    optimum of a smooth cost within half the space more often than not (seeded, so deterministic)."""
+    from tvm_paged.tuning.space import Proposer
+
+    space = KnobSpace({"lanes": [8, 16, 4], "group_tile": [4, 8, 2, 1], "prefetch": ["kv", "k", "none"]})
+
+    def cost(i):
+        k = space.knobs(i)
+        return 1.0 + abs(np.log2(k["lanes"]) - 4) + 0.5 * abs(np.log2(k["group_tile"]) - 0) + \
+            {"kv": 0.0, "k": 0.3, "none": 1.0}[k["prefetch"]]
+
+    optimum = min(range(space.size), key=cost)
+    proposer = Proposer(space, strategy, seed=1)
+    measured: dict[int, float] = {}
+    order = []
+    while len(measured) < 18:
+        picks = proposer.propose(measured, 4)
+        assert picks and not set(picks) & set(measured) and len(set(picks)) == len(picks)
+        for i in picks[: 18 - len(measured)]:
+            measured[i] = cost(i)
+            order.append(i)
+    assert order[0] == 0
+    if strategy != "random":
+        assert proposer.used_model and optimum in measured
+    # A budget that covers what is left is exhaustive.
+    rest = proposer.propose(measured, space.size)
+    assert sorted(rest + list(measured)) == list(range(space.size))

@@ -1,0 +1,91 @@
+"""``tvm-paged tune``: tune a kernel's builder knobs for a target and write ``tuning_logs/`` and ``schedules/``.
+
+Example (local CPU, two buckets, 24 trials each, resumable)::
+
+    tvm-paged tune --target local --kernel decode --num-qo-heads 32 --num-kv-heads 8 --head-dim 128 \\
+        --page-size 16 --dtype float16 --buckets 8x64,1x1024 --trials 24
+
+A CUDA target is measured on a GPU: on this machine if it has one, else through an RPC tracker
+(``--rpc-tracker HOST:PORT --rpc-key KEY``). The library itself lives in :mod:`tvm_paged.tuning`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--target", default="local",
+                   help="'local' (this CPU), a TVM tag (nvidia/nvidia-h100) or a JSON target dict (default: local)")
+    p.add_argument("--kernel", choices=("decode", "prefill"), default="decode")
+    p.add_argument("--num-qo-heads", type=int, default=32)
+    p.add_argument("--num-kv-heads", type=int, default=8)
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--page-size", type=int, default=16)
+    p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float16")
+    p.add_argument("--buckets", default="8x64,1x1024",
+                   help="workload buckets BATCHxPAGES (max pages per sequence), comma separated (default: 8x64,1x1024)")
+    p.add_argument("--trials", type=int, default=16,
+                   help="trials per bucket in total, counting those already in the log (default: 16)")
+    p.add_argument("--per-round", type=int, default=8, help="variants built together per round (default: 8)")
+    p.add_argument("--strategy", choices=("xgb", "mutate", "random"), default="xgb",
+                   help="after the first random points: XGBoost cost model over knob features (default), "
+                        "mutate-the-best, or random only")
+    p.add_argument("--work-dir", type=Path, default=None,
+                   help="tuning log folder (default: tuning_logs/<target_key>/<config name>)")
+    p.add_argument("--schedules-dir", type=Path, default=None,
+                   help="where to write the schedule file (default: $TVM_PAGED_SCHEDULES_DIR or schedules/)")
+    p.add_argument("--rpc-tracker", default=None, metavar="HOST:PORT", help="measure through this RPC tracker")
+    p.add_argument("--rpc-key", default=None, help="device key registered with the RPC tracker")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--pool-mb", type=float, default=512,
+                   help="cap on the K+V page pool the page tables are shuffled over, MiB (default: 512)")
+    p.add_argument("--repeat", type=int, default=5, help="timings per trial (default: 5)")
+    p.add_argument("--min-repeat-ms", type=int, default=100, help="minimum length of one timing (default: 100)")
+    p.add_argument("--q-len", type=int, default=0, help="prefill: query rows per sequence, 0 = whole sequence")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _tracker(text: str | None) -> tuple[str, int] | None:
+    if not text:
+        return None
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ValueError(f"--rpc-tracker: expected HOST:PORT, got {text!r}")
+    return host, int(port)
+
+
+def run(args: argparse.Namespace) -> int:
+    from .build import resolve_target  # noqa: PLC0415
+    from .config import KernelConfig  # noqa: PLC0415
+    from .tuning.search import TuneError, TuneOptions, format_summary, tune  # noqa: PLC0415
+    from .tuning.workload import parse_buckets  # noqa: PLC0415
+
+    try:
+        target = resolve_target(args.target)
+        cfg = KernelConfig(args.kernel, args.dtype, args.num_qo_heads, args.num_kv_heads, args.head_dim,
+                           args.page_size)
+        buckets = parse_buckets(args.buckets)
+        opts = TuneOptions(
+            trials=args.trials, per_round=max(1, args.per_round), seed=args.seed, strategy=args.strategy,
+            work_dir=args.work_dir, schedules_root=args.schedules_dir, rpc_tracker=_tracker(args.rpc_tracker),
+            rpc_key=args.rpc_key, pool_mb=args.pool_mb, repeat=args.repeat, min_repeat_ms=args.min_repeat_ms,
+            q_len=args.q_len, progress=not args.no_progress,
+        )
+    except ValueError as exc:
+        print(f"tvm-paged tune: {exc}", file=sys.stderr)
+        return 2
+    try:
+        summary = tune(cfg, target, buckets, opts)
+    except TuneError as exc:
+        print(f"tvm-paged tune: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("tvm-paged tune: interrupted; every measured trial is in the log, run again to continue",
+              file=sys.stderr)
+        return 130
+    print(f"{cfg.name} on {args.target}:")
+    print(format_summary(summary))
+    return 0

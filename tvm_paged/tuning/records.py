@@ -1,0 +1,100 @@
+"""The tuning log of one (config, target): MetaSchedule's ``JSONDatabase`` plus a side table.
+
+``<work_dir>/database_workload.json``: one line per bucket and kernel version: the signature of the kernel
+specialized to the bucket (shapes of every argument), tagged with the config, bucket and kernel text hash; the
+body is left out (a full kernel is ~300 KB there, and the builder recreates it from the knobs).
+``database_tuning_record.json``: one line per trial, with an empty trace (the variants differ in how their builder
+wrote them, not in schedule instructions), the measured seconds per call, the target and the argument shapes; a
+failed trial has MetaSchedule's 1e10 s.
+``trials.jsonl`` (the side table): one line per trial, in the same order, mapping it back to its bucket and knob
+dict, with the kernel's text hash (a row measured on an older kernel is not reused), GB/s of K+V read and the
+wall time the trial's build and measurement took.
+
+Each trial is committed to the database and then to the side table as soon as it is measured, so an interrupted
+run leaves both valid; at worst one trial is in the database without its side row, and is measured again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+from .. import tvm_compat as tc
+
+SIDE_TABLE = "trials.jsonl"
+FAILED_SECS = 1e10  # what MetaSchedule records for a failed build or run
+
+
+def default_root() -> Path:
+    """``tuning_logs/`` at the repository's top level (beside the package), else under the current directory."""
+    beside = Path(__file__).resolve().parents[2] / "tuning_logs"
+    return beside if beside.is_dir() else Path.cwd() / "tuning_logs"
+
+
+def workload_hash(mod) -> str:
+    """A short hash of a workload module's text: changes whenever the kernel's IR changes."""
+    return hashlib.sha256(mod.script().encode()).hexdigest()[:16]
+
+
+class TuningLog:
+    """Database + side table in ``work_dir`` (created on first use)."""
+
+    def __init__(self, work_dir: Path | str):
+        self.dir = Path(work_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.side_path = self.dir / SIDE_TABLE
+        self._ms = tc.meta_schedule()
+        self.db = self._ms.database.JSONDatabase(work_dir=str(self.dir))
+
+    def rows(self) -> list[dict]:
+        """Side-table rows; a torn last line (an interrupt mid-write) is skipped."""
+        if not self.side_path.exists():
+            return []
+        out = []
+        for line in self.side_path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(row, dict) and "bucket" in row and "knobs" in row:
+                out.append(row)
+        return out
+
+    def num_records(self) -> int:
+        return len(self.db)
+
+    def commit_workload(self, mod):
+        return self.db.commit_workload(mod)
+
+    def commit(self, workload, mod, target, row: dict, run_secs: list[float] | None) -> dict:
+        """Commit one trial: the database record first, then its side row (returned, with a timestamp)."""
+        ms = self._ms
+        secs = run_secs if run_secs else [FAILED_SECS]
+        record = ms.database.TuningRecord(
+            trace=tc.empty_trace(),
+            workload=workload,
+            run_secs=[tc.float_imm(s) for s in secs],
+            target=target,
+            args_info=ms.arg_info.ArgInfo.from_entry_func(mod),
+        )
+        self.db.commit_tuning_record(record)
+        row = {**row, "run_secs": [float(s) for s in run_secs] if run_secs else None, "time": round(time.time(), 1)}
+        line = json.dumps(row, sort_keys=True) + "\n"
+        with open(self.side_path, "a") as f:
+            f.write(line)
+            f.flush()
+            os.fsync(f.fileno())
+        return row
+
+
+def median_secs(run_secs: list[float] | None) -> float | None:
+    if not run_secs:
+        return None
+    vals = sorted(float(s) for s in run_secs)
+    mid = len(vals) // 2
+    m = vals[mid] if len(vals) % 2 else 0.5 * (vals[mid - 1] + vals[mid])
+    return m if math.isfinite(m) and 0 < m < FAILED_SECS else None

@@ -1,0 +1,302 @@
+"""The tuning loop: per bucket, propose knob dicts, build them with MetaSchedule's ``LocalBuilder``, measure them
+with its ``LocalRunner`` (or ``RPCRunner``) on valid paged inputs, commit every trial, then write the schedule file.
+
+Resumable: a run first reads the side table and counts the trials already measured for each bucket on the current
+kernel (same workload hash, knobs still in the space); ``trials`` is the total per bucket, so a second run with a
+larger ``trials`` continues where the first stopped and never measures a knob dict twice.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from .. import schedules
+from .. import tvm_compat as tc
+from ..build import target_key, target_kind, with_host
+from ..config import KernelConfig
+from ..kernels import build_kernel
+from .records import TuningLog, default_root, median_secs, workload_hash
+from .space import KnobSpace, Proposer, knob_key
+from .workload import Bucket, RotatingTimer, build_cuda_library, build_module, make_workload, pass_path
+
+
+class TuneError(RuntimeError):
+    """A tuning run that cannot start (no device for the target, bad arguments)."""
+
+
+@dataclass
+class TuneOptions:
+    """How to tune; see ``tvm-paged tune --help`` for each field."""
+
+    trials: int = 16
+    per_round: int = 8
+    seed: int = 0
+    strategy: str = "xgb"
+    work_dir: Path | None = None  # default: tuning_logs/<target_key>/<cfg.name>
+    schedules_root: Path | None = None  # default: schedules.schedules_dir()
+    rpc_tracker: tuple[str, int] | None = None
+    rpc_key: str | None = None
+    pool_mb: float = 512
+    pool_factor: int = 4
+    tables: int = 2
+    repeat: int = 5
+    min_repeat_ms: int = 100
+    q_len: int = 0
+    build_timeout: float = 300
+    run_timeout: float = 120
+    progress: bool = True
+
+
+def work_dir_for(cfg: KernelConfig, target, opts: TuneOptions) -> Path:
+    if opts.work_dir is not None:
+        return Path(opts.work_dir)
+    return default_root() / target_key(target) / cfg.name
+
+
+def _check_device(target, opts: TuneOptions) -> str:
+    """The runtime device type measurements run on; refuses a CUDA target with no GPU here and no RPC."""
+    kind = target_kind(target)
+    if opts.rpc_tracker is not None:
+        if not opts.rpc_key:
+            raise TuneError("--rpc-tracker needs --rpc-key (the key the RPC server registered with)")
+        return "cuda" if kind == "cuda" else "cpu"
+    if kind == "cuda":
+        if not tc.cuda_device(0).exist:
+            raise TuneError("target is CUDA but this machine has no local CUDA device: tune it on a machine with "
+                            "the GPU, or through --rpc-tracker HOST:PORT --rpc-key KEY")
+        return "cuda"
+    return "cpu"
+
+
+def _runner(workload, device_type: str, opts: TuneOptions):
+    ms = tc.meta_schedule()
+    evaluator = ms.runner.EvaluatorConfig(number=1, repeat=opts.repeat, min_repeat_ms=opts.min_repeat_ms)
+    if opts.rpc_tracker is not None:
+        host, port = opts.rpc_tracker
+        config = ms.runner.RPCConfig(tracker_host=host, tracker_port=port, tracker_key=opts.rpc_key,
+                                     session_timeout_sec=int(opts.run_timeout))
+        # Over RPC the timing loop must run remotely: MetaSchedule's time_evaluator, one table after another.
+        return ms.runner.RPCRunner(config, evaluator, alloc_repeat=opts.tables, f_alloc_argument=workload.inputs(),
+                                   max_workers=1)
+    return ms.runner.LocalRunner(timeout_sec=opts.run_timeout, evaluator_config=evaluator,
+                                 alloc_repeat=opts.tables, f_alloc_argument=workload.inputs(),
+                                 f_run_evaluator=RotatingTimer())
+
+
+def _close(runner) -> None:
+    pool = getattr(runner, "pool", None)
+    if pool is not None:
+        try:
+            pool.shutdown()
+        except Exception:  # noqa: BLE001  (best effort: a worker that already died)
+            pass
+
+
+def _short(msg: str | None) -> str | None:
+    if not msg:
+        return None
+    lines = [ln.strip() for ln in str(msg).strip().splitlines() if ln.strip()]
+    return lines[-1][:300] if lines else str(msg)[:300]
+
+
+def tune(cfg: KernelConfig, target, buckets: list[Bucket], opts: TuneOptions | None = None) -> dict:
+    """Tune ``cfg`` on ``target`` for ``buckets``; returns the summary written to the schedule file
+    (``{"schedule": path or None, "buckets": [...], "work_dir": ...}``). A KeyboardInterrupt stops the run after
+    the last committed trial; the schedule file is still written from what was measured."""
+    opts = opts or TuneOptions()
+    if opts.trials < 1:
+        raise TuneError("--trials must be at least 1")
+    device_type = _check_device(target, opts)
+    space = KnobSpace(schedules.knob_space(cfg, target))
+    log = TuningLog(work_dir_for(cfg, target, opts))
+    ms = tc.meta_schedule()
+    if target_kind(target) == "cuda" and not tc.cuda_codegen_available():
+        # No CUDA driver here: each variant is built in a child process with a libcuda stub (device binaries).
+        build_target, f_build, f_export = target, build_cuda_library, pass_path
+    else:
+        build_target, f_build, f_export = with_host(target), build_module, None
+    builder = ms.builder.LocalBuilder(max_workers=max(1, min(tc.allowed_cores(), opts.per_round)),
+                                      timeout_sec=opts.build_timeout, f_build=f_build, f_export=f_export)
+    rows = log.rows()
+    total = opts.trials * len(buckets)
+    from tqdm import tqdm  # noqa: PLC0415
+
+    bar = tqdm(total=total, desc=cfg.name, unit="trial", disable=not opts.progress, file=sys.stderr)
+    try:
+        for bucket in buckets:
+            _tune_bucket(cfg, target, build_target, bucket, space, log, rows, builder, device_type, opts, bar)
+    finally:
+        bar.close()
+        summary = write_schedule(cfg, target, log, space, opts)
+    return summary
+
+
+def _tune_bucket(cfg, target, build_target, bucket: Bucket, space: KnobSpace, log: TuningLog, rows: list[dict],
+                 builder, device_type: str, opts: TuneOptions, bar) -> None:
+    ms = tc.meta_schedule()
+    wl = make_workload(cfg, bucket, device_kind=device_type, pool_mb=opts.pool_mb, pool_factor=opts.pool_factor,
+                       tables=opts.tables, seed=opts.seed, q_len=opts.q_len)
+    base = wl.module(build_kernel(cfg, target, **space.default))
+    whash = workload_hash(base)
+    db_workload = log.commit_workload(wl.record_module(base, whash))
+    measured: dict[int, float | None] = {}
+    best = None
+    for row in rows:
+        if row.get("bucket") == bucket.name and row.get("workload") == whash:
+            idx = space.index(row.get("knobs"))
+            if idx is not None:
+                measured[idx] = median_secs(row.get("run_secs"))
+    for s in measured.values():
+        if s is not None:
+            best = max(best or 0.0, wl.gbps(s))
+    trials = min(opts.trials, space.size)
+    bar.update(min(len(measured), opts.trials))
+    if opts.trials > space.size and bar.total:
+        bar.total -= opts.trials - space.size  # a small space is exhausted early
+        bar.refresh()
+    if len(measured) >= trials:
+        return
+    proposer = Proposer(space, opts.strategy, seed=[opts.seed, bucket.batch, bucket.pages, len(measured)])
+    # Starting the runner's worker (a process that imports TVM) overlaps the first round's builds.
+    starter = ThreadPoolExecutor(max_workers=1)
+    pending = starter.submit(_runner, wl, device_type, opts)
+    runner = None
+    try:
+        while len(measured) < trials:
+            picks = proposer.propose(measured, min(opts.per_round, trials - len(measured)))
+            if not picks:
+                break
+            mods, inputs = [], []
+            for idx in picks:
+                mod = wl.module(build_kernel(cfg, target, **space.knobs(idx)))
+                mods.append(mod)
+                inputs.append(ms.builder.BuilderInput(mod, build_target))
+            t_build = time.perf_counter()
+            built = builder.build(inputs)
+            build_s = (time.perf_counter() - t_build) / len(picks)  # wall per variant, pool start included
+            for idx, mod, res in zip(picks, mods, built):
+                run_secs, error = None, None
+                t_run = time.perf_counter()
+                if res.error_msg:
+                    error = "build: " + (_short(res.error_msg) or "")
+                else:
+                    try:
+                        if runner is None:
+                            runner = pending.result()
+                        args_info = ms.arg_info.ArgInfo.from_entry_func(mod)
+                        fut = runner.run([ms.runner.RunnerInput(str(res.artifact_path), device_type, args_info)])[0]
+                        out = fut.result()
+                        if out.error_msg:
+                            error = "run: " + (_short(out.error_msg) or "")
+                        else:
+                            run_secs = [float(s) for s in out.run_secs]
+                    finally:
+                        shutil.rmtree(Path(str(res.artifact_path)).parent, ignore_errors=True)
+                secs = median_secs(run_secs)
+                if run_secs is not None and secs is None:
+                    error, run_secs = "run: no finite time", None
+                row = {
+                    "bucket": bucket.name,
+                    "knobs": space.knobs(idx),
+                    "workload": whash,
+                    "trial": len(measured),
+                    "kv_bytes": wl.kv_bytes,
+                    "ms": round(secs * 1e3, 6) if secs else None,
+                    "gbps": round(wl.gbps(secs), 4) if secs else None,
+                    "error": error,
+                    "build_s": round(build_s, 2),
+                    "measure_s": round(time.perf_counter() - t_run, 2),
+                }
+                rows.append(log.commit(db_workload, mod, target, row, run_secs))
+                measured[idx] = secs
+                if secs:
+                    best = max(best or 0.0, wl.gbps(secs))
+                bar.update(1)
+                bar.set_postfix_str(f"{bucket.name} best {best:.2f} GB/s" if best else f"{bucket.name} no success yet")
+    finally:
+        starter.shutdown(wait=True)
+        if runner is None and pending.done() and pending.exception() is None:
+            runner = pending.result()
+        _close(runner)
+
+
+def summarize(cfg: KernelConfig, target, log: TuningLog, space: KnobSpace, opts: TuneOptions) -> list[dict]:
+    """Per bucket measured on the current kernel: the best knobs, its GB/s, the default's GB/s, trial count."""
+    out = []
+    by_bucket: dict[str, list[dict]] = {}
+    for row in log.rows():
+        by_bucket.setdefault(str(row.get("bucket")), []).append(row)
+    device_kind = "cuda" if target_kind(target) == "cuda" else "cpu"
+    hashes: dict[str, str] = {}
+    for name, rows in by_bucket.items():
+        try:
+            bucket = Bucket.parse(name)
+        except ValueError:
+            continue
+        if name not in hashes:
+            wl = make_workload(cfg, bucket, device_kind=device_kind, pool_mb=opts.pool_mb,
+                               pool_factor=opts.pool_factor, tables=opts.tables, seed=opts.seed, q_len=opts.q_len)
+            hashes[name] = workload_hash(wl.module(build_kernel(cfg, target, **space.default)))
+        current = {}
+        for row in rows:
+            if row.get("workload") != hashes[name] or space.index(row.get("knobs")) is None:
+                continue
+            current[knob_key(row["knobs"])] = row  # last measurement of a knob dict wins
+        ok = [r for r in current.values() if r.get("gbps")]
+        if not ok:
+            continue
+        best = max(ok, key=lambda r: r["gbps"])
+        default = current.get(knob_key(space.default))
+        out.append({
+            "batch": bucket.batch,
+            "max_pages": bucket.pages,
+            "knobs": best["knobs"],
+            "gbps": best["gbps"],
+            "ms": best["ms"],
+            "default_gbps": default.get("gbps") if default else None,
+            "trials": len(current),
+        })
+    return out
+
+
+def write_schedule(cfg: KernelConfig, target, log: TuningLog, space: KnobSpace, opts: TuneOptions) -> dict:
+    """Write ``schedules/<target_key>/<cfg.name>.json`` (+ ``.tvmscript``) from the log; returns the summary."""
+    buckets = summarize(cfg, target, log, space, opts)
+    summary = {"schedule": None, "buckets": buckets, "work_dir": str(log.dir)}
+    if not buckets:
+        return summary
+    top = max(buckets, key=lambda b: (b["batch"] * b["max_pages"], b["max_pages"]))
+    func = build_kernel(cfg, target, **top["knobs"])
+    header = (f"# Tuned {cfg.name} for {target_key(target)}: knobs {top['knobs']}, "
+              f"{top['gbps']:.2f} GB/s of K+V at bucket {top['batch']}x{top['max_pages']} "
+              f"(untuned default: {top['default_gbps'] if top['default_gbps'] is not None else 'n/a'} GB/s).\n"
+              f"# Written by `tvm-paged tune`; the build recreates it from the knobs in the .json beside it.\n")
+    try:
+        database = str(log.dir.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        database = str(log.dir)
+    path = schedules.write(cfg, target, buckets, root=opts.schedules_root, database=database,
+                           tvmscript=header + func.script())
+    summary["schedule"] = str(path)
+    return summary
+
+
+def format_summary(summary: dict) -> str:
+    lines = []
+    for b in summary["buckets"]:
+        d = b["default_gbps"]
+        gain = f"{b['gbps'] / d:.2f}x" if d else "n/a"
+        lines.append(f"  {b['batch']}x{b['max_pages']}: {b['gbps']:.2f} GB/s ({b['ms']:.4g} ms, {b['trials']} trials), "
+                     f"default {d if d is not None else 'n/a'} GB/s, {gain}; knobs {b['knobs']}")
+    if summary["schedule"]:
+        lines.append(f"  schedule: {summary['schedule']}")
+    lines.append(f"  log: {summary['work_dir']}")
+    return "\n".join(lines)
+
+
+__all__ = ["TuneError", "TuneOptions", "tune", "summarize", "write_schedule", "format_summary"]
