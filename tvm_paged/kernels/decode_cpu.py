@@ -35,20 +35,24 @@ def knob_space(cfg: KernelConfig, lanes: int) -> dict[str, list]:
     """Tunable knobs of :func:`build_decode_cpu` (first value of each list = the default).
 
     ``lanes``: float32 SIMD lanes per vector op; ``group_tile``: query heads of a group accumulated together
-    (register pressure vs K reuse); ``prefetch``: software prefetch of the next page's K and this page's V
-    ("kv"), only the next page's K ("k") or none.
+    (register pressure vs K reuse); ``prefetch``: software prefetch of this page's V rows ("v"), also the next
+    page's K rows ("kv"), or none; ``qk_chains`` / ``pv_vecs``: independent accumulators in the two products.
     """
     lane_opts = [n for n in (lanes, lanes * 2, lanes // 2) if n >= 4 and cfg.head_dim % n == 0]
     tiles = sorted({t for t in (8, 4, 2, 1, cfg.group_size) if t <= cfg.group_size and cfg.group_size % t == 0},
                    key=lambda t: (abs(t - 4), -t))
-    return {"lanes": lane_opts or [1], "group_tile": tiles, "prefetch": ["kv", "k", "none"]}
+    return {"lanes": lane_opts or [1], "group_tile": tiles, "prefetch": ["v", "kv", "none"],
+            "qk_chains": [2, 1, 4], "pv_vecs": [2, 1, 4]}
 
 
-def build_decode_cpu(cfg: KernelConfig, *, lanes: int = 8, group_tile: int | None = None, prefetch: str = "kv"):
+def build_decode_cpu(cfg: KernelConfig, *, lanes: int = 8, group_tile: int | None = None, prefetch: str = "v",
+                     qk_chains: int = 2, pv_vecs: int = 2):
     """Return the decode PrimFunc for ``cfg`` (kernel ``decode``) on an LLVM CPU target.
 
     ``lanes`` float32 lanes per vector (8 for AVX2, 16 for AVX-512); ``group_tile`` query heads accumulated
-    together (default: the largest divisor of the group size up to 4); ``prefetch`` "kv", "k" or "none".
+    together (default: the largest divisor of the group size up to 4); ``prefetch`` "v", "kv" or "none";
+    ``qk_chains`` independent accumulators per head for q.k and ``pv_vecs`` head_dim vectors per P.V register
+    tile: an FMA waits ~4 cycles for its accumulator, so one chain per head runs at half the FMA rate.
     """
     if cfg.kernel != "decode":
         raise ValueError(f"build_decode_cpu needs a decode config, got {cfg.name}")
@@ -63,13 +67,15 @@ def build_decode_cpu(cfg: KernelConfig, *, lanes: int = 8, group_tile: int | Non
     GT = group_tile
     NGT = G // GT
     NDC = D // L
-    if prefetch not in ("kv", "k", "none"):
-        raise ValueError(f"prefetch must be 'kv', 'k' or 'none', got {prefetch!r}")
-    # Elements per cache line, and cache lines per token row of one cache ([num_kv_heads, head_dim]).
+    QS = qk_chains if NDC % qk_chains == 0 else 1
+    PVV = pv_vecs if NDC % pv_vecs == 0 else 1
+    if prefetch not in ("v", "kv", "none"):
+        raise ValueError(f"prefetch must be 'v', 'kv' or 'none', got {prefetch!r}")
+    # Elements per cache line, and cache lines per head slice of a token row ([head_dim]).
     line = max(1, _CACHE_LINE // E)
-    lines_per_row = (Hkv * D + line - 1) // line
-    pf_k = prefetch in ("kv", "k")
-    pf_v = prefetch == "kv"
+    lines_per_head = (D + line - 1) // line
+    pf_k = prefetch == "kv"
+    pf_v = prefetch in ("kv", "v")
     neg_inf = T.float32(float("-inf"))
 
     @T.prim_func
@@ -102,8 +108,8 @@ def build_decode_cpu(cfg: KernelConfig, *, lanes: int = 8, group_tile: int | Non
             lsum = T.alloc_buffer((Hq,), "float32")
             alpha = T.alloc_buffer((Hq,), "float32")
             # Register tiles: GT heads x L lanes, promoted to vector registers once the loops unroll.
-            qk = T.alloc_buffer((GT, L), "float32")
-            ov = T.alloc_buffer((GT, L), "float32")
+            qk = T.alloc_buffer((QS, GT, L), "float32")
+            ov = T.alloc_buffer((GT, PVV, L), "float32")
             red = T.alloc_buffer((1,), "float32")
             b: T.let[T.int64] = task // NS
             s: T.let[T.int64] = task % NS
@@ -126,28 +132,29 @@ def build_decode_cpu(cfg: KernelConfig, *, lanes: int = 8, group_tile: int | Non
                 # Scores of this page, tokens outer and heads inner: the page is read contiguously and each K
                 # row is shared by the GT heads of a tile. Only the n tokens in use are read.
                 for t in range(n):
-                    # The hardware prefetcher restarts at every page of a fragmented table: ask for the next
-                    # page's K row and this page's V row ahead of use, spread over the token loop.
-                    if pf_k:
-                        for c in range(lines_per_row):
-                            prefetch_line(T.address_of(K[nxt, t, 0, c * line]))
-                    if pf_v:
-                        for c in range(lines_per_row):
-                            prefetch_line(T.address_of(V[page, t, 0, c * line]))
                     for kvh in range(Hkv):
+                        # P.V below walks this page's V in head_dim-tile order, which the hardware prefetcher
+                        # cannot follow: ask for each V row (and, with "kv", the next page's K row) while the
+                        # scores are computed, one head's slice per iteration so the requests never queue up.
+                        if pf_v:
+                            for c in range(lines_per_head):
+                                prefetch_line(T.address_of(V[page, t, kvh, c * line]))
+                        if pf_k:
+                            for c in range(lines_per_head):
+                                prefetch_line(T.address_of(K[nxt, t, kvh, c * line]))
                         for gt in range(NGT):
-                            for g, l in T.grid(GT, L):
-                                qk[g, l] = T.float32(0)
+                            for c, g, l in T.grid(QS, GT, L):
+                                qk[c, g, l] = T.float32(0)
                             for dc in T.unroll(NDC):
                                 for g in T.unroll(GT):
                                     for l in T.vectorized(L):
-                                        qk[g, l] = qk[g, l] + qf[kvh * G + gt * GT + g, dc * L + l] * to_f32(
-                                            K[page, t, kvh, dc * L + l], dt
-                                        )
+                                        qk[dc % QS, g, l] = qk[dc % QS, g, l] + qf[
+                                            kvh * G + gt * GT + g, dc * L + l
+                                        ] * to_f32(K[page, t, kvh, dc * L + l], dt)
                             for g in T.unroll(GT):
                                 red[0] = T.float32(0)
-                                for l in range(L):
-                                    red[0] = red[0] + qk[g, l]
+                                for c, l in T.grid(QS, L):
+                                    red[0] = red[0] + qk[c, g, l]
                                 sc[t, kvh * G + gt * GT + g] = red[0]
                 # Online softmax, one rescale per page, vectorized over heads.
                 for h in range(Hq):
@@ -166,19 +173,24 @@ def build_decode_cpu(cfg: KernelConfig, *, lanes: int = 8, group_tile: int | Non
                 # P.V with the accumulator tile in registers across the page's tokens.
                 for kvh in range(Hkv):
                     for gt in range(NGT):
-                        for dc in range(NDC):
+                        for dv in range(NDC // PVV):
                             for g in T.unroll(GT):
-                                for l in T.vectorized(L):
-                                    ov[g, l] = acc[kvh * G + gt * GT + g, dc * L + l] * alpha[kvh * G + gt * GT + g]
+                                for c in T.unroll(PVV):
+                                    for l in T.vectorized(L):
+                                        ov[g, c, l] = acc[kvh * G + gt * GT + g, (dv * PVV + c) * L + l] * alpha[
+                                            kvh * G + gt * GT + g
+                                        ]
                             for t in range(n):
                                 for g in T.unroll(GT):
-                                    for l in T.vectorized(L):
-                                        ov[g, l] = ov[g, l] + sc[t, kvh * G + gt * GT + g] * to_f32(
-                                            V[page, t, kvh, dc * L + l], dt
-                                        )
+                                    for c in T.unroll(PVV):
+                                        for l in T.vectorized(L):
+                                            ov[g, c, l] = ov[g, c, l] + sc[t, kvh * G + gt * GT + g] * to_f32(
+                                                V[page, t, kvh, (dv * PVV + c) * L + l], dt
+                                            )
                             for g in T.unroll(GT):
-                                for l in T.vectorized(L):
-                                    acc[kvh * G + gt * GT + g, dc * L + l] = ov[g, l]
+                                for c in T.unroll(PVV):
+                                    for l in T.vectorized(L):
+                                        acc[kvh * G + gt * GT + g, (dv * PVV + c) * L + l] = ov[g, c, l]
             for h in range(Hq):
                 if lsum[h] > T.float32(0):
                     LP[b, s, h] = m[h] + T.log2(lsum[h])
