@@ -119,3 +119,24 @@ def test_scale_and_plan_reuse():
         out = tp.run_decode(plan, q, k, v, scale=scale)
         ref, _ = reference.decode(q, k, v, bt, sl, scale=scale)
         assert_close(out, ref, ATOL["float32"])
+
+
+def test_every_knob_value_is_correct():
+    """Correctness never depends on tuning: each value of each tunable knob, against the reference."""
+    from tvm_paged import build
+    from tvm_paged.kernels import knob_space
+
+    cfg = tp.KernelConfig("decode", "float32", 8, 2, 64, 5)
+    target = build.local_target()
+    k, v, bt, sl = make_pool([1, 17, 33, 97], page_size=5, num_kv_heads=2, head_dim=64, seed=21)
+    q = random_q(4, 8, 64, seed=22)
+    ref, _ = reference.decode(q, k, v, bt, sl)
+    space = knob_space(cfg, target)
+    assert space
+    for knob, values in space.items():
+        for value in values[1:]:
+            fn = build.compile_kernel(cfg, target, knobs={knob: value}).mod[cfg.name]
+            out = torch.empty_like(q)
+            lse = torch.empty(4, 8)
+            fn(q, k, v, bt, sl, out, lse, torch.empty(4, 2, 8, 64), torch.empty(4, 2, 8), 64 ** -0.5)
+            assert_close(out, ref, ATOL["float32"], f"{knob}={value}")

@@ -36,23 +36,25 @@ def knob_space(cfg: KernelConfig, lanes: int) -> dict[str, list]:
 
     ``lanes``: float32 SIMD lanes per vector op; ``group_tile``: query heads of a group accumulated together
     (register pressure vs K reuse); ``prefetch``: software prefetch of this page's V rows ("v"), also the next
-    page's K rows ("kv"), or none; ``qk_chains`` / ``pv_vecs``: independent accumulators in the two products.
+    page's K rows ("kv"), or none; ``qk_tokens``, ``qk_chains``, ``pv_vecs``: how many independent accumulators
+    the two products keep in registers.
     """
     lane_opts = [n for n in (lanes, lanes * 2, lanes // 2) if n >= 4 and cfg.head_dim % n == 0]
     tiles = sorted({t for t in (8, 4, 2, 1, cfg.group_size) if t <= cfg.group_size and cfg.group_size % t == 0},
                    key=lambda t: (abs(t - 4), -t))
     return {"lanes": lane_opts or [1], "group_tile": tiles, "prefetch": ["v", "kv", "none"],
-            "qk_chains": [2, 1, 4], "pv_vecs": [2, 1, 4]}
+            "qk_tokens": [1, 2], "qk_chains": [2, 1], "pv_vecs": [2, 1, 4]}
 
 
 def build_decode_cpu(cfg: KernelConfig, *, lanes: int = 8, group_tile: int | None = None, prefetch: str = "v",
-                     qk_chains: int = 2, pv_vecs: int = 2):
+                     qk_tokens: int = 1, qk_chains: int = 2, pv_vecs: int = 2):
     """Return the decode PrimFunc for ``cfg`` (kernel ``decode``) on an LLVM CPU target.
 
     ``lanes`` float32 lanes per vector (8 for AVX2, 16 for AVX-512); ``group_tile`` query heads accumulated
     together (default: the largest divisor of the group size up to 4); ``prefetch`` "v", "kv" or "none";
-    ``qk_chains`` independent accumulators per head for q.k and ``pv_vecs`` head_dim vectors per P.V register
-    tile: an FMA waits ~4 cycles for its accumulator, so one chain per head runs at half the FMA rate.
+    ``qk_tokens`` tokens scored together (sharing q loads), ``qk_chains`` accumulators per (token, head) and
+    ``pv_vecs`` head_dim vectors per P.V register tile: an FMA waits ~4 cycles for its accumulator, so a single
+    chain per head runs at half the FMA rate.
     """
     if cfg.kernel != "decode":
         raise ValueError(f"build_decode_cpu needs a decode config, got {cfg.name}")
@@ -68,6 +70,7 @@ def build_decode_cpu(cfg: KernelConfig, *, lanes: int = 8, group_tile: int | Non
     NGT = G // GT
     NDC = D // L
     QS = qk_chains if NDC % qk_chains == 0 else 1
+    TT = qk_tokens
     PVV = pv_vecs if NDC % pv_vecs == 0 else 1
     if prefetch not in ("v", "kv", "none"):
         raise ValueError(f"prefetch must be 'v', 'kv' or 'none', got {prefetch!r}")
@@ -108,7 +111,7 @@ def build_decode_cpu(cfg: KernelConfig, *, lanes: int = 8, group_tile: int | Non
             lsum = T.alloc_buffer((Hq,), "float32")
             alpha = T.alloc_buffer((Hq,), "float32")
             # Register tiles: GT heads x L lanes, promoted to vector registers once the loops unroll.
-            qk = T.alloc_buffer((QS, GT, L), "float32")
+            qk = T.alloc_buffer((TT, QS, GT, L), "float32")
             ov = T.alloc_buffer((GT, PVV, L), "float32")
             red = T.alloc_buffer((1,), "float32")
             b: T.let[T.int64] = task // NS
@@ -131,31 +134,37 @@ def build_decode_cpu(cfg: KernelConfig, *, lanes: int = 8, group_tile: int | Non
                 n: T.let[T.int64] = T.min(T.int64(S), seq_len - (p_begin + pi) * S)
                 # Scores of this page, tokens outer and heads inner: the page is read contiguously and each K
                 # row is shared by the GT heads of a tile. Only the n tokens in use are read.
-                for t in range(n):
+                for tt in range((n + TT - 1) // TT):
                     for kvh in range(Hkv):
                         # P.V below walks this page's V in head_dim-tile order, which the hardware prefetcher
                         # cannot follow: ask for each V row (and, with "kv", the next page's K row) while the
                         # scores are computed, one head's slice per iteration so the requests never queue up.
-                        if pf_v:
-                            for c in range(lines_per_head):
-                                prefetch_line(T.address_of(V[page, t, kvh, c * line]))
-                        if pf_k:
-                            for c in range(lines_per_head):
-                                prefetch_line(T.address_of(K[nxt, t, kvh, c * line]))
+                        for u in range(TT):
+                            if pf_v:
+                                for c in range(lines_per_head):
+                                    prefetch_line(T.address_of(V[page, T.min(tt * TT + u, n - 1), kvh, c * line]))
+                            if pf_k:
+                                for c in range(lines_per_head):
+                                    prefetch_line(T.address_of(K[nxt, T.min(tt * TT + u, n - 1), kvh, c * line]))
                         for gt in range(NGT):
-                            for c, g, l in T.grid(QS, GT, L):
-                                qk[c, g, l] = T.float32(0)
+                            for u, c, g, l in T.grid(TT, QS, GT, L):
+                                qk[u, c, g, l] = T.float32(0)
+                            # TT tokens at once share each q load; a short last step re-reads token n - 1
+                            # (inside the sequence) and drops the duplicate score below.
                             for dc in T.unroll(NDC):
                                 for g in T.unroll(GT):
-                                    for l in T.vectorized(L):
-                                        qk[dc % QS, g, l] = qk[dc % QS, g, l] + qf[
-                                            kvh * G + gt * GT + g, dc * L + l
-                                        ] * to_f32(K[page, t, kvh, dc * L + l], dt)
-                            for g in T.unroll(GT):
-                                red[0] = T.float32(0)
-                                for c, l in T.grid(QS, L):
-                                    red[0] = red[0] + qk[c, g, l]
-                                sc[t, kvh * G + gt * GT + g] = red[0]
+                                    for u in T.unroll(TT):
+                                        for l in T.vectorized(L):
+                                            qk[u, dc % QS, g, l] = qk[u, dc % QS, g, l] + qf[
+                                                kvh * G + gt * GT + g, dc * L + l
+                                            ] * to_f32(K[page, T.min(tt * TT + u, n - 1), kvh, dc * L + l], dt)
+                            for u in T.unroll(TT):
+                                for g in T.unroll(GT):
+                                    red[0] = T.float32(0)
+                                    for c, l in T.grid(QS, L):
+                                        red[0] = red[0] + qk[u, c, g, l]
+                                    if tt * TT + u < n:
+                                        sc[tt * TT + u, kvh * G + gt * GT + g] = red[0]
                 # Online softmax, one rescale per page, vectorized over heads.
                 for h in range(Hq):
                     mnew[h] = m[h]
