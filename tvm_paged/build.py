@@ -51,9 +51,10 @@ def resolve_target(spec: Any = None) -> "tc.Target":
                 raise ValueError(f"target: not valid JSON: {exc}") from exc
         else:
             try:
-                return tc.Target(text)
+                target = tc.Target(text)
             except Exception as exc:  # TVM raises its own error types
                 raise ValueError(f"target: unknown target or tag {text!r} ({exc})") from exc
+            return _fix_host(text, target)
     if isinstance(spec, dict):
         spec = dict(spec)
         if spec.get("kind") == "llvm":
@@ -65,6 +66,16 @@ def resolve_target(spec: Any = None) -> "tc.Target":
         except Exception as exc:
             raise ValueError(f"target: invalid target dict {spec!r} ({exc})") from exc
     raise ValueError(f"target: expected a tag, a JSON/dict target or 'local', got {type(spec).__name__}")
+
+
+def _fix_host(tag: str, target: "tc.Target") -> "tc.Target":
+    """TVM 0.27's Jetson Orin tags give the host ``mcpu=carmel`` (Xavier's CPU); Orin's is a Cortex-A78AE."""
+    host = target.host
+    if "orin" in tag and host is not None and str(host.attrs.get("mcpu", "")) == "carmel":
+        fixed = {"kind": "llvm", "mtriple": str(host.attrs["mtriple"]), "mcpu": "cortex-a78",
+                 "num-cores": int(host.attrs.get("num-cores", 6))}
+        return tc.Target(target, tc.Target(fixed))
+    return target
 
 
 def target_kind(target: "tc.Target") -> str:
@@ -90,14 +101,9 @@ def target_key(target: "tc.Target") -> str:
 
 def cpu_vector_lanes(target: "tc.Target") -> int:
     """float32 lanes of the widest SIMD unit the CPU target may use (16 for AVX-512, 8 for AVX2, 4 otherwise)."""
-    from tvm.target import codegen  # noqa: PLC0415  (spelled in one place: here)
-
     for feature, lanes in (("avx512f", 16), ("avx2", 8)):
-        try:
-            if codegen.llvm_cpu_has_features(feature, target):
-                return lanes
-        except Exception:  # a target for another architecture
-            break
+        if tc.cpu_has_feature(feature, target):
+            return lanes
     return 4
 
 

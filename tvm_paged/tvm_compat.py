@@ -62,6 +62,14 @@ def host_triple() -> str:
     return str(_codegen.llvm_get_system_triple())
 
 
+def cpu_has_feature(feature: str, target: Target) -> bool:
+    """Whether an LLVM CPU target has an ISA feature (``avx2``, ``avx512f``); False for foreign architectures."""
+    try:
+        return bool(_codegen.llvm_cpu_has_features(feature, target))
+    except Exception:  # a feature name LLVM does not know for this architecture
+        return False
+
+
 def compile_module(func, target: Target):
     """Compile a PrimFunc or IRModule for ``target``; returns TVM's executable."""
     return tvm.compile(func, target=target)
