@@ -35,23 +35,23 @@ def knob_space(cfg: KernelConfig, lanes: int) -> dict[str, list]:
     """Tunable knobs of :func:`build_decode_cpu` (first value of each list = the default).
 
     ``lanes``: float32 SIMD lanes per vector op; ``group_tile``: query heads of a group accumulated together
-    (register pressure vs K reuse); ``prefetch``: software prefetch of this page's V rows ("v"), also the next
-    page's K rows ("kv"), or none; ``qk_tokens``, ``qk_chains``, ``pv_vecs``: how many independent accumulators
+    (register pressure vs K reuse); ``prefetch``: software prefetch of this page's V rows during q.k ("v"),
+    plus the next page's K spread over P.V ("v+k") or over q.k ("kv"), or none; ``qk_tokens``, ``qk_chains``, ``pv_vecs``: how many independent accumulators
     the two products keep in registers.
     """
     lane_opts = [n for n in (lanes, lanes * 2, lanes // 2) if n >= 4 and cfg.head_dim % n == 0]
     tiles = sorted({t for t in (8, 4, 2, 1, cfg.group_size) if t <= cfg.group_size and cfg.group_size % t == 0},
                    key=lambda t: (abs(t - 4), -t))
-    return {"lanes": lane_opts or [1], "group_tile": tiles, "prefetch": ["v", "kv", "none"],
+    return {"lanes": lane_opts or [1], "group_tile": tiles, "prefetch": ["v+k", "v", "kv", "none"],
             "qk_tokens": [1, 2], "qk_chains": [2, 1], "pv_vecs": [2, 1, 4]}
 
 
-def build_decode_cpu(cfg: KernelConfig, *, lanes: int = 8, group_tile: int | None = None, prefetch: str = "v",
+def build_decode_cpu(cfg: KernelConfig, *, lanes: int = 8, group_tile: int | None = None, prefetch: str = "v+k",
                      qk_tokens: int = 1, qk_chains: int = 2, pv_vecs: int = 2):
     """Return the decode PrimFunc for ``cfg`` (kernel ``decode``) on an LLVM CPU target.
 
     ``lanes`` float32 lanes per vector (8 for AVX2, 16 for AVX-512); ``group_tile`` query heads accumulated
-    together (default: the largest divisor of the group size up to 4); ``prefetch`` "v", "kv" or "none";
+    together (default: the largest divisor of the group size up to 4); ``prefetch`` "v+k", "v", "kv" or "none";
     ``qk_tokens`` tokens scored together (sharing q loads), ``qk_chains`` accumulators per (token, head) and
     ``pv_vecs`` head_dim vectors per P.V register tile: an FMA waits ~4 cycles for its accumulator, so a single
     chain per head runs at half the FMA rate.
@@ -72,13 +72,17 @@ def build_decode_cpu(cfg: KernelConfig, *, lanes: int = 8, group_tile: int | Non
     QS = qk_chains if NDC % qk_chains == 0 else 1
     TT = qk_tokens
     PVV = pv_vecs if NDC % pv_vecs == 0 else 1
-    if prefetch not in ("v", "kv", "none"):
-        raise ValueError(f"prefetch must be 'v', 'kv' or 'none', got {prefetch!r}")
+    if prefetch not in ("v", "v+k", "kv", "none"):
+        raise ValueError(f"prefetch must be 'v', 'v+k', 'kv' or 'none', got {prefetch!r}")
     # Elements per cache line, and cache lines per head slice of a token row ([head_dim]).
     line = max(1, _CACHE_LINE // E)
     lines_per_head = (D + line - 1) // line
     pf_k = prefetch == "kv"
-    pf_v = prefetch in ("kv", "v")
+    pf_v = prefetch in ("kv", "v", "v+k")
+    pf_k_pv = prefetch == "v+k"
+    # P.V tiles per page, and the next page's K cache lines each of them asks for.
+    pv_tiles = Hkv * NGT * (NDC // PVV)
+    k_lines_per_tile = (S * Hkv * D // line + pv_tiles - 1) // pv_tiles
     neg_inf = T.float32(float("-inf"))
 
     @T.prim_func
@@ -183,6 +187,18 @@ def build_decode_cpu(cfg: KernelConfig, *, lanes: int = 8, group_tile: int | Non
                 for kvh in range(Hkv):
                     for gt in range(NGT):
                         for dv in range(NDC // PVV):
+                            if pf_k_pv:
+                                # The next page's K, one slice per tile while P.V works from cache: the memory
+                                # system fetches it during compute instead of stalling the next page's q.k.
+                                if pi + 1 < p_end - p_begin:
+                                    for c in range(k_lines_per_tile):
+                                        elem: T.let[T.int32] = (
+                                            ((kvh * NGT + gt) * (NDC // PVV) + dv) * k_lines_per_tile + c
+                                        ) * line
+                                        if elem < S * Hkv * D:
+                                            prefetch_line(T.address_of(
+                                                K[nxt, elem // (Hkv * D), elem // D % Hkv, elem % D]
+                                            ))
                             for g in T.unroll(GT):
                                 for c in T.unroll(PVV):
                                     for l in T.vectorized(L):
