@@ -9,7 +9,8 @@ batch 8 x 1024 tokens and batch 1 x 16384 tokens. Rows, all in one process:
 - the machine's read bandwidth: a reduction over a 512 MB array (torch.sum on every core).
 Each timed call rotates through page tables over a pool several times larger than the L3 cache, and the
 bandwidth roof is taken in rounds interleaved with the kernels (it swings from round to round on a shared
-VM); each row reports its median time and its median fraction of the same round's roof.
+VM), with the row order alternating between rounds; each row reports its median time and its median
+fraction of the same round's roof.
 
     python tools/bench_decode.py [--dtypes float32,float16] [--rounds 5] [--cases b8,b1x16k] [--no-mlc]
 """
@@ -133,11 +134,18 @@ def bench_case(name, dtype, rounds, with_mlc):
     fracs = {row: [] for row in runners}
     roofs = []
     calls = 0
-    for _ in range(rounds):
+    order = list(runners)
+    for r in range(rounds):
         roof = max(read_bandwidth(roof_buf) for _ in range(3))
         roofs.append(roof)
-        for row, run in runners.items():
+        # torch's OpenMP workers spin for a while after a parallel region and would steal the cores from
+        # whichever row runs next: let them sleep, and alternate the row order between rounds.
+        time.sleep(0.3)
+        for row in order if r % 2 == 0 else order[::-1]:
+            run = runners[row]
             reps = 3 if row.startswith("TVM/MLC") else 10
+            run(calls)  # untimed: the previous row's threads settle, instruction caches warm
+            calls += 1
             t0 = time.perf_counter()
             for _ in range(reps):
                 run(calls)
