@@ -135,6 +135,19 @@ def _check_q(q: torch.Tensor, k_cache: torch.Tensor, rows: int | None, rows_name
         raise ValueError(f"q: expected {rows} rows ({rows_name}), got {q.shape[0]}")
 
 
+def _operands(plan: AttentionPlan, q, k_cache, v_cache, rows: int, rows_name: str):
+    """q and the caches as tensors, checked against each other and the plan -> (q, k_cache, v_cache, head_dim)."""
+    q, kc, vc = V.as_tensor(q, "q"), V.as_tensor(k_cache, "k_cache"), V.as_tensor(v_cache, "v_cache")
+    num_pages, page_size, _, head_dim = V.check_cache_pair(kc, vc)
+    _check_q(q, kc, rows, rows_name)
+    if (num_pages, page_size) != (plan.num_pages, plan.page_size):
+        raise ValueError(f"k_cache: pool ({num_pages} pages of {page_size}) differs from the plan's "
+                         f"({plan.num_pages} of {plan.page_size})")
+    if plan.block_table.device != kc.device:
+        raise ValueError(f"plan: built for {plan.block_table.device}, the caches are on {kc.device}")
+    return q, kc, vc, head_dim
+
+
 def _config(kernel: str, q: torch.Tensor, k_cache: torch.Tensor) -> KernelConfig:
     _, page_size, num_kv_heads, head_dim = k_cache.shape
     return KernelConfig(kernel, V.dtype_name(q, "q"), int(q.shape[1]), int(num_kv_heads), int(head_dim),
@@ -162,12 +175,7 @@ def run_decode(plan: AttentionPlan, q, k_cache, v_cache, *, scale=None, return_l
     """Decode attention for a planned batch. ``q`` [batch, num_qo_heads, head_dim] -> out, same shape and dtype
     (and ``lse`` [batch, num_qo_heads] float32 when ``return_lse``)."""
     q_in = q
-    q, kc, vc = V.as_tensor(q, "q"), V.as_tensor(k_cache, "k_cache"), V.as_tensor(v_cache, "v_cache")
-    num_pages, page_size, _, head_dim = V.check_cache_pair(kc, vc)
-    _check_q(q, kc, plan.batch, "batch")
-    if (num_pages, page_size) != (plan.num_pages, plan.page_size):
-        raise ValueError(f"k_cache: pool ({num_pages} pages of {page_size}) differs from the plan's "
-                         f"({plan.num_pages} of {plan.page_size})")
+    q, kc, vc, head_dim = _operands(plan, q, k_cache, v_cache, plan.batch, "batch")
     cfg = _config("decode", q, kc)
     fn = _kernel(cfg, q.device)
     q = q.contiguous()
@@ -184,12 +192,9 @@ def run_decode(plan: AttentionPlan, q, k_cache, v_cache, *, scale=None, return_l
 def run_prefill(plan: AttentionPlan, q, k_cache, v_cache, *, scale=None, causal=True, return_lse=False):
     """Prefill attention for a planned batch. ``q`` [total_q, num_qo_heads, head_dim] -> out, same shape."""
     q_in = q
-    q, kc, vc = V.as_tensor(q, "q"), V.as_tensor(k_cache, "k_cache"), V.as_tensor(v_cache, "v_cache")
-    num_pages, page_size, _, head_dim = V.check_cache_pair(kc, vc)
-    _check_q(q, kc, int(plan.cu_seqlens_q[-1]), "total_q")
-    if (num_pages, page_size) != (plan.num_pages, plan.page_size):
-        raise ValueError(f"k_cache: pool ({num_pages} pages of {page_size}) differs from the plan's "
-                         f"({plan.num_pages} of {plan.page_size})")
+    if plan.cu_seqlens_q is None:
+        raise ValueError("plan: a decode plan was given to run_prefill (use plan_prefill)")
+    q, kc, vc, head_dim = _operands(plan, q, k_cache, v_cache, int(plan.cu_seqlens_q[-1]), "total_q")
     cfg = _config("prefill", q, kc)
     fn = _kernel(cfg, q.device)
     q = q.contiguous()
