@@ -233,6 +233,22 @@ def test_lookup_picks_nearest_bucket(target, tmp_path, monkeypatch):
     assert schedules.lookup(KernelConfig("decode", "float32", 8, 2, 64, 8), target) is None  # no file: silent
 
 
+def test_run_time_uses_the_nearest_bucket(target, fresh_build, monkeypatch):
+    """paged_decode builds the kernel with the knobs tuned for the bucket nearest its batch, correctly."""
+    space = KnobSpace(schedules.knob_space(CFG, target))
+    small, large = space.knobs(1), space.knobs(space.size - 1)
+    schedules.write(CFG, target, [{"batch": 1, "max_pages": 1024, "knobs": large, "gbps": 2.0},
+                                  {"batch": 8, "max_pages": 8, "knobs": small, "gbps": 1.0}], root=fresh_build)
+    built = []
+    real = build._load_or_compile
+    monkeypatch.setattr(build, "_load_or_compile", lambda c, t, knobs: built.append(knobs) or real(c, t, knobs))
+    _decode_matches_reference()  # batch 5, 8 pages per sequence: nearest to 8x8
+    assert built == [small]
+    assert build.get_kernel(CFG, target, batch=1, max_pages=900) is not build.get_kernel(CFG, target, batch=6,
+                                                                                          max_pages=8)
+    assert built == [small, large]
+
+
 def test_no_schedule_means_default(target, tmp_path, monkeypatch):
     monkeypatch.setenv("TVM_PAGED_SCHEDULES_DIR", str(tmp_path / "none"))
     with warnings.catch_warnings():

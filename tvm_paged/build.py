@@ -121,7 +121,7 @@ def cache_dir() -> Path:
     return Path(root) / f"tvm-{tc.TVM_VERSION}"
 
 
-_MEMORY: dict[tuple[str, str], Callable] = {}
+_MEMORY: dict[tuple, Callable] = {}
 _LOCK = threading.Lock()
 
 
@@ -158,26 +158,48 @@ def _fingerprint(func, target: "tc.Target") -> str:
     return h.hexdigest()[:16]
 
 
-def get_kernel(cfg: KernelConfig, target: Any = None) -> Callable:
+def get_kernel(cfg: KernelConfig, target: Any = None, *, batch: int | None = None,
+               max_pages: int | None = None) -> Callable:
     """A callable for ``cfg`` on ``target`` (default: the local CPU), compiled at most once per process and,
-    for CPU targets, loaded from the on-disk cache when another process already built it."""
+    for CPU targets, loaded from the on-disk cache when another process already built it.
+
+    With ``batch`` and ``max_pages`` (the batch's widest page table), the knobs tuned for the nearest bucket
+    in ``schedules/``; without, the schedule file's default knobs; with no schedule file, the default schedule.
+    """
     target = resolve_target(target)
-    key = (cfg.name, str(target))
+    knobs = _tuned_knobs(cfg, target, batch, max_pages)
+    key = (cfg.name, str(target), tuple(sorted(knobs.items())))
     fn = _MEMORY.get(key)
     if fn is not None:
         return fn
     with _LOCK:
         fn = _MEMORY.get(key)
         if fn is None:
-            fn = _load_or_compile(cfg, target)
+            fn = _load_or_compile(cfg, target, knobs)
             _MEMORY[key] = fn
     return fn
 
 
-def _load_or_compile(cfg: KernelConfig, target: "tc.Target") -> Callable:
+# (config name, target) -> the validated schedule document, or None: read once per process, not per call.
+_SCHEDULES: dict[tuple[str, str], dict | None] = {}
+
+
+def _tuned_knobs(cfg: KernelConfig, target: "tc.Target", batch, max_pages) -> dict:
+    from . import schedules  # noqa: PLC0415
+
+    key = (cfg.name, str(target))
+    if key not in _SCHEDULES:
+        _SCHEDULES[key] = schedules.load(cfg, target)
+    doc = _SCHEDULES[key]
+    return {} if doc is None else schedules.knobs_for(doc, batch, max_pages)
+
+
+def _load_or_compile(cfg: KernelConfig, target: "tc.Target", knobs: dict) -> Callable:
+    from .kernels import build_kernel  # noqa: PLC0415
+
     if target_kind(target) != "cpu" or os.environ.get("TVM_PAGED_NO_DISK_CACHE"):
-        return compile_kernel(cfg, target).mod[cfg.name]
-    func = prim_func(cfg, target)
+        return compile_kernel(cfg, target, knobs=knobs).mod[cfg.name]
+    func = build_kernel(cfg, target, **knobs)
     path = cache_dir() / target_key(target) / f"{cfg.name}-{_fingerprint(func, target)}.so"
     if path.exists():
         try:
@@ -199,7 +221,9 @@ def _load_or_compile(cfg: KernelConfig, target: "tc.Target") -> Callable:
 
 
 def clear_memory_cache() -> None:
+    """Forget compiled kernels and schedule files read in this process (e.g. after schedules/ changed)."""
     _MEMORY.clear()
+    _SCHEDULES.clear()
 
 
 def target_for_device(device) -> Any:

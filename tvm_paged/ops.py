@@ -64,11 +64,15 @@ def use_kernels(provider):
         _KERNEL_PROVIDER.reset(token)
 
 
-def _kernel(cfg: KernelConfig, device: torch.device):
+def _kernel(cfg: KernelConfig, device: torch.device, plan: AttentionPlan | None = None):
     provider = _KERNEL_PROVIDER.get()
     if provider is not None:
         return provider(cfg, device)
-    return build.get_kernel(cfg, build.target_for_device(device))
+    if plan is None:
+        return build.get_kernel(cfg, build.target_for_device(device))
+    # Attention kernels take the schedule tuned for the bucket nearest this batch.
+    return build.get_kernel(cfg, build.target_for_device(device), batch=plan.batch,
+                            max_pages=int(plan.block_table.shape[1]))
 
 
 def _num_threads() -> int:
@@ -177,7 +181,7 @@ def run_decode(plan: AttentionPlan, q, k_cache, v_cache, *, scale=None, return_l
     q_in = q
     q, kc, vc, head_dim = _operands(plan, q, k_cache, v_cache, plan.batch, "batch")
     cfg = _config("decode", q, kc)
-    fn = _kernel(cfg, q.device)
+    fn = _kernel(cfg, q.device, plan)
     q = q.contiguous()
     batch, hq, _ = q.shape
     out = torch.empty_like(q)
@@ -196,7 +200,7 @@ def run_prefill(plan: AttentionPlan, q, k_cache, v_cache, *, scale=None, causal=
         raise ValueError("plan: a decode plan was given to run_prefill (use plan_prefill)")
     q, kc, vc, head_dim = _operands(plan, q, k_cache, v_cache, int(plan.cu_seqlens_q[-1]), "total_q")
     cfg = _config("prefill", q, kc)
-    fn = _kernel(cfg, q.device)
+    fn = _kernel(cfg, q.device, plan)
     q = q.contiguous()
     out = torch.empty_like(q)
     lse = torch.empty(q.shape[0], q.shape[1], dtype=torch.float32, device=q.device)

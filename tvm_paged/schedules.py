@@ -129,6 +129,13 @@ def _nearest(buckets: list[dict], batch: int, max_pages: int) -> dict:
     return min(buckets, key=dist)
 
 
+def knobs_for(doc: dict, batch: int | None = None, max_pages: int | None = None) -> dict:
+    """Knobs of a validated schedule document: the nearest tuned bucket's, or the file's default knobs."""
+    if batch is None or max_pages is None:
+        return dict(doc["knobs"])
+    return dict(_nearest(doc["buckets"], int(batch), int(max_pages))["knobs"])
+
+
 def load(cfg, target, path: Path | str | None = None) -> dict | None:
     """The validated schedule document for (``cfg``, ``target``), ``None`` when there is none; a file that exists
     but is corrupt or foreign warns and gives ``None``."""
