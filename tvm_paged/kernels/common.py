@@ -44,3 +44,51 @@ def to_f32(value, dtype: str):
 
 def from_f32(value, dtype: str):
     return value if dtype == "float32" else T.Cast(dtype, value)
+
+
+def row_sums(rows: list, lanes: int):
+    """Horizontal sums of ``len(rows)`` float32 vectors of ``lanes`` lanes each, as one vector whose lane ``r`` is
+    the sum of ``rows[r]`` (a scalar for one row).
+
+    A transpose-and-add tree of ``T.Shuffle``s: each level pairs two vectors and adds the low halves of their
+    rows to the high halves, so R rows of L lanes cost about 2(R - 1) + 2 log2(L/R) shuffles and half as many
+    adds. A vectorized loop cannot express this reduction, and the scalar chain it replaces costs about L
+    dependent adds (plus lane extracts) per row. ``len(rows)`` must be a power of two no larger than ``lanes``.
+    """
+    count = len(rows)
+    if count & (count - 1) or not 1 <= count <= max(lanes, 1):
+        raise ValueError(f"row_sums needs a power-of-two number of rows up to {lanes}, got {count}")
+    if lanes == 1:
+        return rows[0]
+    seg = lanes  # lanes of each row still to be added, within every vector
+    while len(rows) > 1:
+        half = seg // 2
+        lo, hi = [], []
+        for src in (0, 1):
+            for r in range(lanes // seg):
+                base = src * lanes + r * seg
+                lo += [base + i for i in range(half)]
+                hi += [base + half + i for i in range(half)]
+        rows = [T.Shuffle([rows[i], rows[i + 1]], lo) + T.Shuffle([rows[i], rows[i + 1]], hi)
+                for i in range(0, len(rows), 2)]
+        seg = half
+    vec = rows[0]  # count rows of seg lanes each
+    while seg > 1:
+        half = seg // 2
+        vec = (T.Shuffle([vec], [r * seg + i for r in range(count) for i in range(half)])
+               + T.Shuffle([vec], [r * seg + half + i for r in range(count) for i in range(half)]))
+        seg = half
+    return vec
+
+
+def row_chunk(rows: int, lanes: int) -> int:
+    """Rows summed per :func:`row_sums` call: the largest power of two dividing ``rows``, at most ``lanes``."""
+    chunk = 1
+    while rows % (chunk * 2) == 0 and chunk * 2 <= max(lanes, 1):
+        chunk *= 2
+    return chunk
+
+
+def lanes_at(start, count: int):
+    """Index of ``count`` consecutive elements from ``start``: a ramp, or the scalar index for one element."""
+    return start if count == 1 else T.ramp(start, 1, count)

@@ -26,7 +26,7 @@ from __future__ import annotations
 from ..config import KernelConfig
 from ..tvm_compat import T
 from ..tvm_compat import prefetch as prefetch_line
-from .common import LN2, LOG2E, exp2, from_f32, to_f32
+from .common import LN2, LOG2E, exp2, from_f32, lanes_at, row_chunk, row_sums, to_f32
 
 _CACHE_LINE = 64
 
@@ -36,25 +36,25 @@ def knob_space(cfg: KernelConfig, lanes: int) -> dict[str, list]:
 
     ``lanes``: float32 SIMD lanes per vector op; ``group_tile``: query heads of a group accumulated together
     (register pressure vs K reuse); ``prefetch``: software prefetch of this page's V rows during q.k ("v"),
-    plus the next page's K spread over P.V ("v+k") or over q.k ("kv"), or none; ``qk_tokens``, ``qk_chains``, ``pv_vecs``: how many independent accumulators
-    the two products keep in registers.
+    plus the next page's K spread over P.V ("v+k") or over q.k ("kv"), or none; ``qk_tokens`` and ``pv_vecs``: the
+    register tiles of the two products.
     """
     lane_opts = [n for n in (lanes, lanes * 2, lanes // 2) if n >= 4 and cfg.head_dim % n == 0]
     tiles = sorted({t for t in (8, 4, 2, 1, cfg.group_size) if t <= cfg.group_size and cfg.group_size % t == 0},
                    key=lambda t: (abs(t - 4), -t))
     return {"lanes": lane_opts or [1], "group_tile": tiles, "prefetch": ["v+k", "v", "kv", "none"],
-            "qk_tokens": [1, 2], "qk_chains": [2, 1], "pv_vecs": [2, 1, 4]}
+            "qk_tokens": [1, 2], "pv_vecs": [2, 1, 4]}
 
 
 def build_decode_cpu(cfg: KernelConfig, *, lanes: int = 8, group_tile: int | None = None, prefetch: str = "v+k",
-                     qk_tokens: int = 1, qk_chains: int = 2, pv_vecs: int = 2):
+                     qk_tokens: int = 1, pv_vecs: int = 2):
     """Return the decode PrimFunc for ``cfg`` (kernel ``decode``) on an LLVM CPU target.
 
     ``lanes`` float32 lanes per vector (8 for AVX2, 16 for AVX-512); ``group_tile`` query heads accumulated
     together (default: the largest divisor of the group size up to 4); ``prefetch`` "v+k", "v", "kv" or "none";
-    ``qk_tokens`` tokens scored together (sharing q loads), ``qk_chains`` accumulators per (token, head) and
-    ``pv_vecs`` head_dim vectors per P.V register tile: an FMA waits ~4 cycles for its accumulator, so a single
-    chain per head runs at half the FMA rate.
+    ``qk_tokens`` tokens scored together (sharing q loads) and ``pv_vecs`` head_dim vectors per P.V register
+    tile. The q.k tile keeps one accumulator per (token, head): its GT heads are the independent FMA chains (a
+    split of each chain would be merged back by LLVM under the target's fast-math reassociation anyway).
     """
     if cfg.kernel != "decode":
         raise ValueError(f"build_decode_cpu needs a decode config, got {cfg.name}")
@@ -69,7 +69,6 @@ def build_decode_cpu(cfg: KernelConfig, *, lanes: int = 8, group_tile: int | Non
     GT = group_tile
     NGT = G // GT
     NDC = D // L
-    QS = qk_chains if NDC % qk_chains == 0 else 1
     TT = qk_tokens
     PVV = pv_vecs if NDC % pv_vecs == 0 else 1
     if prefetch not in ("v", "v+k", "kv", "none"):
@@ -83,6 +82,13 @@ def build_decode_cpu(cfg: KernelConfig, *, lanes: int = 8, group_tile: int | Non
     # P.V tiles per page, and the next page's K cache lines each of them asks for.
     pv_tiles = Hkv * NGT * (NDC // PVV)
     k_lines_per_tile = (S * Hkv * D // line + pv_tiles - 1) // pv_tiles
+    # Scores of a tile are summed over head_dim CH heads at a time by a shuffle tree.
+    CH = row_chunk(GT, L)
+
+    def score_rows(qk, u, row0):
+        # [CH] float32 vector: lane r = q.k of tile row row0 + r.
+        return row_sums([qk[u, row0 + r, lanes_at(0, L)] for r in range(CH)], L)
+
     neg_inf = T.float32(float("-inf"))
 
     @T.prim_func
@@ -115,9 +121,8 @@ def build_decode_cpu(cfg: KernelConfig, *, lanes: int = 8, group_tile: int | Non
             lsum = T.alloc_buffer((Hq,), "float32")
             alpha = T.alloc_buffer((Hq,), "float32")
             # Register tiles: GT heads x L lanes, promoted to vector registers once the loops unroll.
-            qk = T.alloc_buffer((TT, QS, GT, L), "float32")
+            qk = T.alloc_buffer((TT, GT, L), "float32")
             ov = T.alloc_buffer((GT, PVV, L), "float32")
-            red = T.alloc_buffer((1,), "float32")
             b: T.let[T.int64] = task // NS
             s: T.let[T.int64] = task % NS
             seq_len: T.let[T.int64] = T.Cast("int64", SL[b])
@@ -151,24 +156,24 @@ def build_decode_cpu(cfg: KernelConfig, *, lanes: int = 8, group_tile: int | Non
                                 for c in range(lines_per_head):
                                     prefetch_line(T.address_of(K[nxt, T.min(tt * TT + u, n - 1), kvh, c * line]))
                         for gt in range(NGT):
-                            for u, c, g, l in T.grid(TT, QS, GT, L):
-                                qk[u, c, g, l] = T.float32(0)
+                            for u, g, l in T.grid(TT, GT, L):
+                                qk[u, g, l] = T.float32(0)
                             # TT tokens at once share each q load; a short last step re-reads token n - 1
                             # (inside the sequence) and drops the duplicate score below.
                             for dc in T.unroll(NDC):
                                 for g in T.unroll(GT):
                                     for u in T.unroll(TT):
                                         for l in T.vectorized(L):
-                                            qk[u, dc % QS, g, l] = qk[u, dc % QS, g, l] + qf[
+                                            qk[u, g, l] = qk[u, g, l] + qf[
                                                 kvh * G + gt * GT + g, dc * L + l
                                             ] * to_f32(K[page, T.min(tt * TT + u, n - 1), kvh, dc * L + l], dt)
+                            # Horizontal sums over head_dim by a shuffle tree, CH heads per vector store.
                             for u in T.unroll(TT):
-                                for g in T.unroll(GT):
-                                    red[0] = T.float32(0)
-                                    for c, l in T.grid(QS, L):
-                                        red[0] = red[0] + qk[u, c, g, l]
+                                for ch in T.unroll(GT // CH):
                                     if tt * TT + u < n:
-                                        sc[tt * TT + u, kvh * G + gt * GT + g] = red[0]
+                                        sc[tt * TT + u, lanes_at(kvh * G + gt * GT + ch * CH, CH)] = score_rows(
+                                            qk, u, ch * CH
+                                        )
                 # Online softmax, one rescale per page, vectorized over heads.
                 for h in range(Hq):
                     mnew[h] = m[h]
