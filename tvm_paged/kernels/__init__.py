@@ -55,6 +55,10 @@ def knob_space(cfg: KernelConfig, target) -> dict[str, list]:
         from .decode_cpu import knob_space as space  # noqa: PLC0415
 
         return space(cfg, cpu_vector_lanes(target))
+    if kind == "cpu" and cfg.kernel == "prefill":
+        from .prefill_cpu import knob_space as space  # noqa: PLC0415
+
+        return space(cfg, cpu_vector_lanes(target))
     if kind == "cuda" and cfg.kernel == "decode":
         from .decode_cuda import knob_space as space  # noqa: PLC0415
 

@@ -54,6 +54,39 @@ def _largest_divisor_at_most(n: int, cap: int) -> int:
     return max(d for d in range(1, min(n, cap) + 1) if n % d == 0)
 
 
+def _defaults(cfg: KernelConfig, lanes: int) -> tuple[int, int, int, int, int]:
+    """(lanes, chunk, rows_blk, pv_rows, pv_vecs) that :func:`build_prefill_cpu` picks when not told."""
+    if cfg.head_dim % lanes:
+        lanes = _largest_divisor_at_most(cfg.head_dim, lanes)
+    acc_regs = 10 if lanes < 16 else 14
+    chunk = max(32, 2 * lanes)
+    rows_blk = max(1, 8 // max(1, chunk // lanes))
+    pv_rows = 4 if lanes < 16 else 2
+    cap = min(acc_regs // pv_rows, (_STACK_BYTES // 4 - 1) // (pv_rows * lanes))
+    pv_vecs = _largest_divisor_at_most(cfg.head_dim // lanes, max(1, cap))
+    return lanes, chunk, rows_blk, pv_rows, pv_vecs
+
+
+def knob_space(cfg: KernelConfig, lanes: int) -> dict[str, list]:
+    """Tunable knobs of :func:`build_prefill_cpu` (first value of each list = the default).
+
+    ``chunk``: keys per online-softmax step (a multiple of the lanes); ``rows_blk``: query rows of the score
+    register block; ``pv_rows`` x ``pv_vecs``: the P.V register block; ``use_prefetch``: software prefetch of the
+    next chunk's K/V rows. Every combination builds a correct kernel; blocks too large for the registers (or for a
+    stack buffer) are legal and merely slow, which is what the search finds out.
+    """
+    lanes, chunk, rows_blk, pv_rows, pv_vecs = _defaults(cfg, lanes)
+    nvec = cfg.head_dim // lanes
+    chunks = [chunk, 2 * chunk] + ([chunk // 2] if chunk // 2 >= lanes and (chunk // 2) % lanes == 0 else [])
+    return {
+        "chunk": chunks,
+        "rows_blk": [rows_blk] + [r for r in (1, 2, 4) if r != rows_blk],
+        "pv_rows": [pv_rows] + [r for r in (2, 4, 8) if r != pv_rows],
+        "pv_vecs": [pv_vecs] + [v for v in (1, 2, 4) if v != pv_vecs and nvec % v == 0],
+        "use_prefetch": [True, False],
+    }
+
+
 def build_prefill_cpu(cfg: KernelConfig, *, lanes: int = 8, chunk: int | None = None, rows_blk: int | None = None,
                       pv_rows: int | None = None, pv_vecs: int | None = None, use_prefetch: bool = True):
     """Return the prefill PrimFunc for ``cfg`` (kernel ``prefill``) on an LLVM CPU target.
@@ -72,17 +105,18 @@ def build_prefill_cpu(cfg: KernelConfig, *, lanes: int = 8, chunk: int | None = 
     dt = cfg.dtype
     E = cfg.itemsize
     QT = PREFILL_Q_TILE
-    if D % lanes:
-        lanes = _largest_divisor_at_most(D, lanes)
+    d_lanes, d_chunk, d_rows_blk, d_pv_rows, _ = _defaults(cfg, lanes)
+    lanes = d_lanes
     # Accumulators a register block may use (the other vector registers hold loads and broadcasts): a P.V block of
     # 4 rows x 3 vectors (12 of 16 AVX2 registers) spilled and ran 4x slower than 4 x 2. A register block is a
     # local buffer, and TVM keeps a local buffer on the stack (where LLVM can promote it to registers) only when it
     # is smaller than _STACK_BYTES; a larger one becomes a heap workspace and every update goes to memory.
     acc_regs = 10 if lanes < 16 else 14
-    C = int(chunk) if chunk is not None else max(32, 2 * lanes)
+    C = int(chunk) if chunk is not None else d_chunk
     cvec = C // lanes
-    RS = int(rows_blk) if rows_blk is not None else max(1, 8 // max(1, cvec))  # 8 accumulators: measured best
-    RP = int(pv_rows) if pv_rows is not None else (4 if lanes < 16 else 2)
+    # Default: 8 score accumulators (measured best), for the chunk actually used.
+    RS = int(rows_blk) if rows_blk is not None else (d_rows_blk if chunk is None else max(1, 8 // max(1, cvec)))
+    RP = int(pv_rows) if pv_rows is not None else d_pv_rows
     nvec = D // lanes
     if pv_vecs is None:
         cap = min(acc_regs // RP, (_STACK_BYTES // 4 - 1) // (RP * lanes))

@@ -238,9 +238,9 @@ def summarize(cfg: KernelConfig, target, log: TuningLog, space: KnobSpace, opts:
             bucket = Bucket.parse(name)
         except ValueError:
             continue
+        wl = make_workload(cfg, bucket, device_kind=device_kind, pool_mb=opts.pool_mb,
+                           pool_factor=opts.pool_factor, tables=opts.tables, seed=opts.seed, q_len=opts.q_len)
         if name not in hashes:
-            wl = make_workload(cfg, bucket, device_kind=device_kind, pool_mb=opts.pool_mb,
-                               pool_factor=opts.pool_factor, tables=opts.tables, seed=opts.seed, q_len=opts.q_len)
             hashes[name] = workload_hash(wl.module(build_kernel(cfg, target, **space.default)))
         current = {}
         for row in rows:
@@ -257,6 +257,7 @@ def summarize(cfg: KernelConfig, target, log: TuningLog, space: KnobSpace, opts:
             "max_pages": bucket.pages,
             "knobs": best["knobs"],
             "gbps": best["gbps"],
+            "gflops": round(wl.flops / (best["ms"] * 1e6), 2),
             "ms": best["ms"],
             "default_gbps": default.get("gbps") if default else None,
             "trials": len(current),
@@ -291,8 +292,9 @@ def format_summary(summary: dict) -> str:
     for b in summary["buckets"]:
         d = b["default_gbps"]
         gain = f"{b['gbps'] / d:.2f}x" if d else "n/a"
-        lines.append(f"  {b['batch']}x{b['max_pages']}: {b['gbps']:.2f} GB/s ({b['ms']:.4g} ms, {b['trials']} trials), "
-                     f"default {d if d is not None else 'n/a'} GB/s, {gain}; knobs {b['knobs']}")
+        lines.append(f"  {b['batch']}x{b['max_pages']}: {b['gbps']:.2f} GB/s of K+V, {b['gflops']:.1f} GFLOP/s "
+                     f"({b['ms']:.4g} ms, {b['trials']} trials), default {d if d is not None else 'n/a'} GB/s, "
+                     f"{gain}; knobs {b['knobs']}")
     if summary["schedule"]:
         lines.append(f"  schedule: {summary['schedule']}")
     lines.append(f"  log: {summary['work_dir']}")

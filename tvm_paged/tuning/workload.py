@@ -108,6 +108,17 @@ class Workload:
     def gbps(self, seconds: float) -> float:
         return self.kv_bytes / seconds / 1e9
 
+    @property
+    def flops(self) -> int:
+        """Floating-point operations of one call: 4 per (query row, query head, visible key, head_dim element),
+        2 for q.k and 2 for P.V. Prefill is arithmetic-bound, so this rate, not GB/s, is what it is judged by."""
+        cfg = self.cfg
+        if cfg.kernel == "decode":
+            pairs = sum(self.seq_lens)
+        else:  # causal: row i of the last q_len tokens sees seq_len - q_len + i + 1 keys
+            pairs = sum(n * (s - n) + n * (n + 1) // 2 for s, n in zip(self.seq_lens, self.q_lens))
+        return 4 * pairs * cfg.num_qo_heads * cfg.head_dim
+
     def module(self, func):
         """The IRModule MetaSchedule builds and measures: ``func`` specialized to this bucket, as ``main``."""
         func = tc.specialize(func, self.dims, self.scalars)
