@@ -46,6 +46,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-repeat-ms", type=int, default=100, help="minimum length of one timing (default: 100)")
     p.add_argument("--q-len", type=int, default=0, help="prefill: query rows per sequence, 0 = whole sequence")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--space", choices=("knobs", "generic"), default="knobs",
+                   help="knobs (default): the kernel builders' knob space, writes schedules/; generic: "
+                        "MetaSchedule's generic space on a block-form decode kernel, for comparison only "
+                        "(local CPU; its best GB/s per bucket is printed and kept in <work-dir>/generic/)")
 
 
 def _tracker(text: str | None) -> tuple[str, int] | None:
@@ -78,6 +82,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"tvm-paged tune: {exc}", file=sys.stderr)
         return 2
     try:
+        if args.space == "generic":
+            return _run_generic(cfg, target, buckets, opts, args.target)
         summary = tune(cfg, target, buckets, opts)
     except TuneError as exc:
         print(f"tvm-paged tune: {exc}", file=sys.stderr)
@@ -88,4 +94,31 @@ def run(args: argparse.Namespace) -> int:
         return 130
     print(f"{cfg.name} on {args.target}:")
     print(format_summary(summary))
+    return 0
+
+
+def _run_generic(cfg, target, buckets, opts, target_name: str) -> int:
+    """``--space generic``: tune each bucket over MetaSchedule's generic space and print it beside the knob
+    space's best on the same bucket (from the knob-space log, when one exists)."""
+    from .tuning.generic import discard_database, tune_generic  # noqa: PLC0415
+    from .tuning.records import TuningLog  # noqa: PLC0415
+    from .tuning.search import summarize, work_dir_for  # noqa: PLC0415
+    from .tuning.space import KnobSpace  # noqa: PLC0415
+    from . import schedules  # noqa: PLC0415
+
+    work_dir = work_dir_for(cfg, target, opts)
+    knob_best = {}
+    if (work_dir / "trials.jsonl").exists():
+        space = KnobSpace(schedules.knob_space(cfg, target))
+        for b in summarize(cfg, target, TuningLog(work_dir), space, opts):
+            knob_best[f"{b['batch']}x{b['max_pages']}"] = b
+    print(f"{cfg.name} on {target_name}, MetaSchedule generic space:")
+    for bucket in buckets:
+        s = tune_generic(cfg, target, bucket, work_dir, trials=opts.trials, opts=opts)
+        discard_database(work_dir, bucket)
+        k = knob_best.get(bucket.name)
+        mine = (f"; knob space best {k['gbps']:.2f} GB/s, default {k['default_gbps']} GB/s" if k else "")
+        best = f"{s['gbps']:.2f} GB/s ({s['ms']:.4g} ms)" if s["gbps"] else "no trial ran"
+        print(f"  {bucket.name}: {best}, {s['succeeded']}/{s['trials']} trials in {s['wall_s']:.0f} s{mine}")
+    print(f"  summaries: {work_dir / 'generic'}")
     return 0

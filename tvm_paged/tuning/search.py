@@ -165,61 +165,81 @@ def _tune_bucket(cfg, target, build_target, bucket: Bucket, space: KnobSpace, lo
     # Starting the runner's worker (a process that imports TVM) overlaps the first round's builds.
     starter = ThreadPoolExecutor(max_workers=1)
     pending = starter.submit(_runner, wl, device_type, opts)
-    runner = None
+    state = {"runner": None, "best": best}
+
+    def measure(picks: list[int], recheck: bool = False) -> None:
+        """Build ``picks`` together, then measure them one by one, committing each trial as it is measured."""
+        mods, inputs = [], []
+        for idx in picks:
+            mod = wl.module(build_kernel(cfg, target, **space.knobs(idx)))
+            mods.append(mod)
+            inputs.append(ms.builder.BuilderInput(mod, build_target))
+        t_build = time.perf_counter()
+        built = builder.build(inputs)
+        build_s = (time.perf_counter() - t_build) / len(picks)  # wall per variant, pool start included
+        for idx, mod, res in zip(picks, mods, built):
+            run_secs, error = None, None
+            t_run = time.perf_counter()
+            if res.error_msg:
+                error = "build: " + (_short(res.error_msg) or "")
+            else:
+                try:
+                    if state["runner"] is None:
+                        state["runner"] = pending.result()
+                    args_info = ms.arg_info.ArgInfo.from_entry_func(mod)
+                    fut = state["runner"].run([ms.runner.RunnerInput(str(res.artifact_path), device_type,
+                                                                     args_info)])[0]
+                    out = fut.result()
+                    if out.error_msg:
+                        error = "run: " + (_short(out.error_msg) or "")
+                    else:
+                        run_secs = [float(s) for s in out.run_secs]
+                finally:
+                    shutil.rmtree(Path(str(res.artifact_path)).parent, ignore_errors=True)
+            secs = median_secs(run_secs)
+            if run_secs is not None and secs is None:
+                error, run_secs = "run: no finite time", None
+            row = {
+                "bucket": bucket.name,
+                "knobs": space.knobs(idx),
+                "workload": whash,
+                "trial": len(measured),
+                "kv_bytes": wl.kv_bytes,
+                "ms": round(secs * 1e3, 6) if secs else None,
+                "gbps": round(wl.gbps(secs), 4) if secs else None,
+                "error": error,
+                "build_s": round(build_s, 2),
+                "measure_s": round(time.perf_counter() - t_run, 2),
+            }
+            if recheck:
+                row["recheck"] = True
+            rows.append(log.commit(db_workload, mod, target, row, run_secs))
+            measured[idx] = secs
+            if secs:
+                state["best"] = max(state["best"] or 0.0, wl.gbps(secs))
+            if not recheck:
+                bar.update(1)
+            best_now = state["best"]
+            bar.set_postfix_str(f"{bucket.name} best {best_now:.2f} GB/s" if best_now else
+                                f"{bucket.name} no success yet")
+
     try:
         while len(measured) < trials:
             picks = proposer.propose(measured, min(opts.per_round, trials - len(measured)))
             if not picks:
                 break
-            mods, inputs = [], []
-            for idx in picks:
-                mod = wl.module(build_kernel(cfg, target, **space.knobs(idx)))
-                mods.append(mod)
-                inputs.append(ms.builder.BuilderInput(mod, build_target))
-            t_build = time.perf_counter()
-            built = builder.build(inputs)
-            build_s = (time.perf_counter() - t_build) / len(picks)  # wall per variant, pool start included
-            for idx, mod, res in zip(picks, mods, built):
-                run_secs, error = None, None
-                t_run = time.perf_counter()
-                if res.error_msg:
-                    error = "build: " + (_short(res.error_msg) or "")
-                else:
-                    try:
-                        if runner is None:
-                            runner = pending.result()
-                        args_info = ms.arg_info.ArgInfo.from_entry_func(mod)
-                        fut = runner.run([ms.runner.RunnerInput(str(res.artifact_path), device_type, args_info)])[0]
-                        out = fut.result()
-                        if out.error_msg:
-                            error = "run: " + (_short(out.error_msg) or "")
-                        else:
-                            run_secs = [float(s) for s in out.run_secs]
-                    finally:
-                        shutil.rmtree(Path(str(res.artifact_path)).parent, ignore_errors=True)
-                secs = median_secs(run_secs)
-                if run_secs is not None and secs is None:
-                    error, run_secs = "run: no finite time", None
-                row = {
-                    "bucket": bucket.name,
-                    "knobs": space.knobs(idx),
-                    "workload": whash,
-                    "trial": len(measured),
-                    "kv_bytes": wl.kv_bytes,
-                    "ms": round(secs * 1e3, 6) if secs else None,
-                    "gbps": round(wl.gbps(secs), 4) if secs else None,
-                    "error": error,
-                    "build_s": round(build_s, 2),
-                    "measure_s": round(time.perf_counter() - t_run, 2),
-                }
-                rows.append(log.commit(db_workload, mod, target, row, run_secs))
-                measured[idx] = secs
-                if secs:
-                    best = max(best or 0.0, wl.gbps(secs))
-                bar.update(1)
-                bar.set_postfix_str(f"{bucket.name} best {best:.2f} GB/s" if best else f"{bucket.name} no success yet")
+            measure(picks)
+        # The default and the best were measured at different moments of a run on a machine whose speed drifts
+        # (the first trial also meets a cold worker): time the two again back to back, alternating, so the
+        # ratio the summary reports (each knob dict's last measurement) comes from one stretch of time.
+        ok = {i: s for i, s in measured.items() if s}
+        if 0 in ok and len(ok) > 1:
+            top = min(ok, key=ok.get)
+            if top != 0:
+                measure([0, top, 0, top], recheck=True)
     finally:
         starter.shutdown(wait=True)
+        runner = state["runner"]
         if runner is None and pending.done() and pending.exception() is None:
             runner = pending.result()
         _close(runner)

@@ -33,6 +33,8 @@ from ..config import KernelConfig
 ROLES = {
     "decode": ("q", "k_cache", "v_cache", "block_table", "seq_lens", "out", "lse", "o_part", "lse_part"),
     "prefill": ("q", "k_cache", "v_cache", "block_table", "seq_lens", "cu_seqlens_q", "tiles", "out", "lse"),
+    # The block-form decode MetaSchedule's generic space tunes (tuning.generic): no split scratch, no lse.
+    "decode_generic": ("q", "k_cache", "v_cache", "block_table", "seq_lens", "out"),
 }
 ENTRY = "main"
 
@@ -149,7 +151,7 @@ def make_workload(cfg: KernelConfig, bucket: Bucket, *, device_kind: str = "cpu"
 
     import torch  # noqa: PLC0415
 
-    if cfg.kernel not in ROLES:
+    if cfg.kernel not in ("decode", "prefill"):
         raise ValueError(f"tuning: no workload for kernel {cfg.kernel!r} (decode or prefill)")
     S = cfg.page_size
     rng = np.random.default_rng([seed, bucket.batch, bucket.pages])
