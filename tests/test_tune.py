@@ -96,7 +96,11 @@ def test_tune_measures_and_writes_schedule(tuned, target):
         assert [r["knobs"] for r in checks] == [space.default, top, space.default, top]
     [b] = summary["buckets"]
     assert (b["batch"], b["max_pages"], b["trials"]) == (2, 8, 3)
-    assert b["gbps"] == max(r["gbps"] for r in last.values())
+    top_gbps = max(r["gbps"] for r in last.values())
+    if b["default_kept"]:  # no point beat the default by more than the noise margin
+        assert b["knobs"] == space.default and top_gbps < b["default_gbps"] * 1.03
+    else:
+        assert b["gbps"] == top_gbps
     assert b["default_gbps"] == last[knob_key(space.default)]["gbps"]
     path = tmp / "schedules" / build.target_key(target) / f"{CFG.name}.json"
     assert summary["schedule"] == str(path)
@@ -274,7 +278,7 @@ def test_no_schedule_means_default(target, tmp_path, monkeypatch):
 def test_measurement_inputs_are_valid(target):
     """What the runner measures on: tables of distinct in-pool pages covering each length, real lengths."""
     wl = make_workload(CFG, Bucket(3, 5), pool_mb=1, pool_factor=4, tables=2, seed=7)
-    mod = wl.module(build_kernel(CFG, target))
+    mod = wl.shaped(build_kernel(CFG, target))
     args_info = [info.as_json() for info in tc.meta_schedule().arg_info.ArgInfo.from_entry_func(mod)]
     sets = wl.inputs()(tc.cpu_device(), args_info, 2)
     assert len(sets) == 2

@@ -44,6 +44,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="cap on the K+V page pool the page tables are shuffled over, MiB (default: 512)")
     p.add_argument("--repeat", type=int, default=5, help="timings per trial (default: 5)")
     p.add_argument("--min-repeat-ms", type=int, default=100, help="minimum length of one timing (default: 100)")
+    p.add_argument("--build-timeout", type=float, default=300, help="seconds one variant may take to build")
     p.add_argument("--q-len", type=int, default=0, help="prefill: query rows per sequence, 0 = whole sequence")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--space", choices=("knobs", "generic"), default="knobs",
@@ -76,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
             trials=args.trials, per_round=max(1, args.per_round), seed=args.seed, strategy=args.strategy,
             work_dir=args.work_dir, schedules_root=args.schedules_dir, rpc_tracker=_tracker(args.rpc_tracker),
             rpc_key=args.rpc_key, pool_mb=args.pool_mb, repeat=args.repeat, min_repeat_ms=args.min_repeat_ms,
-            q_len=args.q_len, progress=not args.no_progress,
+            q_len=args.q_len, progress=not args.no_progress, build_timeout=args.build_timeout,
         )
     except ValueError as exc:
         print(f"tvm-paged tune: {exc}", file=sys.stderr)

@@ -200,15 +200,18 @@ def cuda_compile_callback(callback):
 # but the tuner needs it.
 
 
-def specialize(func, dims: dict, scalars: dict | None = None):
-    """``func`` with its symbolic shape variables fixed (``dims``: variable name -> int, e.g. ``{"B": 8}``) and
-    its scalar parameters bound (``scalars``: parameter name -> value); those parameters disappear from the
-    signature. A tensor parameter whose shape holds an expression (``B + 1``) is left to follow from the others."""
+def specialize(func, dims: dict | None, scalars: dict | None = None):
+    """``func`` with its symbolic shape variables fixed (``dims``: variable name -> int, e.g. ``{"B": 8}``; None
+    keeps every shape symbolic) and its scalar parameters bound (``scalars``: parameter name -> value); those
+    parameters disappear from the signature. A tensor parameter whose shape holds an expression (``B + 1``) is left
+    to follow from the others."""
     scalars = scalars or {}
     pmap = {}
     for p in func.params:
         ty = getattr(p, "ty", None)
         if isinstance(ty, tirx.buffer.BufferType):
+            if dims is None:
+                continue
             if not all(isinstance(s, (tirx.Var, tirx.IntImm)) for s in ty.shape):
                 continue
             shape = []

@@ -4,8 +4,9 @@ A bucket is ``batch x max_pages_per_seq`` (``8x64``). Every sequence of a bucket
 partly: lengths ``max_pages * page_size - r``, ``0 <= r < page_size``, one sequence at the maximum), so the bucket
 measures the most work its shape can hold, and GB/s is computed from the K+V bytes those lengths really read.
 
-The kernel's symbolic dims (batch, pool size, max pages, splits / query rows, tiles) are fixed to the bucket's
-values and its scalars (``scale``, ``causal``) bound, because MetaSchedule's runner only passes static tensors.
+The kernel measured is the one that ships, with symbolic dims; its scalars (``scale``, ``causal``) are bound,
+because MetaSchedule's runner only passes tensors, and the runner's argument shapes come from a copy specialized
+to the bucket's values (batch, pool size, max pages, splits / query rows, tiles).
 
 Picklable pieces run in MetaSchedule's worker processes (by reference: they import this module there):
 - :func:`build_module`: ``tvm.compile`` of one variant (MetaSchedule's default build first imports
@@ -122,7 +123,15 @@ class Workload:
         return 4 * pairs * cfg.num_qo_heads * cfg.head_dim
 
     def module(self, func):
-        """The IRModule MetaSchedule builds and measures: ``func`` specialized to this bucket, as ``main``."""
+        """The IRModule MetaSchedule builds and measures, as ``main``: ``func`` with its scalars bound and its
+        shapes left symbolic, i.e. the kernel that ships (a shape-specialized build is a different program: LLVM
+        folds the constant trip counts, and knob rankings measured on it did not carry over to the shipped one)."""
+        func = tc.specialize(func, None, self.scalars)
+        return tc.ir_module({ENTRY: func.with_attr("global_symbol", ENTRY)})
+
+    def shaped(self, func):
+        """``func`` specialized to this bucket's shapes, as ``main``: what the runner's argument list (its shapes)
+        and the database's workload entry are read from."""
         func = tc.specialize(func, self.dims, self.scalars)
         return tc.ir_module({ENTRY: func.with_attr("global_symbol", ENTRY)})
 
