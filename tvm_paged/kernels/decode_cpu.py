@@ -31,6 +31,13 @@ from .common import LN2, LOG2E, exp2, from_f32, lanes_at, row_chunk, row_sums, t
 _CACHE_LINE = 64
 
 
+def _group_tiles(group_size: int) -> list[int]:
+    """Query heads per register tile that divide the group, nearest to 4 first (the default; ties go to the
+    larger tile, so a group of 7 is one tile of 7 rather than 7 tiles of 1 that would each reload K)."""
+    return sorted({t for t in (8, 4, 2, 1, group_size) if t <= group_size and group_size % t == 0},
+                  key=lambda t: (abs(t - 4), -t))
+
+
 def knob_space(cfg: KernelConfig, lanes: int) -> dict[str, list]:
     """Tunable knobs of :func:`build_decode_cpu` (first value of each list = the default).
 
@@ -40,9 +47,7 @@ def knob_space(cfg: KernelConfig, lanes: int) -> dict[str, list]:
     register tiles of the two products.
     """
     lane_opts = [n for n in (lanes, lanes * 2, lanes // 2) if n >= 4 and cfg.head_dim % n == 0]
-    tiles = sorted({t for t in (8, 4, 2, 1, cfg.group_size) if t <= cfg.group_size and cfg.group_size % t == 0},
-                   key=lambda t: (abs(t - 4), -t))
-    return {"lanes": lane_opts or [1], "group_tile": tiles, "prefetch": ["v+k", "v", "kv", "none"],
+    return {"lanes": lane_opts or [1], "group_tile": _group_tiles(cfg.group_size), "prefetch": ["v+k", "v", "kv", "none"],
             "qk_tokens": [1, 2], "pv_vecs": [2, 1, 4]}
 
 
@@ -51,7 +56,7 @@ def build_decode_cpu(cfg: KernelConfig, *, lanes: int = 8, group_tile: int | Non
     """Return the decode PrimFunc for ``cfg`` (kernel ``decode``) on an LLVM CPU target.
 
     ``lanes`` float32 lanes per vector (8 for AVX2, 16 for AVX-512); ``group_tile`` query heads accumulated
-    together (default: the largest divisor of the group size up to 4); ``prefetch`` "v+k", "v", "kv" or "none";
+    together (default: the divisor of the group size nearest to 4, see ``_group_tiles``); ``prefetch`` "v+k", "v", "kv" or "none";
     ``qk_tokens`` tokens scored together (sharing q loads) and ``pv_vecs`` head_dim vectors per P.V register
     tile. The q.k tile keeps one accumulator per (token, head): its GT heads are the independent FMA chains (a
     split of each chain would be merged back by LLVM under the target's fast-math reassociation anyway).
@@ -63,7 +68,7 @@ def build_decode_cpu(cfg: KernelConfig, *, lanes: int = 8, group_tile: int | Non
     E = cfg.itemsize
     L = lanes if D % lanes == 0 else 1
     if group_tile is None:
-        group_tile = max(t for t in (1, 2, 4) if G % t == 0)
+        group_tile = _group_tiles(G)[0]
     if G % group_tile:
         raise ValueError(f"group_tile {group_tile} must divide the group size {G}")
     GT = group_tile
