@@ -47,8 +47,8 @@ def knob_space(cfg: KernelConfig, lanes: int) -> dict[str, list]:
     register tiles of the two products.
     """
     lane_opts = [n for n in (lanes, lanes * 2, lanes // 2) if n >= 4 and cfg.head_dim % n == 0]
-    return {"lanes": lane_opts or [1], "group_tile": _group_tiles(cfg.group_size), "prefetch": ["v+k", "v", "kv", "none"],
-            "qk_tokens": [1, 2], "pv_vecs": [2, 1, 4]}
+    return {"lanes": lane_opts or [1], "group_tile": _group_tiles(cfg.group_size),
+            "prefetch": ["v+k", "v", "kv", "none"], "qk_tokens": [1, 2], "pv_vecs": [2, 1, 4]}
 
 
 def build_decode_cpu(cfg: KernelConfig, *, lanes: int = 8, group_tile: int | None = None, prefetch: str = "v+k",
@@ -56,7 +56,8 @@ def build_decode_cpu(cfg: KernelConfig, *, lanes: int = 8, group_tile: int | Non
     """Return the decode PrimFunc for ``cfg`` (kernel ``decode``) on an LLVM CPU target.
 
     ``lanes`` float32 lanes per vector (8 for AVX2, 16 for AVX-512); ``group_tile`` query heads accumulated
-    together (default: the divisor of the group size nearest to 4, see ``_group_tiles``); ``prefetch`` "v+k", "v", "kv" or "none";
+    together (default: the divisor of the group size nearest to 4, see ``_group_tiles``); ``prefetch`` "v+k",
+    "v", "kv" or "none";
     ``qk_tokens`` tokens scored together (sharing q loads) and ``pv_vecs`` head_dim vectors per P.V register
     tile. The q.k tile keeps one accumulator per (token, head): its GT heads are the independent FMA chains (a
     split of each chain would be merged back by LLVM under the target's fast-math reassociation anyway).
