@@ -285,6 +285,34 @@ def float_imm(value: float, dtype: str = "float64"):
     return tirx.FloatImm(dtype, float(value))
 
 
+def compact_workload_file(path) -> None:
+    """Rewrite a MetaSchedule ``database_workload.json`` without the indentation TVM serializes each module
+    with (about half its size; the tuning logs are committed). Each line is ``[hash, base64(8-byte little-endian
+    length + JSON)]``; a line in another format is kept as it is. Written to a temporary file, then renamed."""
+    import base64  # noqa: PLC0415
+    import json  # noqa: PLC0415
+    import os  # noqa: PLC0415
+    import struct  # noqa: PLC0415
+
+    path = _Path(path)
+    if not path.exists():
+        return
+    lines = []
+    for line in path.read_text().splitlines():
+        try:
+            key, blob = json.loads(line)
+            raw = base64.b64decode(blob)
+            (size,) = struct.unpack("<Q", raw[:8])
+            body = json.dumps(json.loads(raw[8:8 + size]), separators=(",", ":")).encode()
+            line = json.dumps([key, base64.b64encode(struct.pack("<Q", len(body)) + body).decode()])
+        except (ValueError, TypeError, struct.error):
+            pass
+        lines.append(line)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(ln + "\n" for ln in lines))
+    os.replace(tmp, path)
+
+
 def save_json(obj) -> str:
     """TVM's JSON serialization of an IR object (an IRModule)."""
     return tvm.ir.save_json(obj)

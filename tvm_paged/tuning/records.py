@@ -67,6 +67,10 @@ class TuningLog:
     def num_records(self) -> int:
         return len(self.db)
 
+    def compact(self) -> None:
+        """Shrink the database's workload file for committing (see ``tvm_compat.compact_workload_file``)."""
+        tc.compact_workload_file(self.dir / "database_workload.json")
+
     def commit_workload(self, mod):
         return self.db.commit_workload(mod)
 

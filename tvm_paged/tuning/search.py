@@ -139,6 +139,7 @@ def tune(cfg: KernelConfig, target, buckets: list[Bucket], opts: TuneOptions | N
     finally:
         bar.close()
         summary = write_schedule(cfg, target, log, space, opts)
+        log.compact()
     return summary
 
 
