@@ -22,7 +22,13 @@ from ..build import target_kind, with_host
 from ..config import KernelConfig
 from ..kernels.decode_generic import build_decode_generic
 from .records import median_secs
-from .workload import ENTRY, Bucket, PagedInputs, RotatingTimer, build_module, make_workload
+from .workload import ENTRY, Bucket, PagedInputs, build_module, make_workload
+
+
+def _workload(cfg: KernelConfig, bucket: Bucket, opts):
+    """The bucket's lengths and pool, as the knob space's runs measure it."""
+    return make_workload(cfg, bucket, device_kind="cpu", pool_mb=opts.pool_mb, pool_factor=opts.pool_factor,
+                         tables=opts.tables, seed=opts.seed)
 
 
 def generic_module(cfg: KernelConfig, bucket: Bucket, wl):
@@ -36,35 +42,31 @@ def tune_generic(cfg: KernelConfig, target, bucket: Bucket, work_dir: Path, *, t
 
     ``opts``: the :class:`~tvm_paged.tuning.search.TuneOptions` of the run (pool, tables, repeat, seed).
     """
-    from .search import TuneError  # noqa: PLC0415
+    from .search import TuneError, _close, _runner  # noqa: PLC0415
 
     if cfg.kernel != "decode":
         raise TuneError("--space generic: only the decode kernel has a block-form version")
     if target_kind(target) != "cpu" or opts.rpc_tracker is not None:
         raise TuneError("--space generic: local CPU targets only")
     ms = tc.meta_schedule()
-    wl = make_workload(cfg, bucket, device_kind="cpu", pool_mb=opts.pool_mb, pool_factor=opts.pool_factor,
-                       tables=opts.tables, seed=opts.seed)
+    wl = _workload(cfg, bucket, opts)
     mod = generic_module(cfg, bucket, wl)
-    out_dir = Path(work_dir) / "generic" / bucket.name
-    ms_dir = out_dir / "ms"
+    ms_dir = Path(work_dir) / "generic" / bucket.name / "ms"
     ms_dir.mkdir(parents=True, exist_ok=True)
-    evaluator = ms.runner.EvaluatorConfig(number=1, repeat=opts.repeat, min_repeat_ms=opts.min_repeat_ms)
     inputs = PagedInputs(kernel="decode_generic", page_size=cfg.page_size, seq_lens=wl.seq_lens,
                          tables=opts.tables, seed=opts.seed)
-    runner = ms.runner.LocalRunner(timeout_sec=opts.run_timeout, evaluator_config=evaluator,
-                                   alloc_repeat=opts.tables, f_alloc_argument=inputs, f_run_evaluator=RotatingTimer())
+    runner = _runner(wl, "cpu", opts, inputs)
     builder = ms.builder.LocalBuilder(max_workers=tc.allowed_cores(), timeout_sec=opts.build_timeout,
                                       f_build=build_module)
     t0 = time.perf_counter()
-    database = ms.tune_tir(mod, with_host(target), str(ms_dir), max_trials_global=trials,
-                           num_trials_per_iter=max(1, min(trials, opts.per_round * 2)), builder=builder,
-                           runner=runner, cost_model="xgb" if trials >= 8 else "random", strategy="evolutionary",
-                           num_tuning_cores=tc.allowed_cores(), seed=opts.seed)
+    try:
+        database = ms.tune_tir(mod, with_host(target), str(ms_dir), max_trials_global=trials,
+                               num_trials_per_iter=max(1, min(trials, opts.per_round * 2)), builder=builder,
+                               runner=runner, cost_model="xgb" if trials >= 8 else "random",
+                               strategy="evolutionary", num_tuning_cores=tc.allowed_cores(), seed=opts.seed)
+    finally:
+        _close(runner)
     wall = time.perf_counter() - t0
-    pool = getattr(runner, "pool", None)
-    if pool is not None:
-        pool.shutdown()
     records = database.get_all_tuning_records()
     timed = [(median_secs([float(s) for s in r.run_secs]), r) for r in records if r.run_secs]
     timed = [(s, r) for s, r in timed if s]
@@ -83,7 +85,7 @@ def tune_generic(cfg: KernelConfig, target, bucket: Bucket, work_dir: Path, *, t
     if timed:
         secs, best = min(timed, key=lambda x: x[0])
         summary.update(gbps=round(wl.gbps(secs), 4), ms=round(secs * 1e3, 6), trace=str(best.trace))
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    (ms_dir.parent / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     return summary
 
 
@@ -94,9 +96,7 @@ def best_generic_kernel(cfg: KernelConfig, target, bucket: Bucket, work_dir: Pat
     ms_dir = Path(work_dir) / "generic" / bucket.name / "ms"
     if not (ms_dir / "database_tuning_record.json").exists():
         return None
-    wl = make_workload(cfg, bucket, device_kind="cpu", pool_mb=opts.pool_mb, pool_factor=opts.pool_factor,
-                       tables=opts.tables, seed=opts.seed)
-    mod = generic_module(cfg, bucket, wl)
+    mod = generic_module(cfg, bucket, _workload(cfg, bucket, opts))
     database = ms.database.JSONDatabase(work_dir=str(ms_dir))
     sch = ms.tir_integration.compile_tir(database, mod, with_host(target))
     if sch is None:

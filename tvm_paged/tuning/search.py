@@ -79,18 +79,20 @@ def _check_device(target, opts: TuneOptions) -> str:
     return "cpu"
 
 
-def _runner(workload, device_type: str, opts: TuneOptions):
+def _runner(workload, device_type: str, opts: TuneOptions, inputs=None):
+    """MetaSchedule's runner for ``workload``'s valid inputs (``inputs``: another argument maker, same roles)."""
     ms = tc.meta_schedule()
+    inputs = inputs or workload.inputs()
     evaluator = ms.runner.EvaluatorConfig(number=1, repeat=opts.repeat, min_repeat_ms=opts.min_repeat_ms)
     if opts.rpc_tracker is not None:
         host, port = opts.rpc_tracker
         config = ms.runner.RPCConfig(tracker_host=host, tracker_port=port, tracker_key=opts.rpc_key,
                                      session_timeout_sec=int(opts.run_timeout))
         # Over RPC the timing loop must run remotely: MetaSchedule's time_evaluator, one table after another.
-        return ms.runner.RPCRunner(config, evaluator, alloc_repeat=opts.tables, f_alloc_argument=workload.inputs(),
+        return ms.runner.RPCRunner(config, evaluator, alloc_repeat=opts.tables, f_alloc_argument=inputs,
                                    max_workers=1)
     return ms.runner.LocalRunner(timeout_sec=opts.run_timeout, evaluator_config=evaluator,
-                                 alloc_repeat=opts.tables, f_alloc_argument=workload.inputs(),
+                                 alloc_repeat=opts.tables, f_alloc_argument=inputs,
                                  f_run_evaluator=RotatingTimer())
 
 
