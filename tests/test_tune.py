@@ -275,6 +275,46 @@ def test_no_schedule_means_default(target, tmp_path, monkeypatch):
 
 
 # --------------------------------------------------------------------------------- inputs and the CLI
+@pytest.mark.parametrize("kernel", ["decode", "decode_generic", "prefill"])
+def test_output_check_fails_a_wrong_variant(kernel):
+    """The runner's output check passes the reference's own result and rejects a slightly wrong or NaN one."""
+    import torch
+
+    from tvm_paged.tuning.workload import OutputCheck, WrongOutput
+
+    seq_lens = [13, 5, 9]
+    k, v, table, sl = make_pool(seq_lens, page_size=4, num_kv_heads=2, head_dim=16, seed=3)
+    scale = 0.3
+    if kernel == "prefill":
+        q_lens = [4, 5, 2]
+        cu = torch.tensor(np.concatenate([[0], np.cumsum(q_lens)]), dtype=torch.int32)
+        q = random_q(int(cu[-1]), 4, 16, seed=4)
+        ref, _ = reference.prefill(q, k, v, table, sl, cu, scale=scale)
+        extra = {"cu_seqlens_q": cu, "tiles": torch.zeros(1, 3, dtype=torch.int32)}
+        wrong_row = int(cu[-2])  # a row of the last sequence: the check samples the first and the last
+    else:
+        q = random_q(3, 4, 16, seed=4)
+        ref, _ = reference.decode(q, k, v, table, sl, scale=scale)
+        extra = {}
+        wrong_row = 1
+    empty = torch.zeros(1)
+
+    def args(out):
+        given = dict(q=q, k_cache=k, v_cache=v, block_table=table, seq_lens=sl, out=out, lse=empty, o_part=empty,
+                     lse_part=empty, **extra)
+        return [given[role] for role in ROLES[kernel]]
+
+    check = OutputCheck(kernel, scale)
+    check(args(ref.float()))
+    off = ref.float().clone()
+    off[wrong_row, 0, 0] += 1e-3
+    with pytest.raises(WrongOutput, match="max abs error"):
+        check(args(off))
+    off[wrong_row, 0, 0] = float("nan")
+    with pytest.raises(WrongOutput):
+        check(args(off))
+
+
 def test_measurement_inputs_are_valid(target):
     """What the runner measures on: tables of distinct in-pool pages covering each length, real lengths."""
     wl = make_workload(CFG, Bucket(3, 5), pool_mb=1, pool_factor=4, tables=2, seed=7)

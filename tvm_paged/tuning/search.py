@@ -22,7 +22,7 @@ from ..config import KernelConfig
 from ..kernels import build_kernel
 from .records import TuningLog, default_root, median_secs, workload_hash
 from .space import KnobSpace, Proposer, knob_key
-from .workload import Bucket, RotatingTimer, build_cuda_library, build_module, make_workload, pass_path
+from .workload import Bucket, OutputCheck, RotatingTimer, build_cuda_library, build_module, make_workload, pass_path
 
 
 # A tuned point replaces the default only when it measured at least this much faster: timings of one knob dict
@@ -79,10 +79,12 @@ def _check_device(target, opts: TuneOptions) -> str:
     return "cpu"
 
 
-def _runner(workload, device_type: str, opts: TuneOptions, inputs=None):
-    """MetaSchedule's runner for ``workload``'s valid inputs (``inputs``: another argument maker, same roles)."""
+def _runner(workload, device_type: str, opts: TuneOptions, inputs=None, kernel: str | None = None):
+    """MetaSchedule's runner for ``workload``'s valid inputs (``inputs``: another argument maker, same roles;
+    ``kernel``: its key in ``ROLES``, default the config's). A local runner also checks each variant's output."""
     ms = tc.meta_schedule()
     inputs = inputs or workload.inputs()
+    check = OutputCheck(kernel or workload.cfg.kernel, workload.scale)
     evaluator = ms.runner.EvaluatorConfig(number=1, repeat=opts.repeat, min_repeat_ms=opts.min_repeat_ms)
     if opts.rpc_tracker is not None:
         host, port = opts.rpc_tracker
@@ -93,7 +95,7 @@ def _runner(workload, device_type: str, opts: TuneOptions, inputs=None):
                                    max_workers=1)
     return ms.runner.LocalRunner(timeout_sec=opts.run_timeout, evaluator_config=evaluator,
                                  alloc_repeat=opts.tables, f_alloc_argument=inputs,
-                                 f_run_evaluator=RotatingTimer())
+                                 f_run_evaluator=RotatingTimer(check))
 
 
 def _close(runner) -> None:

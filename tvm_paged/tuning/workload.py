@@ -17,6 +17,7 @@ Picklable pieces run in MetaSchedule's worker processes (by reference: they impo
 - :class:`RotatingTimer`: the local ``f_run_evaluator``: calls rotate through the tables, so consecutive calls do
   not find the previous call's pages in the last-level cache. (Over RPC MetaSchedule's own remote
   ``time_evaluator`` times each table in turn: honest when a bucket's K+V exceeds the remote's cache.)
+  With an :class:`OutputCheck` it then compares the output with the float64 reference: a wrong variant fails.
 """
 
 from __future__ import annotations
@@ -346,11 +347,64 @@ def _fill_random(tensor, shape, dtype: str, rng, session) -> None:
     tensor.copyfrom(_as_dtype(np.resize(block, total).reshape(shape), dtype))
 
 
+# Largest |out - reference| an output check accepts, by the kernel's dtype (float32 accumulation throughout; the
+# runner's inputs are N(0, 0.5), so outputs are O(1)). Looser than the tests' tolerances: the check must not
+# reject a correct variant for its summation order, only catch a wrong program.
+CHECK_ATOL = {"float32": 1e-4, "float16": 1e-2, "bfloat16": 6e-2}
+
+
+class WrongOutput(RuntimeError):
+    """A measured variant's output does not match the float64 reference: the trial counts as failed."""
+
+
+@dataclass(frozen=True)
+class OutputCheck:
+    """Compares a variant's ``out`` with :mod:`tvm_paged.reference` (float64) on the inputs it was timed on.
+
+    MetaSchedule's generic space can produce wrong programs (TVM 0.27 decomposes a reduction whose write-back was
+    moved under a consumer's reduction loop outside that loop, so the sum is accumulated again on every pass:
+    seen on the block-form decode kernel), and a wrong program is often the fastest. A check in the runner makes
+    such a trial fail instead of becoming the bucket's best. ``kernel``: a key of ``ROLES``.
+    """
+
+    kernel: str
+    scale: float
+    causal: bool = True
+
+    def __call__(self, args) -> None:
+        import torch  # noqa: PLC0415  (runs in the runner's worker process)
+
+        from .. import reference  # noqa: PLC0415
+
+        roles = ROLES[self.kernel]
+        t = {role: torch.from_dlpack(a) for role, a in zip(roles, args)}
+        if self.kernel == "prefill":  # the first and last sequences (a whole bucket's float64 prefill takes seconds)
+            cu = t["cu_seqlens_q"].tolist()
+            picks = sorted({0, len(cu) - 2})
+            ref = torch.cat([reference.prefill(
+                t["q"][cu[b]:cu[b + 1]], t["k_cache"], t["v_cache"], t["block_table"][b:b + 1],
+                t["seq_lens"][b:b + 1], torch.tensor([0, cu[b + 1] - cu[b]]), scale=self.scale, causal=self.causal,
+            )[0] for b in picks])
+            out = torch.cat([t["out"][cu[b]:cu[b + 1]] for b in picks]).double()
+        else:
+            ref, _ = reference.decode(t["q"], t["k_cache"], t["v_cache"], t["block_table"], t["seq_lens"],
+                                      scale=self.scale)
+            out = t["out"].double()
+        dtype = str(t["out"].dtype).replace("torch.", "")
+        err = (out - ref).abs().max().item()  # NaN compares false: tested separately
+        if not (err <= CHECK_ATOL[dtype]):
+            raise WrongOutput(f"wrong output: max abs error {err:.3g} against the float64 reference "
+                              f"(tolerance {CHECK_ATOL[dtype]:.1g})")
+
+
 @dataclass(frozen=True)
 class RotatingTimer:
     """MetaSchedule ``f_run_evaluator`` for local runners: one warm-up call per table, then ``repeat`` timings,
     each of at least ``min_repeat_ms`` (and ``number`` calls), rotating through the tables call by call.
-    Returns seconds per call, one value per repeat."""
+    Returns seconds per call, one value per repeat. With ``check``, the output of the last call is then compared
+    with the reference, and a wrong one raises (MetaSchedule records the trial as failed)."""
+
+    check: OutputCheck | None = None
 
     def __call__(self, rt_mod, device, config, repeated_args):
         fn = rt_mod[ENTRY]
@@ -371,4 +425,6 @@ class RotatingTimer:
                 fn(*repeated_args[i % n_tables])
             device.sync()
             costs.append((time.perf_counter() - t0) / calls)
+        if self.check is not None:  # calls is a multiple of the table count: the last call used the last table
+            self.check(repeated_args[-1])
         return costs
