@@ -1,4 +1,5 @@
-"""TVMScript helpers shared by the kernel builders: a vectorizable exp2 and dtype helpers."""
+"""TVMScript helpers shared by the kernel builders: a vectorizable exp2, dtype helpers, shuffle-tree row sums
+(CPU) and the CUDA kernels' per-thread online-softmax update and warp reduction (``T.macro``)."""
 
 from __future__ import annotations
 
@@ -92,3 +93,39 @@ def row_chunk(rows: int, lanes: int) -> int:
 def lanes_at(start, count: int):
     """Index of ``count`` consecutive elements from ``start``: a ramp, or the scalar index for one element."""
     return start if count == 1 else T.ramp(start, 1, count)
+
+
+_FULL_MASK = 0xFFFFFFFF
+
+
+@T.macro
+def warp_allreduce_sum(red, tx, width, log_width):
+    """``red[0]`` summed over the ``width`` lanes (a power of two) of ``tx``'s lane group, left in every lane by an
+    XOR butterfly; control flow must be uniform over the group (every lane shuffles)."""
+    for k in T.unroll(log_width):
+        red[0] = red[0] + T.tvm_warp_shuffle(
+            T.uint32(_FULL_MASK), red[0], T.bitwise_xor(tx, T.shift_right(width // 2, k)), width, 32,
+        )
+
+
+@T.macro
+def online_softmax_update(m, lsum, acc, sc, tmp, row, cols, vec):
+    """One online-softmax step of ``row``, in the log2 domain (CUDA kernels, per thread, registers).
+
+    ``sc[row, 0:cols]``: the new scores (-inf where masked), replaced by their weights 2**(score - max);
+    ``m[row]``, ``lsum[row]``: the running max and weight sum, updated; ``acc[row, 0:vec]``: the thread's output
+    slice, rescaled to the new max (the caller then adds the weighted V rows). ``tmp``: >= 3 float32 scratch.
+    A row that has seen only -inf keeps max -inf and sum 0: its safe max (0) keeps exp2 finite.
+    """
+    tmp[0] = m[row]
+    for j in T.unroll(cols):
+        tmp[0] = T.max(tmp[0], sc[row, j])
+    tmp[1] = T.if_then_else(tmp[0] == T.float32(float("-inf")), T.float32(0), tmp[0])
+    tmp[2] = T.exp2(m[row] - tmp[1])
+    m[row] = tmp[0]
+    lsum[row] = lsum[row] * tmp[2]
+    for j in T.unroll(cols):
+        sc[row, j] = T.exp2(sc[row, j] - tmp[1])
+        lsum[row] = lsum[row] + sc[row, j]
+    for v in T.unroll(vec):
+        acc[row, v] = acc[row, v] * tmp[2]

@@ -28,13 +28,10 @@ pointers (CUDA allocations are; every supported head_dim keeps rows 16-byte alig
 
 from __future__ import annotations
 
-import math
-
 from ..config import KernelConfig
 from ..tvm_compat import T
+from .common import LN2, LOG2E, online_softmax_update, warp_allreduce_sum
 
-LOG2E = math.log2(math.e)
-LN2 = math.log(2.0)
 _NEG_INF = float("-inf")
 
 
@@ -203,7 +200,6 @@ def build_decode_cuda(cfg: KernelConfig, target=None, **knobs):
     BLOCKS_PER_SPLIT = Hkv * HG
     is_f32 = dt == "float32"
     neg_inf = T.float32(_NEG_INF)
-    full_mask = T.uint32(0xFFFFFFFF)
 
     def f32(x):
         return x if is_f32 else T.Cast("float32", x)
@@ -239,7 +235,7 @@ def build_decode_cuda(cfg: KernelConfig, target=None, **knobs):
                     acc = T.alloc_buffer((GQ, VEC), "float32", scope="local")
                     m = T.alloc_buffer((GQ,), "float32", scope="local")
                     lsum = T.alloc_buffer((GQ,), "float32", scope="local")
-                    sc = T.alloc_buffer((TILE, GQ), "float32", scope="local")
+                    sc = T.alloc_buffer((GQ, TILE), "float32", scope="local")
                     kr = T.alloc_buffer((TILE, VEC), dt, scope="local")
                     vr = T.alloc_buffer((TILE, VEC), dt, scope="local")
                     qs = T.alloc_buffer((VEC,), dt, scope="local")
@@ -308,29 +304,14 @@ def build_decode_cuda(cfg: KernelConfig, target=None, **knobs):
                                     red[0] = T.float32(0)
                                     for v in T.unroll(VEC):
                                         red[0] = red[0] + qf[g, v] * f32(kr[j, v])
-                                    for k in T.unroll(LOG_BDX):
-                                        red[0] = red[0] + T.tvm_warp_shuffle(
-                                            full_mask, red[0], T.bitwise_xor(tx, T.shift_right(BDX // 2, k)),
-                                            BDX, 32,
-                                        )
-                                    sc[j, g] = T.if_then_else(base + j < tok_end, red[0], neg_inf)
-                            # Online softmax, one rescale per tile. tmp: 0 new max, 1 its safe value, 2 alpha.
+                                    warp_allreduce_sum(red, tx, BDX, LOG_BDX)
+                                    sc[g, j] = T.if_then_else(base + j < tok_end, red[0], neg_inf)
+                            # Online softmax, one rescale per tile, then this tile's weighted V rows.
                             for g in T.unroll(GQ):
-                                tmp[0] = m[g]
-                                for j in T.unroll(TILE):
-                                    tmp[0] = T.max(tmp[0], sc[j, g])
-                                tmp[1] = T.if_then_else(tmp[0] == neg_inf, T.float32(0), tmp[0])
-                                tmp[2] = T.exp2(m[g] - tmp[1])
-                                m[g] = tmp[0]
-                                lsum[g] = lsum[g] * tmp[2]
-                                for j in T.unroll(TILE):
-                                    sc[j, g] = T.exp2(sc[j, g] - tmp[1])
-                                    lsum[g] = lsum[g] + sc[j, g]
-                                for v in T.unroll(VEC):
-                                    acc[g, v] = acc[g, v] * tmp[2]
+                                online_softmax_update(m, lsum, acc, sc, tmp, g, TILE, VEC)
                                 for j in T.unroll(TILE):
                                     for v in T.unroll(VEC):
-                                        acc[g, v] = acc[g, v] + sc[j, g] * f32(vr[j, v])
+                                        acc[g, v] = acc[g, v] + sc[g, j] * f32(vr[j, v])
 
                         # Tree merge of the token groups' states through shared memory.
                         for k in T.unroll(LOG_BDY):

@@ -32,14 +32,11 @@ and correct for every head_dim / group size; not a peak-FLOP prefill.
 
 from __future__ import annotations
 
-import math
-
 from ..config import KernelConfig
 from ..tvm_compat import T
+from .common import LN2, LOG2E, online_softmax_update, warp_allreduce_sum
 from .decode_cuda import feasible_space, head_dim_lanes, target_limits
 
-LOG2E = math.log2(math.e)
-LN2 = math.log(2.0)
 # Rows of a tile handled per pass (the planner's tiles are at most ops.PREFILL_Q_TILE = 16 rows; taller tiles are
 # walked in passes of Q_ROWS).
 Q_ROWS = 16
@@ -152,7 +149,6 @@ def build_prefill_cuda(cfg: KernelConfig, target=None, **knobs):
     BLOCKS_PER_TILE = Hkv * HG
     is_f32 = dt == "float32"
     neg_inf = T.float32(float("-inf"))
-    full_mask = T.uint32(0xFFFFFFFF)
 
     def f32(x):
         return x if is_f32 else T.Cast("float32", x)
@@ -269,11 +265,7 @@ def build_prefill_cuda(cfg: KernelConfig, target=None, **knobs):
                                             red[0] = T.float32(0)
                                             for v in T.unroll(VEC):
                                                 red[0] = red[0] + qf[i, v] * kf[v]
-                                            for k in T.unroll(LOG_BDX):
-                                                red[0] = red[0] + T.tvm_warp_shuffle(
-                                                    full_mask, red[0],
-                                                    T.bitwise_xor(tx, T.shift_right(BDX // 2, k)), BDX, 32,
-                                                )
+                                            warp_allreduce_sum(red, tx, BDX, LOG_BDX)
                                             # Visible: a real query row, a key below seq_len (and below the
                                             # pass limit), and (causal) at or before the query's position.
                                             sc[i, j] = T.if_then_else(
@@ -287,18 +279,7 @@ def build_prefill_cuda(cfg: KernelConfig, target=None, **knobs):
                                             )
                                     # Online softmax update, once per C tokens.
                                     for i in T.unroll(NQ):
-                                        tmp[0] = m[i]
-                                        for j in T.unroll(C):
-                                            tmp[0] = T.max(tmp[0], sc[i, j])
-                                        tmp[1] = T.if_then_else(tmp[0] == neg_inf, T.float32(0), tmp[0])
-                                        tmp[2] = T.exp2(m[i] - tmp[1])
-                                        m[i] = tmp[0]
-                                        lsum[i] = lsum[i] * tmp[2]
-                                        for j in T.unroll(C):
-                                            sc[i, j] = T.exp2(sc[i, j] - tmp[1])
-                                            lsum[i] = lsum[i] + sc[i, j]
-                                        for v in T.unroll(VEC):
-                                            acc[i, v] = acc[i, v] * tmp[2]
+                                        online_softmax_update(m, lsum, acc, sc, tmp, i, C, VEC)
                                     if tx < ACT:
                                         for j in T.unroll(C):
                                             for v in T.unroll(VEC):
