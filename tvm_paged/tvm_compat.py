@@ -92,6 +92,11 @@ def prefetch(address):
     return T.evaluate(T.call_intrin("void", "tirx.prefetch", address, 0, 1, 1))
 
 
+def shape_var(name: str):
+    """A fresh symbolic int64 dimension named ``name`` (a kernel's batch, pool size, ...)."""
+    return tirx.Var(name, "int64")
+
+
 def runtime_num_threads() -> int:
     """Workers in TVM's CPU thread pool."""
     return int(tvm.get_global_func("runtime.NumThreads")())

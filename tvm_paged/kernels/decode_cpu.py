@@ -27,6 +27,7 @@ from ..config import KernelConfig
 from ..tvm_compat import T
 from ..tvm_compat import prefetch as prefetch_line
 from .common import LN2, LOG2E, exp2, from_f32, lanes_at, row_chunk, row_sums, to_f32
+from .signatures import decode_args
 
 _CACHE_LINE = 64
 
@@ -97,26 +98,15 @@ def build_decode_cpu(cfg: KernelConfig, *, lanes: int = 8, group_tile: int | Non
 
     neg_inf = T.float32(float("-inf"))
 
+    a = decode_args(cfg)
+    B, NS = a.B, a.NS
+
     @T.prim_func
     def decode(
-        q_h: T.handle, k_h: T.handle, v_h: T.handle, bt_h: T.handle, sl_h: T.handle,
-        out_h: T.handle, lse_h: T.handle, op_h: T.handle, lp_h: T.handle, scale: T.float32,
+        Q: a.q, K: a.k_cache, V: a.v_cache, BT: a.block_table, SL: a.seq_lens,
+        O: a.out, LSE: a.lse, OP: a.o_part, LP: a.lse_part, scale: T.float32,
     ):
         T.func_attr({"global_symbol": cfg.name, "tirx.noalias": True})
-        B = T.int64()
-        P = T.int64()
-        M = T.int64()
-        NS = T.int64()
-        # align = element size: torch.from_numpy and sliced tensors are not 64-byte aligned.
-        Q = T.match_buffer(q_h, (B, Hq, D), dt, align=E)
-        K = T.match_buffer(k_h, (P, S, Hkv, D), dt, align=E)
-        V = T.match_buffer(v_h, (P, S, Hkv, D), dt, align=E)
-        BT = T.match_buffer(bt_h, (B, M), "int32", align=4)
-        SL = T.match_buffer(sl_h, (B,), "int32", align=4)
-        O = T.match_buffer(out_h, (B, Hq, D), dt, align=E)
-        LSE = T.match_buffer(lse_h, (B, Hq), "float32", align=4)
-        OP = T.match_buffer(op_h, (B, NS, Hq, D), "float32", align=4)
-        LP = T.match_buffer(lp_h, (B, NS, Hq), "float32", align=4)
 
         for task in T.parallel(B * NS):
             qf = T.alloc_buffer((Hq, D), "float32")

@@ -31,6 +31,7 @@ from __future__ import annotations
 from ..config import KernelConfig
 from ..tvm_compat import T
 from .common import LN2, LOG2E, online_softmax_update, warp_allreduce_sum
+from .signatures import decode_args
 
 _NEG_INF = float("-inf")
 
@@ -187,7 +188,6 @@ def build_decode_cuda(cfg: KernelConfig, target=None, **knobs):
     plan = decode_plan(cfg, target, **knobs)
     Hq, Hkv, D, S, G = cfg.num_qo_heads, cfg.num_kv_heads, cfg.head_dim, cfg.page_size, cfg.group_size
     dt = cfg.dtype
-    E = cfg.itemsize
     VEC, LANES, BDX, ACT, BDY, TILE = (plan[k] for k in ("vec", "lanes", "bdx", "active", "bdy", "tile"))
     GQ, HG = plan["gq"], plan["head_groups"]
     NCH = VEC // LANES  # vector loads per lane per row
@@ -207,25 +207,15 @@ def build_decode_cuda(cfg: KernelConfig, target=None, **knobs):
     def store(x):
         return x if is_f32 else T.Cast(dt, x)
 
+    a = decode_args(cfg)
+    B, NS = a.B, a.NS
+
     @T.prim_func
     def decode(
-        q_h: T.handle, k_h: T.handle, v_h: T.handle, bt_h: T.handle, sl_h: T.handle,
-        out_h: T.handle, lse_h: T.handle, op_h: T.handle, lp_h: T.handle, scale: T.float32,
+        Q: a.q, K: a.k_cache, V: a.v_cache, BT: a.block_table, SL: a.seq_lens,
+        O: a.out, LSE: a.lse, OP: a.o_part, LP: a.lse_part, scale: T.float32,
     ):
         T.func_attr({"global_symbol": cfg.name, "tirx.noalias": True})
-        B = T.int64()
-        P = T.int64()
-        M = T.int64()
-        NS = T.int64()
-        Q = T.match_buffer(q_h, (B, Hq, D), dt, align=E)
-        K = T.match_buffer(k_h, (P, S, Hkv, D), dt, align=E)
-        V = T.match_buffer(v_h, (P, S, Hkv, D), dt, align=E)
-        BT = T.match_buffer(bt_h, (B, M), "int32", align=4)
-        SL = T.match_buffer(sl_h, (B,), "int32", align=4)
-        O = T.match_buffer(out_h, (B, Hq, D), dt, align=E)
-        LSE = T.match_buffer(lse_h, (B, Hq), "float32", align=4)
-        OP = T.match_buffer(op_h, (B, NS, Hq, D), "float32", align=4)
-        LP = T.match_buffer(lp_h, (B, NS, Hq), "float32", align=4)
 
         # ---------------------------------------------------------------- kernel 1: attention per split
         for bid in T.thread_binding(T.max(B * NS, T.int64(1)) * BLOCKS_PER_SPLIT, thread="blockIdx.x"):

@@ -12,21 +12,17 @@ from __future__ import annotations
 
 from ..config import KernelConfig
 from ..tvm_compat import T
+from .signatures import copy_pages_args, write_kv_args
 
 
 def build_write_kv_cpu(cfg: KernelConfig):
-    Hkv, D, S, dt, E = cfg.num_kv_heads, cfg.head_dim, cfg.page_size, cfg.dtype, cfg.itemsize
+    Hkv, D, S = cfg.num_kv_heads, cfg.head_dim, cfg.page_size
+    a = write_kv_args(cfg)
+    N = a.N
 
     @T.prim_func
-    def write_kv(k_h: T.handle, v_h: T.handle, kc_h: T.handle, vc_h: T.handle, slot_h: T.handle):
+    def write_kv(K: a.k, V: a.v, KC: a.k_cache, VC: a.v_cache, SLOT: a.slot_mapping):
         T.func_attr({"global_symbol": cfg.name, "tirx.noalias": True})
-        N = T.int64()
-        P = T.int64()
-        K = T.match_buffer(k_h, (N, Hkv, D), dt, align=E)
-        V = T.match_buffer(v_h, (N, Hkv, D), dt, align=E)
-        KC = T.match_buffer(kc_h, (P, S, Hkv, D), dt, align=E)
-        VC = T.match_buffer(vc_h, (P, S, Hkv, D), dt, align=E)
-        SLOT = T.match_buffer(slot_h, (N,), "int64", align=8)
         for i in T.parallel(N):
             slot: T.int64 = SLOT[i]
             if slot >= T.int64(0):
@@ -38,17 +34,13 @@ def build_write_kv_cpu(cfg: KernelConfig):
 
 
 def build_copy_pages_cpu(cfg: KernelConfig):
-    Hkv, D, S, dt, E = cfg.num_kv_heads, cfg.head_dim, cfg.page_size, cfg.dtype, cfg.itemsize
+    Hkv, D, S = cfg.num_kv_heads, cfg.head_dim, cfg.page_size
+    a = copy_pages_args(cfg)
+    C = a.C
 
     @T.prim_func
-    def copy_pages(kc_h: T.handle, vc_h: T.handle, src_h: T.handle, dst_h: T.handle):
+    def copy_pages(KC: a.k_cache, VC: a.v_cache, SRC: a.src_pages, DST: a.dst_pages):
         T.func_attr({"global_symbol": cfg.name, "tirx.noalias": True})
-        P = T.int64()
-        C = T.int64()
-        KC = T.match_buffer(kc_h, (P, S, Hkv, D), dt, align=E)
-        VC = T.match_buffer(vc_h, (P, S, Hkv, D), dt, align=E)
-        SRC = T.match_buffer(src_h, (C,), "int32", align=4)
-        DST = T.match_buffer(dst_h, (C,), "int32", align=4)
         for i in T.parallel(C):
             src: T.int64 = T.Cast("int64", SRC[i])
             dst: T.int64 = T.Cast("int64", DST[i])

@@ -16,6 +16,7 @@ from __future__ import annotations
 from ..config import KernelConfig
 from ..tvm_compat import T
 from .decode_cuda import _is_pow2, target_limits
+from .signatures import copy_pages_args, write_kv_args
 
 
 def page_ops_plan(cfg: KernelConfig, target=None, *, vec_bytes: int = 16, num_threads: int = 256) -> dict:
@@ -40,20 +41,16 @@ def build_write_kv_cuda(cfg: KernelConfig, target=None, **knobs):
     if cfg.kernel != "write_kv":
         raise ValueError(f"write_kv kernel needs a write_kv config, got {cfg.name}")
     plan = page_ops_plan(cfg, target, **knobs)
-    Hkv, D, S, dt, E = cfg.num_kv_heads, cfg.head_dim, cfg.page_size, cfg.dtype, cfg.itemsize
+    S = cfg.page_size
     W, RW, VEC, NT = plan["word"], plan["row_words"], plan["vec"], plan["num_threads"]
     RV = RW // VEC  # vectors per token row
 
+    a = write_kv_args(cfg)
+    N, P = a.N, a.P
+
     @T.prim_func
-    def write_kv(k_h: T.handle, v_h: T.handle, kc_h: T.handle, vc_h: T.handle, slot_h: T.handle):
+    def write_kv(K: a.k, V: a.v, KC: a.k_cache, VC: a.v_cache, SLOT: a.slot_mapping):
         T.func_attr({"global_symbol": cfg.name, "tirx.noalias": True})
-        N = T.int64()
-        P = T.int64()
-        K = T.match_buffer(k_h, (N, Hkv, D), dt, align=E)
-        V = T.match_buffer(v_h, (N, Hkv, D), dt, align=E)
-        KC = T.match_buffer(kc_h, (P, S, Hkv, D), dt, align=E)
-        VC = T.match_buffer(vc_h, (P, S, Hkv, D), dt, align=E)
-        SLOT = T.match_buffer(slot_h, (N,), "int64", align=8)
         # Raw-word views of the same memory.
         Kw = T.decl_buffer((N * RW,), W, data=K.data)
         Vw = T.decl_buffer((N * RW,), W, data=V.data)
@@ -79,20 +76,17 @@ def build_copy_pages_cuda(cfg: KernelConfig, target=None, **knobs):
     if cfg.kernel != "copy_pages":
         raise ValueError(f"copy_pages kernel needs a copy_pages config, got {cfg.name}")
     plan = page_ops_plan(cfg, target, **knobs)
-    Hkv, D, S, dt, E = cfg.num_kv_heads, cfg.head_dim, cfg.page_size, cfg.dtype, cfg.itemsize
+    S = cfg.page_size
     W, RW, VEC, NT = plan["word"], plan["row_words"], plan["vec"], plan["num_threads"]
     PW = S * RW  # words per page
     PV = PW // VEC  # vectors per page
 
+    a = copy_pages_args(cfg)
+    P, C = a.P, a.C
+
     @T.prim_func
-    def copy_pages(kc_h: T.handle, vc_h: T.handle, src_h: T.handle, dst_h: T.handle):
+    def copy_pages(KC: a.k_cache, VC: a.v_cache, SRC: a.src_pages, DST: a.dst_pages):
         T.func_attr({"global_symbol": cfg.name, "tirx.noalias": True})
-        P = T.int64()
-        C = T.int64()
-        KC = T.match_buffer(kc_h, (P, S, Hkv, D), dt, align=E)
-        VC = T.match_buffer(vc_h, (P, S, Hkv, D), dt, align=E)
-        SRC = T.match_buffer(src_h, (C,), "int32", align=4)
-        DST = T.match_buffer(dst_h, (C,), "int32", align=4)
         KCw = T.decl_buffer((P * PW,), W, data=KC.data)
         VCw = T.decl_buffer((P * PW,), W, data=VC.data)
         for bx in T.thread_binding(T.max((C * PV + (NT - 1)) // NT, T.int64(1)), thread="blockIdx.x"):

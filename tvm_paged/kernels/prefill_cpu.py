@@ -43,6 +43,7 @@ import math
 from ..config import KernelConfig
 from ..tvm_compat import T, prefetch
 from .common import LN2, LOG2E, exp2, from_f32, to_f32
+from .signatures import prefill_args
 
 # Query rows per tile; must equal ops.PREFILL_Q_TILE (the planner's tile), checked by the tests.
 PREFILL_Q_TILE = 16
@@ -101,7 +102,7 @@ def build_prefill_cpu(cfg: KernelConfig, *, lanes: int = 8, chunk: int | None = 
     """
     if cfg.kernel != "prefill":
         raise ValueError(f"build_prefill_cpu needs a prefill config, got {cfg.name}")
-    Hq, Hkv, D, S, G = cfg.num_qo_heads, cfg.num_kv_heads, cfg.head_dim, cfg.page_size, cfg.group_size
+    Hkv, D, S, G = cfg.num_kv_heads, cfg.head_dim, cfg.page_size, cfg.group_size
     dt = cfg.dtype
     E = cfg.itemsize
     QT = PREFILL_Q_TILE
@@ -133,27 +134,15 @@ def build_prefill_cpu(cfg: KernelConfig, *, lanes: int = 8, chunk: int | None = 
     row_lines = (D + line - 1) // line  # cache lines per K (or V) row of one head
     neg_inf = T.float32(float("-inf"))
 
+    a = prefill_args(cfg)
+    NT = a.NT
+
     @T.prim_func
     def prefill(
-        q_h: T.handle, k_h: T.handle, v_h: T.handle, bt_h: T.handle, sl_h: T.handle, cu_h: T.handle,
-        tl_h: T.handle, out_h: T.handle, lse_h: T.handle, scale: T.float32, causal: T.int32,
+        Q: a.q, K: a.k_cache, V: a.v_cache, BT: a.block_table, SL: a.seq_lens, CU: a.cu_seqlens_q,
+        TL: a.tiles, O: a.out, LSE: a.lse, scale: T.float32, causal: T.int32,
     ):
         T.func_attr({"global_symbol": cfg.name, "tirx.noalias": True})
-        TQ = T.int64()
-        P = T.int64()
-        B = T.int64()
-        M = T.int64()
-        NT = T.int64()
-        # align = element size: torch.from_numpy and sliced tensors are not 64-byte aligned.
-        Q = T.match_buffer(q_h, (TQ, Hq, D), dt, align=E)
-        K = T.match_buffer(k_h, (P, S, Hkv, D), dt, align=E)
-        V = T.match_buffer(v_h, (P, S, Hkv, D), dt, align=E)
-        BT = T.match_buffer(bt_h, (B, M), "int32", align=4)
-        SL = T.match_buffer(sl_h, (B,), "int32", align=4)
-        CU = T.match_buffer(cu_h, (B + 1,), "int32", align=4)
-        TL = T.match_buffer(tl_h, (NT, 3), "int32", align=4)
-        O = T.match_buffer(out_h, (TQ, Hq, D), dt, align=E)
-        LSE = T.match_buffer(lse_h, (TQ, Hq), "float32", align=4)
 
         for task in T.parallel(NT):
             qf = T.alloc_buffer((ROWS, D), "float32")

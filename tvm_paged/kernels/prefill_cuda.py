@@ -36,6 +36,7 @@ from ..config import KernelConfig
 from ..tvm_compat import T
 from .common import LN2, LOG2E, online_softmax_update, warp_allreduce_sum
 from .decode_cuda import feasible_space, head_dim_lanes, target_limits
+from .signatures import prefill_args
 
 # Rows of a tile handled per pass (the planner's tiles are at most ops.PREFILL_Q_TILE = 16 rows; taller tiles are
 # walked in passes of Q_ROWS).
@@ -137,9 +138,8 @@ def knob_space(cfg: KernelConfig, target=None) -> dict[str, list]:
 def build_prefill_cuda(cfg: KernelConfig, target=None, **knobs):
     """Return the prefill PrimFunc for ``cfg`` on a CUDA target (knobs: see :func:`prefill_plan`)."""
     plan = prefill_plan(cfg, target, **knobs)
-    Hq, Hkv, D, S, G = cfg.num_qo_heads, cfg.num_kv_heads, cfg.head_dim, cfg.page_size, cfg.group_size
+    Hkv, D, S, G = cfg.num_kv_heads, cfg.head_dim, cfg.page_size, cfg.group_size
     dt = cfg.dtype
-    E = cfg.itemsize
     VEC, LANES, BDX, ACT, BDY = (plan[k] for k in ("vec", "lanes", "bdx", "active", "bdy"))
     GQ, HG, NQ, KT, C = plan["gq"], plan["head_groups"], plan["nq"], plan["kv_tile"], plan["step"]
     NCH = VEC // LANES
@@ -156,26 +156,15 @@ def build_prefill_cuda(cfg: KernelConfig, target=None, **knobs):
     def store(x):
         return x if is_f32 else T.Cast(dt, x)
 
+    a = prefill_args(cfg)
+    NT = a.NT
+
     @T.prim_func
     def prefill(
-        q_h: T.handle, k_h: T.handle, v_h: T.handle, bt_h: T.handle, sl_h: T.handle, cu_h: T.handle,
-        tiles_h: T.handle, out_h: T.handle, lse_h: T.handle, scale: T.float32, causal: T.int32,
+        Q: a.q, K: a.k_cache, V: a.v_cache, BT: a.block_table, SL: a.seq_lens, CU: a.cu_seqlens_q,
+        TILES: a.tiles, O: a.out, LSE: a.lse, scale: T.float32, causal: T.int32,
     ):
         T.func_attr({"global_symbol": cfg.name, "tirx.noalias": True})
-        B = T.int64()
-        P = T.int64()
-        M = T.int64()
-        TQ = T.int64()
-        NT = T.int64()
-        Q = T.match_buffer(q_h, (TQ, Hq, D), dt, align=E)
-        K = T.match_buffer(k_h, (P, S, Hkv, D), dt, align=E)
-        V = T.match_buffer(v_h, (P, S, Hkv, D), dt, align=E)
-        BT = T.match_buffer(bt_h, (B, M), "int32", align=4)
-        SL = T.match_buffer(sl_h, (B,), "int32", align=4)
-        CU = T.match_buffer(cu_h, (B + 1,), "int32", align=4)
-        TILES = T.match_buffer(tiles_h, (NT, 3), "int32", align=4)
-        O = T.match_buffer(out_h, (TQ, Hq, D), dt, align=E)
-        LSE = T.match_buffer(lse_h, (TQ, Hq), "float32", align=4)
 
         for bid in T.thread_binding(T.max(NT, T.int64(1)) * BLOCKS_PER_TILE, thread="blockIdx.x"):
             for ty in T.thread_binding(BDY, thread="threadIdx.y"):
