@@ -394,6 +394,7 @@ def test_generic_space_tunes_block_form_decode(target, tmp_path):
     opts = _opts(tmp_path, pool_mb=1)
     summary = tune_generic(CFG, target, bucket, tmp_path / "logs", trials=4, opts=opts)
     assert summary["trials"] >= 1 and summary["succeeded"] >= 1 and summary["gbps"] > 0
+    assert summary["failed"] == summary["trials"] - summary["succeeded"]
     assert json.loads((tmp_path / "logs" / "generic" / "3x4" / "summary.json").read_text())["gbps"] > 0
     exe = best_generic_kernel(CFG, target, bucket, tmp_path / "logs", opts=opts)
     assert exe is not None

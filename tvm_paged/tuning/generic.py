@@ -5,9 +5,9 @@ over the target's default schedule rules) and evolutionary search on :func:`buil
 bucket, measured by the same runner as the knob space (valid fragmented page tables, rotating tables). Nothing it
 finds is used at run time: the point is the number next to the knob space's on the same bucket.
 
-Per bucket it keeps ``summary.json`` (best GB/s, trials, the best trace as text) under
-``<work_dir>/generic/<bucket>/``; MetaSchedule's own database and logs stay in that folder's ``ms/``, which is
-not meant to be committed (a few hundred KB of traces per run).
+Per bucket it keeps ``summary.json`` (best GB/s, trials, failed trials including wrong outputs, the best trace
+as text) under ``<work_dir>/generic/<bucket>/``; MetaSchedule's own database and logs stay in that folder's
+``ms/``, which is not meant to be committed (a few hundred KB of traces per run).
 """
 
 from __future__ import annotations
@@ -76,6 +76,8 @@ def tune_generic(cfg: KernelConfig, target, bucket: Bucket, work_dir: Path, *, t
         "space": "MetaSchedule post-order-apply, default rules for the target",
         "trials": len(records),
         "succeeded": len(timed),
+        # Failed builds, runs, and variants whose output did not match the float64 reference (OutputCheck).
+        "failed": len(records) - len(timed),
         "wall_s": round(wall, 1),
         "kv_bytes": wl.kv_bytes,
         "gbps": None,
