@@ -377,7 +377,8 @@ class OutputCheck:
         from .. import reference  # noqa: PLC0415
 
         roles = ROLES[self.kernel]
-        t = {role: torch.from_dlpack(a) for role, a in zip(roles, args)}
+        # On the host (no-op on CPU; a local GPU runner's arrays are copied: the reference runs on the CPU).
+        t = {role: torch.from_dlpack(a).cpu() for role, a in zip(roles, args)}
         if self.kernel == "prefill":  # the first and last sequences (a whole bucket's float64 prefill takes seconds)
             cu = t["cu_seqlens_q"].tolist()
             picks = sorted({0, len(cu) - 2})
