@@ -55,7 +55,7 @@ def tune_generic(cfg: KernelConfig, target, bucket: Bucket, work_dir: Path, *, t
     ms_dir.mkdir(parents=True, exist_ok=True)
     inputs = PagedInputs(kernel="decode_generic", page_size=cfg.page_size, seq_lens=wl.seq_lens,
                          tables=opts.tables, seed=opts.seed)
-    runner = _runner(wl, "cpu", opts, inputs, kernel="decode_generic")
+    runner = _runner(wl, "cpu", opts, inputs)
     builder = ms.builder.LocalBuilder(max_workers=tc.allowed_cores(), timeout_sec=opts.build_timeout,
                                       f_build=build_module)
     t0 = time.perf_counter()

@@ -79,12 +79,12 @@ def _check_device(target, opts: TuneOptions) -> str:
     return "cpu"
 
 
-def _runner(workload, device_type: str, opts: TuneOptions, inputs=None, kernel: str | None = None):
-    """MetaSchedule's runner for ``workload``'s valid inputs (``inputs``: another argument maker, same roles;
-    ``kernel``: its key in ``ROLES``, default the config's). A local runner also checks each variant's output."""
+def _runner(workload, device_type: str, opts: TuneOptions, inputs=None):
+    """MetaSchedule's runner for ``workload``'s valid inputs (``inputs``: another argument maker, e.g. for the
+    block-form kernel). A local runner also checks each variant's output against the float64 reference."""
     ms = tc.meta_schedule()
     inputs = inputs or workload.inputs()
-    check = OutputCheck(kernel or workload.cfg.kernel, workload.scale)
+    check = OutputCheck(inputs.kernel, workload.scale)
     evaluator = ms.runner.EvaluatorConfig(number=1, repeat=opts.repeat, min_repeat_ms=opts.min_repeat_ms)
     if opts.rpc_tracker is not None:
         host, port = opts.rpc_tracker

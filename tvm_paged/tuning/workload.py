@@ -392,7 +392,7 @@ class OutputCheck:
                                       scale=self.scale)
             out = t["out"].double()
         dtype = str(t["out"].dtype).replace("torch.", "")
-        err = (out - ref).abs().max().item()  # NaN compares false: tested separately
+        err = (out - ref).abs().max().item()  # a NaN fails the test below too
         if not (err <= CHECK_ATOL[dtype]):
             raise WrongOutput(f"wrong output: max abs error {err:.3g} against the float64 reference "
                               f"(tolerance {CHECK_ATOL[dtype]:.1g})")
