@@ -383,20 +383,22 @@ def test_proposer_never_repeats_and_finds_the_best(strategy):
     assert sorted(rest + list(measured)) == list(range(space.size))
 
 
-def test_generic_space_tunes_block_form_decode(target, tmp_path):
-    """MetaSchedule's generic space (kept for comparison): a short run measures real trials on valid inputs,
-    and its best schedule, applied to the block-form kernel, matches the float64 reference."""
+@pytest.mark.parametrize("space", ["generic", "paged"])
+def test_block_form_spaces_tune_decode(target, tmp_path, space):
+    """MetaSchedule's search over the generic space and over the paged-attention ScheduleFn space (both kept for
+    comparison): a short run measures real trials on valid inputs, and its best schedule, applied to the
+    block-form kernel, matches the float64 reference."""
     import torch
 
-    from tvm_paged.tuning.generic import best_generic_kernel, discard_database, tune_generic
+    from tvm_paged.tuning.block_spaces import best_block_kernel, discard_database, tune_block_form
 
     bucket = Bucket(3, 4)
     opts = _opts(tmp_path, pool_mb=1)
-    summary = tune_generic(CFG, target, bucket, tmp_path / "logs", trials=4, opts=opts)
+    summary = tune_block_form(CFG, target, bucket, tmp_path / "logs", trials=4, opts=opts, space=space)
     assert summary["trials"] >= 1 and summary["succeeded"] >= 1 and summary["gbps"] > 0
     assert summary["failed"] == summary["trials"] - summary["succeeded"]
-    assert json.loads((tmp_path / "logs" / "generic" / "3x4" / "summary.json").read_text())["gbps"] > 0
-    exe = best_generic_kernel(CFG, target, bucket, tmp_path / "logs", opts=opts)
+    assert json.loads((tmp_path / "logs" / space / "3x4" / "summary.json").read_text())["gbps"] > 0
+    exe = best_block_kernel(CFG, target, bucket, tmp_path / "logs", opts=opts, space=space)
     assert exe is not None
     # The block-form kernel reads every table entry up to max_pages: a full table of distinct valid pages.
     wl = make_workload(CFG, bucket, pool_mb=1, pool_factor=4, tables=2, seed=0)
@@ -411,5 +413,50 @@ def test_generic_space_tunes_block_form_decode(target, tmp_path):
     exe.mod["main"](q, pool_k, pool_v, table, sl, out)
     ref, _ = reference.decode(q, pool_k, pool_v, table, sl)
     assert_close(out, ref, ATOL["float32"])
-    discard_database(tmp_path / "logs", bucket)
-    assert not (tmp_path / "logs" / "generic" / "3x4" / "ms").exists()
+    discard_database(tmp_path / "logs", bucket, space)
+    assert not (tmp_path / "logs" / space / "3x4" / "ms").exists()
+
+
+def test_paged_space_samples_correct_kernels(target):
+    """Every point of the paged-attention ScheduleFn space is a correct program: odd shapes (a group of 7 query
+    heads, head_dim 80, page 5, lengths 1 to full), every KV split count and lane width the space samples,
+    float32 and float16, NaN in every slot past a sequence's length, against the float64 reference."""
+    import torch
+
+    from tvm_paged.build import with_host
+    from tvm_paged.kernels.decode_generic import build_decode_generic
+    from tvm_paged.tuning.paged_space import LANES, decisions, decode_space
+
+    batch, max_pages, num_pages = 3, 4, 29
+    for dtype in ("float32", "float16"):
+        cfg = KernelConfig("decode", dtype, 7, 1, 80, 5)
+        mod = tc.ir_module({"main": build_decode_generic(cfg, batch, max_pages, num_pages, weights=True)
+                            .with_attr("global_symbol", "main")})
+        gen = torch.Generator().manual_seed(11)
+        shape = (num_pages, cfg.page_size, cfg.num_kv_heads, cfg.head_dim)
+        k = torch.randn(shape, generator=gen).to(getattr(torch, dtype))
+        v = torch.randn(shape, generator=gen).to(getattr(torch, dtype))
+        table = torch.randperm(num_pages, generator=gen)[: batch * max_pages].view(batch, max_pages).int()
+        seq_lens = torch.tensor([20, 17, 1], dtype=torch.int32)
+        for b, n in enumerate(seq_lens.tolist()):  # NaN in the slots a sequence's table covers but it does not use
+            for t in range(n, max_pages * cfg.page_size):
+                page, slot = table[b, t // cfg.page_size].item(), t % cfg.page_size
+                k[page, slot], v[page, slot] = float("nan"), float("nan")
+        q = random_q(batch, cfg.num_qo_heads, cfg.head_dim, seed=12).to(getattr(torch, dtype))
+        ref, _ = reference.decode(q, k, v, table, seq_lens)
+        want = {("kv_splits", s) for s in (1, 2, 4)} | {("lanes", n) for n in LANES}
+        seen: set = set()
+        for seed in range(1, 60):
+            sch = tc.schedule(mod, seed)
+            decode_space(cfg, max_pages)(sch)
+            dec = decisions(sch.trace)
+            new = {("kv_splits", dec["kv_splits"]), ("lanes", dec["lanes"])} - seen
+            if not new:
+                continue
+            seen |= new
+            out = torch.empty_like(q)
+            tc.compile_module(sch.mod, with_host(target)).mod["main"](q, k, v, table, seq_lens, out)
+            assert_close(out, ref, ATOL[dtype], f"out of {cfg.name} at {dec}")
+            if seen >= want:
+                break
+        assert seen >= want, f"the space never sampled {sorted(want - seen)}"

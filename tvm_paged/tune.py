@@ -47,10 +47,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--build-timeout", type=float, default=300, help="seconds one variant may take to build")
     p.add_argument("--q-len", type=int, default=0, help="prefill: query rows per sequence, 0 = whole sequence")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--space", choices=("knobs", "generic"), default="knobs",
-                   help="knobs (default): the kernel builders' knob space, writes schedules/; generic: "
-                        "MetaSchedule's generic space on a block-form decode kernel, for comparison only "
-                        "(local CPU; its best GB/s per bucket is printed and kept in <work-dir>/generic/)")
+    p.add_argument("--space", choices=("knobs", "paged", "generic"), default="knobs",
+                   help="knobs (default): the kernel builders' knob space, writes schedules/; paged: "
+                        "MetaSchedule over the paged-attention ScheduleFn space of a block-form decode kernel; "
+                        "generic: MetaSchedule's generic space on the same kernel. paged and generic are for "
+                        "comparison only (local CPU; each bucket's best GB/s is printed and kept in "
+                        "<work-dir>/<space>/)")
 
 
 def _tracker(text: str | None) -> tuple[str, int] | None:
@@ -83,8 +85,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"tvm-paged tune: {exc}", file=sys.stderr)
         return 2
     try:
-        if args.space == "generic":
-            return _run_generic(cfg, target, buckets, opts, args.target)
+        if args.space != "knobs":
+            return _run_block_form(cfg, target, buckets, opts, args.target, args.space)
         summary = tune(cfg, target, buckets, opts)
     except TuneError as exc:
         print(f"tvm-paged tune: {exc}", file=sys.stderr)
@@ -98,10 +100,10 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_generic(cfg, target, buckets, opts, target_name: str) -> int:
-    """``--space generic``: tune each bucket over MetaSchedule's generic space and print it beside the knob
-    space's best on the same bucket (from the knob-space log, when one exists)."""
-    from .tuning.generic import discard_database, tune_generic  # noqa: PLC0415
+def _run_block_form(cfg, target, buckets, opts, target_name: str, space_name: str) -> int:
+    """``--space paged|generic``: tune each bucket's block-form decode with MetaSchedule over that space and print
+    it beside the knob space's best on the same bucket (from the knob-space log, when one exists)."""
+    from .tuning.block_spaces import SPACES, discard_database, tune_block_form  # noqa: PLC0415
     from .tuning.records import TuningLog  # noqa: PLC0415
     from .tuning.search import summarize, work_dir_for  # noqa: PLC0415
     from .tuning.space import KnobSpace  # noqa: PLC0415
@@ -113,13 +115,13 @@ def _run_generic(cfg, target, buckets, opts, target_name: str) -> int:
         space = KnobSpace(schedules.knob_space(cfg, target))
         for b in summarize(cfg, target, TuningLog(work_dir), space, opts):
             knob_best[f"{b['batch']}x{b['max_pages']}"] = b
-    print(f"{cfg.name} on {target_name}, MetaSchedule generic space:")
+    print(f"{cfg.name} on {target_name}, MetaSchedule's search over --space {space_name} ({SPACES[space_name]}):")
     for bucket in buckets:
-        s = tune_generic(cfg, target, bucket, work_dir, trials=opts.trials, opts=opts)
-        discard_database(work_dir, bucket)
+        s = tune_block_form(cfg, target, bucket, work_dir, trials=opts.trials, opts=opts, space=space_name)
+        discard_database(work_dir, bucket, space_name)
         k = knob_best.get(bucket.name)
         mine = (f"; knob space best {k['gbps']:.2f} GB/s, default {k['default_gbps']} GB/s" if k else "")
         best = f"{s['gbps']:.2f} GB/s ({s['ms']:.4g} ms)" if s["gbps"] else "no trial ran"
         print(f"  {bucket.name}: {best}, {s['succeeded']}/{s['trials']} trials in {s['wall_s']:.0f} s{mine}")
-    print(f"  summaries: {work_dir / 'generic'}")
+    print(f"  summaries: {work_dir / space_name}")
     return 0

@@ -7,6 +7,8 @@ one-file change. Importing this module also sizes TVM's CPU thread pool (see ``_
 
 from __future__ import annotations
 
+import contextlib as _contextlib
+import logging as _logging
 import os
 
 
@@ -240,6 +242,23 @@ def meta_schedule():
     return _ms
 
 
+@_contextlib.contextmanager
+def meta_schedule_logging():
+    """Around a ``tune_tir`` call: MetaSchedule 0.27 rebuilds its logging config from the names of its logger's
+    handlers and fails (``'NoneType' object has no attribute 'format'``) when one has no name, as the capture
+    handlers pytest attaches do after a first run in the same process. Unnamed handlers are detached for the call
+    and put back after."""
+    logger = _logging.getLogger("tvm.s_tir.meta_schedule")
+    unnamed = [h for h in logger.handlers if h.get_name() is None]
+    for h in unnamed:
+        logger.removeHandler(h)
+    try:
+        yield
+    finally:
+        for h in unnamed:
+            logger.addHandler(h)
+
+
 def empty_trace():
     """A schedule trace with no instructions: the record of a kernel measured exactly as its builder wrote it."""
     from tvm.s_tir import Trace  # noqa: PLC0415
@@ -247,11 +266,12 @@ def empty_trace():
     return Trace([], {})
 
 
-def schedule(mod):
-    """A TensorIR schedule of ``mod`` (MetaSchedule measure candidates carry one)."""
+def schedule(mod, seed: int | None = None):
+    """A TensorIR schedule of ``mod`` (MetaSchedule measure candidates carry one); ``seed`` (>= 1) fixes the
+    random decisions its sampling instructions take."""
     from tvm.s_tir import Schedule  # noqa: PLC0415
 
-    return Schedule(mod)
+    return Schedule(mod) if seed is None else Schedule(mod, seed=seed)
 
 
 def rpc_tracker(host: str = "127.0.0.1", port: int = 9190, port_end: int = 9199, silent: bool = True):

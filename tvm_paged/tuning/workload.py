@@ -35,7 +35,8 @@ from ..config import KernelConfig
 ROLES = {
     "decode": ("q", "k_cache", "v_cache", "block_table", "seq_lens", "out", "lse", "o_part", "lse_part"),
     "prefill": ("q", "k_cache", "v_cache", "block_table", "seq_lens", "cu_seqlens_q", "tiles", "out", "lse"),
-    # The block-form decode MetaSchedule's generic space tunes (tuning.generic): no split scratch, no lse.
+    # The block-form decode MetaSchedule tunes over the generic and paged spaces (tuning.block_spaces): no split
+    # scratch, no lse.
     "decode_generic": ("q", "k_cache", "v_cache", "block_table", "seq_lens", "out"),
 }
 ENTRY = "main"

@@ -1,0 +1,152 @@
+"""MetaSchedule's own search (``tune_tir``) over two design spaces of the block-form decode kernel.
+
+- ``generic``: MetaSchedule's space generator (``post-order-apply`` over the target's default schedule rules) on
+  :func:`build_decode_generic`;
+- ``paged``: the space written for paged attention (:mod:`tvm_paged.tuning.paged_space`, a ``ScheduleFn`` with
+  sampled tile, split, lane and unroll decisions) on the weights form of the same kernel.
+
+Both run MetaSchedule's evolutionary search with its XGBoost cost model on schedule features, specialized to a
+bucket and measured by the same runner as the knob space (valid fragmented page tables, rotating tables, every
+output checked against float64). The block-form kernels have static shapes and cannot prefetch, so nothing found
+here is used at run time: the point is each space's number next to the shipped kernel's on the same bucket.
+
+Per bucket and space it keeps ``summary.json`` (best GB/s, trials, failed trials including wrong outputs, the
+best trace as text and, for ``paged``, its decisions by name) under ``<work_dir>/<space>/<bucket>/``;
+MetaSchedule's own database and logs stay in that folder's ``ms/``, which is not meant to be committed (a few
+hundred KB of traces per run).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+from .. import tvm_compat as tc
+from ..build import cpu_vector_lanes, target_kind, with_host
+from ..config import KernelConfig
+from ..kernels.decode_generic import build_decode_generic
+from .paged_space import decisions, decode_space
+from .records import median_secs
+from .workload import ENTRY, Bucket, PagedInputs, build_module, make_workload
+
+SPACES = {
+    "generic": "MetaSchedule post-order-apply, default rules for the target",
+    "paged": "tvm_paged.tuning.paged_space: ScheduleFn for paged decode",
+}
+
+
+def _workload(cfg: KernelConfig, bucket: Bucket, opts):
+    """The bucket's lengths and pool, as the knob space's runs measure it."""
+    return make_workload(cfg, bucket, device_kind="cpu", pool_mb=opts.pool_mb, pool_factor=opts.pool_factor,
+                         tables=opts.tables, seed=opts.seed)
+
+
+def _check_space(space: str) -> None:
+    if space not in SPACES:
+        raise ValueError(f"space must be one of {sorted(SPACES)}, got {space!r}")
+
+
+def block_module(cfg: KernelConfig, bucket: Bucket, wl, space: str = "generic"):
+    """The block-form kernel of ``bucket`` that ``space`` schedules, as the IRModule MetaSchedule tunes
+    (entry ``main``)."""
+    _check_space(space)
+    func = build_decode_generic(cfg, bucket.batch, bucket.pages, wl.num_pages, scale=wl.scale,
+                                weights=space == "paged")
+    return tc.ir_module({ENTRY: func.with_attr("global_symbol", ENTRY)})
+
+
+def _space_generator(cfg: KernelConfig, bucket: Bucket, target, space: str):
+    if space == "generic":
+        return "post-order-apply"
+    ms = tc.meta_schedule()
+    # No schedule rules (the function is the whole space); the target's postprocessors (which apply the sampled
+    # unroll) and mutators (which move the sampled tile sizes and unroll between generations).
+    return ms.space_generator.ScheduleFn(decode_space(cfg, bucket.pages, cpu_vector_lanes(target)), sch_rules=[])
+
+
+def tune_block_form(cfg: KernelConfig, target, bucket: Bucket, work_dir: Path, *, trials: int, opts,
+                    space: str = "generic") -> dict:
+    """Tune the block-form decode of ``bucket`` over ``space`` (``generic`` or ``paged``) with MetaSchedule's
+    evolutionary search; returns the summary written.
+
+    ``opts``: the :class:`~tvm_paged.tuning.search.TuneOptions` of the run (pool, tables, repeat, seed).
+    """
+    from .search import TuneError, _close, _runner  # noqa: PLC0415
+
+    _check_space(space)
+    if cfg.kernel != "decode":
+        raise TuneError(f"--space {space}: only the decode kernel has a block-form version")
+    if target_kind(target) != "cpu" or opts.rpc_tracker is not None:
+        raise TuneError(f"--space {space}: local CPU targets only")
+    ms = tc.meta_schedule()
+    wl = _workload(cfg, bucket, opts)
+    mod = block_module(cfg, bucket, wl, space)
+    ms_dir = Path(work_dir) / space / bucket.name / "ms"
+    ms_dir.mkdir(parents=True, exist_ok=True)
+    inputs = PagedInputs(kernel="decode_generic", page_size=cfg.page_size, seq_lens=wl.seq_lens,
+                         tables=opts.tables, seed=opts.seed)
+    runner = _runner(wl, "cpu", opts, inputs)
+    builder = ms.builder.LocalBuilder(max_workers=tc.allowed_cores(), timeout_sec=opts.build_timeout,
+                                      f_build=build_module)
+    t0 = time.perf_counter()
+    try:
+        with tc.meta_schedule_logging():
+            database = ms.tune_tir(mod, with_host(target), str(ms_dir), max_trials_global=trials,
+                                   num_trials_per_iter=max(1, min(trials, opts.per_round * 2)), builder=builder,
+                                   runner=runner, cost_model="xgb" if trials >= 8 else "random",
+                                   strategy="evolutionary", space=_space_generator(cfg, bucket, target, space),
+                                   num_tuning_cores=tc.allowed_cores(), seed=opts.seed)
+    finally:
+        _close(runner)
+    wall = time.perf_counter() - t0
+    records = database.get_all_tuning_records()
+    timed = [(median_secs([float(s) for s in r.run_secs]), r) for r in records if r.run_secs]
+    timed = [(s, r) for s, r in timed if s]
+    summary = {
+        "config": cfg.name,
+        "bucket": bucket.name,
+        "space": SPACES[space],
+        "trials": len(records),
+        "succeeded": len(timed),
+        # Failed builds, runs, and variants whose output did not match the float64 reference (OutputCheck).
+        "failed": len(records) - len(timed),
+        "wall_s": round(wall, 1),
+        "kv_bytes": wl.kv_bytes,
+        "gbps": None,
+        "ms": None,
+        "trace": None,
+    }
+    if timed:
+        secs, best = min(timed, key=lambda x: x[0])
+        summary.update(gbps=round(wl.gbps(secs), 4), ms=round(secs * 1e3, 6), trace=str(best.trace))
+        if space == "paged":
+            summary["decisions"] = decisions(best.trace)
+    (ms_dir.parent / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    return summary
+
+
+def best_block_kernel(cfg: KernelConfig, target, bucket: Bucket, work_dir: Path, *, opts, space: str = "generic"):
+    """The best schedule ``space``'s search stored for ``bucket``, applied and compiled (``None`` if none):
+    an executable whose ``main`` takes (q, k_cache, v_cache, block_table, seq_lens, out)."""
+    _check_space(space)
+    ms = tc.meta_schedule()
+    ms_dir = Path(work_dir) / space / bucket.name / "ms"
+    if not (ms_dir / "database_tuning_record.json").exists():
+        return None
+    mod = block_module(cfg, bucket, _workload(cfg, bucket, opts), space)
+    database = ms.database.JSONDatabase(work_dir=str(ms_dir))
+    sch = ms.tir_integration.compile_tir(database, mod, with_host(target))
+    if sch is None:
+        return None
+    return tc.compile_module(sch.mod, with_host(target))
+
+
+def discard_database(work_dir: Path, bucket: Bucket, space: str = "generic") -> None:
+    """Remove MetaSchedule's database and logs of ``bucket``'s run over ``space``, keeping ``summary.json``."""
+    _check_space(space)
+    shutil.rmtree(Path(work_dir) / space / bucket.name / "ms", ignore_errors=True)
+
+
+__all__ = ["SPACES", "block_module", "tune_block_form", "best_block_kernel", "discard_database"]

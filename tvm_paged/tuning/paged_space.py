@@ -1,0 +1,128 @@
+"""A MetaSchedule design space written for paged decode attention: a ``ScheduleFn`` over the block-form kernel.
+
+MetaSchedule's generic rules treat the block-form decode (:func:`~tvm_paged.kernels.decode_generic.
+build_decode_generic`, ``weights=True``) as five unrelated loop nests and reach a small fraction of the
+bandwidth (see ``tuning.block_spaces``). This space fixes the structure a paged kernel needs and samples only the
+factors, so every candidate is a sensible program and the search spends its trials on the numbers:
+
+1. **K phase** (``score``), parallel over (sequence, KV split): tokens walked as (page, slot) with every KV head
+   inside, so each page block is read front to back and each K row once for all query heads of its group. The
+   head_dim reduction is ``rfactor``ed into SIMD lanes (a vector FMA per head, the group's heads unrolled as
+   independent chains), then summed across lanes per (token, head).
+2. **Softmax** (``max``, ``p``, ``sum``), parallel over sequences, on the scores (no K/V traffic); ``p`` is
+   vectorized over tokens (the polynomial ``exp2`` vectorizes).
+3. **V phase** (``pv``), parallel over (sequence, KV split): pages walked in the same order, the accumulator
+   tile ``[group heads, head_dim]`` in vectors; the splits' partial sums (``rfactor`` over the split loop) are
+   added and normalized per sequence (``out``).
+
+Sampled decisions (``pv_tile`` by ``sample_perfect_tile``, which MetaSchedule's tile-size mutator moves between
+generations; the others by ``sample_categorical``, uniform over their candidates):
+
+- ``kv_splits``: a divisor of the bucket's pages per sequence (up to 16): the parallelism of long contexts with
+  few sequences, shared by the K and V phases;
+- ``lanes``: head_dim elements per q.k vector (the rfactor width);
+- ``pv_tile``: head_dim as (chunks, vectors per head, lanes) in P.V;
+- ``unroll``: MetaSchedule's explicit-unroll step on the whole program (0, 16, 64, 512).
+
+Not expressible with schedule primitives, so absent here and present in the shipped kernels: software prefetch,
+and loops that stop at each sequence's own length (static loops run to the bucket's ``max_pages`` and mask).
+"""
+
+from __future__ import annotations
+
+from ..config import KernelConfig
+
+UNROLL_STEPS = (0, 16, 64, 512)
+LANES = (4, 8, 16)  # head_dim elements per q.k vector (16: two AVX2 registers of float32)
+MAX_LANES = 16
+MAX_SPLITS = 16  # KV splits per sequence: enough to fill 16 cores with one sequence
+
+
+def decode_space(cfg: KernelConfig, max_pages: int, vector_lanes: int = 8):
+    """The ``ScheduleFn`` body for ``cfg``'s weights-form block decode over buckets of ``max_pages`` pages:
+    a function that schedules a ``tvm.s_tir.Schedule`` in place, sampling its decisions in the schedule's trace.
+    ``vector_lanes``: float32 lanes of the target's SIMD registers (the softmax and output loops' vector width)."""
+    G, S = cfg.group_size, cfg.page_size
+    split_counts = [n for n in range(1, min(max_pages, MAX_SPLITS) + 1) if max_pages % n == 0]
+
+    def schedule(sch) -> None:
+        score, mx, p, den, pv, out = (sch.get_sblock(n) for n in ("score", "max", "p", "sum", "pv", "out"))
+
+        # -- K phase: (sequence, split) parallel; pages, slots, KV heads, then lanes of head_dim.
+        b, h, j, d = sch.get_loops(score)
+        hk, g = sch.split(h, [None, G])
+        page, slot = sch.split(j, [None, S])
+        # Categorical over the divisors of max_pages: a perfect-tile sample favours the largest inner factor, i.e.
+        # one split, which leaves a batch-1 bucket on one core until mutation happens to move it.
+        splits = sch.sample_categorical(candidates=list(split_counts), probs=[1 / len(split_counts)] * len(
+            split_counts))
+        jo, ji = sch.split(page, [splits, None])
+        # Categorical, not a perfect tile: a width of 1 would drop a loop from the rfactor write-back and change
+        # the trace's shape between candidates. Every supported head_dim is a multiple of 16.
+        lanes = sch.sample_categorical(candidates=list(LANES), probs=[1 / len(LANES)] * len(LANES))
+        do, di = sch.split(d, [None, lanes])
+        sch.reorder(b, jo, ji, slot, hk, do, g, di)
+        score_rf = sch.rfactor(di, factor_axis=3)  # score_rf[b, h, j, lane]: one vector FMA chain per head
+        # The write-back (lane sum) keeps the original loop order without ``do``: put the partial sums under it.
+        b, jo, ji, slot, hk, g, _ = sch.get_loops(score)
+        sch.compute_at(score_rf, hk)
+        sch.parallel(sch.fuse(b, jo))
+        *_, di_rf, g_rf, do_rf = sch.get_loops(score_rf)
+        sch.reorder(do_rf, g_rf, di_rf)
+        sch.unroll(g_rf)
+        # parallel / vectorize before decompose_reduction: loops over an init-less update block cannot take them
+        sch.vectorize(di_rf)
+        sch.decompose_reduction(score_rf, do_rf)
+
+        # -- Softmax over the scores, one sequence per task.
+        b = sch.get_loops(p)[0]
+        sch.compute_at(mx, b)
+        sch.reverse_compute_at(den, b)
+        sch.parallel(b)
+        *_, jp = sch.get_loops(p)
+        _, jv = sch.split(jp, [None, vector_lanes])  # a head's scores are contiguous
+        sch.vectorize(jv)
+
+        # -- V phase: the same (sequence, split) walk; the splits' partial sums are added in ``out``'s loop.
+        b, h, d, j = sch.get_loops(pv)
+        hk, g = sch.split(h, [None, G])
+        page, slot = sch.split(j, [None, S])
+        jo, ji = sch.split(page, [splits, None])
+        tile = sch.sample_perfect_tile(d, n=3, max_innermost_factor=MAX_LANES)
+        dc, dv, dl = sch.split(d, tile)
+        sch.reorder(b, jo, ji, slot, hk, g, dc, dv, dl)
+        pv_rf = sch.rfactor(jo, factor_axis=1)  # acc_rf[b, split, h, d]: head_dim stays contiguous
+        b, jo, ji, slot, hk, g, dc, dv, dl = sch.get_loops(pv_rf)
+        sch.parallel(sch.fuse(b, jo))
+        sch.unroll(dv)
+        sch.vectorize(dl)
+        sch.decompose_reduction(pv_rf, ji)
+        b_out, h_out, d_out = sch.get_loops(out)
+        sch.compute_at(pv, b_out)  # the split sum, per sequence
+        sch.parallel(b_out)
+        _, dvec = sch.split(d_out, [None, vector_lanes])
+        sch.vectorize(dvec)
+
+        unroll = sch.sample_categorical(candidates=list(UNROLL_STEPS), probs=[1 / len(UNROLL_STEPS)] * len(
+            UNROLL_STEPS))
+        sch.annotate(sch.get_sblock("root"), "meta_schedule.unroll_explicit", unroll)
+
+    return schedule
+
+
+DECISIONS = ("kv_splits", "lanes", "pv_tile", "unroll")  # in the order the space samples them
+
+
+def decisions(trace) -> dict:
+    """The sampled decisions of a schedule ``trace`` of this space, by name: tile factors as lists, categorical
+    choices as the chosen value (``{"kv_splits": 2, "lanes": 8, "pv_tile": [4, 4, 8], "unroll": 64}``)."""
+    out = {}
+    for (inst, value), name in zip(trace.decisions.items(), DECISIONS):
+        if inst.kind.name == "SampleCategorical":
+            out[name] = int(inst.attrs[0][int(value)])
+        else:
+            out[name] = [int(v) for v in value]
+    return out
+
+
+__all__ = ["decode_space", "decisions", "DECISIONS", "LANES", "UNROLL_STEPS"]
