@@ -275,7 +275,7 @@ def test_no_schedule_means_default(target, tmp_path, monkeypatch):
 
 
 # --------------------------------------------------------------------------------- inputs and the CLI
-@pytest.mark.parametrize("kernel", ["decode", "decode_generic", "prefill"])
+@pytest.mark.parametrize("kernel", ["decode", "decode_generic", "prefill", "prefill_blocks"])
 def test_output_check_fails_a_wrong_variant(kernel):
     """The runner's output check passes the reference's own result and rejects a slightly wrong or NaN one."""
     import torch
@@ -285,8 +285,8 @@ def test_output_check_fails_a_wrong_variant(kernel):
     seq_lens = [13, 5, 9]
     k, v, table, sl = make_pool(seq_lens, page_size=4, num_kv_heads=2, head_dim=16, seed=3)
     scale = 0.3
-    if kernel == "prefill":
-        q_lens = [4, 5, 2]
+    if kernel.startswith("prefill"):
+        q_lens = [4, 5, 2] if kernel == "prefill" else [3, 3, 3]  # the block form: the same rows per sequence
         cu = torch.tensor(np.concatenate([[0], np.cumsum(q_lens)]), dtype=torch.int32)
         q = random_q(int(cu[-1]), 4, 16, seed=4)
         ref, _ = reference.prefill(q, k, v, table, sl, cu, scale=scale)
@@ -383,8 +383,8 @@ def test_proposer_never_repeats_and_finds_the_best(strategy):
     assert sorted(rest + list(measured)) == list(range(space.size))
 
 
-@pytest.mark.parametrize("space", ["generic", "paged"])
-def test_block_form_spaces_tune_decode(target, tmp_path, space):
+@pytest.mark.parametrize("space,kernel", [("generic", "decode"), ("paged", "decode"), ("paged", "prefill")])
+def test_block_form_spaces_tune(target, tmp_path, space, kernel):
     """MetaSchedule's search over the generic space and over the paged-attention ScheduleFn space (both kept for
     comparison): a short run measures real trials on valid inputs, and its best schedule, applied to the
     block-form kernel, matches the float64 reference."""
@@ -392,26 +392,31 @@ def test_block_form_spaces_tune_decode(target, tmp_path, space):
 
     from tvm_paged.tuning.block_spaces import best_block_kernel, discard_database, tune_block_form
 
-    bucket = Bucket(3, 4)
-    opts = _opts(tmp_path, pool_mb=1)
-    summary = tune_block_form(CFG, target, bucket, tmp_path / "logs", trials=4, opts=opts, space=space)
+    cfg = CFG.with_kernel(kernel)
+    bucket, q_len = Bucket(3, 4), 8 if kernel == "prefill" else 0
+    opts = _opts(tmp_path, pool_mb=1, q_len=q_len)
+    summary = tune_block_form(cfg, target, bucket, tmp_path / "logs", trials=4, opts=opts, space=space)
     assert summary["trials"] >= 1 and summary["succeeded"] >= 1 and summary["gbps"] > 0
     assert summary["failed"] == summary["trials"] - summary["succeeded"]
-    assert json.loads((tmp_path / "logs" / space / "3x4" / "summary.json").read_text())["gbps"] > 0
-    exe = best_block_kernel(CFG, target, bucket, tmp_path / "logs", opts=opts, space=space)
+    assert json.loads((tmp_path / "logs" / space / "3x4" / "summary.json").read_text())["gflops"] > 0
+    exe = best_block_kernel(cfg, target, bucket, tmp_path / "logs", opts=opts, space=space)
     assert exe is not None
     # The block-form kernel reads every table entry up to max_pages: a full table of distinct valid pages.
-    wl = make_workload(CFG, bucket, pool_mb=1, pool_factor=4, tables=2, seed=0)
+    wl = make_workload(cfg, bucket, pool_mb=1, pool_factor=4, tables=2, seed=0, q_len=q_len)
     seq_lens = list(wl.seq_lens)
     gen = torch.Generator().manual_seed(5)
-    shape = (wl.num_pages, CFG.page_size, CFG.num_kv_heads, CFG.head_dim)
+    shape = (wl.num_pages, cfg.page_size, cfg.num_kv_heads, cfg.head_dim)
     pool_k, pool_v = torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)
     table = torch.randperm(wl.num_pages, generator=gen)[:12].view(3, 4).int()
     sl = torch.tensor(seq_lens, dtype=torch.int32)
-    q = random_q(3, CFG.num_qo_heads, CFG.head_dim, seed=6)
+    q = random_q(3 * max(q_len, 1), cfg.num_qo_heads, cfg.head_dim, seed=6)
     out = torch.empty_like(q)
     exe.mod["main"](q, pool_k, pool_v, table, sl, out)
-    ref, _ = reference.decode(q, pool_k, pool_v, table, sl)
+    if kernel == "prefill":
+        cu = torch.arange(4, dtype=torch.int32) * q_len
+        ref, _ = reference.prefill(q, pool_k, pool_v, table, sl, cu)
+    else:
+        ref, _ = reference.decode(q, pool_k, pool_v, table, sl)
     assert_close(out, ref, ATOL["float32"])
     discard_database(tmp_path / "logs", bucket, space)
     assert not (tmp_path / "logs" / space / "3x4" / "ms").exists()
@@ -460,3 +465,45 @@ def test_paged_space_samples_correct_kernels(target):
             if seen >= want:
                 break
         assert seen >= want, f"the space never sampled {sorted(want - seen)}"
+
+
+def test_paged_space_samples_correct_prefill_kernels(target):
+    """The prefill ScheduleFn space likewise: every query-tile and lane width it samples gives a correct causal
+    prefill (group of 7, head_dim 80, page 5, 6 query rows per sequence, NaN past each length)."""
+    import torch
+
+    from tvm_paged.build import with_host
+    from tvm_paged.kernels.prefill_blocks import build_prefill_blocks
+    from tvm_paged.tuning.paged_space import LANES, decisions, prefill_space
+
+    batch, max_pages, num_pages, q_len = 3, 4, 29, 6
+    cfg = KernelConfig("prefill", "float32", 7, 1, 80, 5)
+    mod = tc.ir_module({"main": build_prefill_blocks(cfg, batch, max_pages, num_pages, q_len)
+                        .with_attr("global_symbol", "main")})
+    gen = torch.Generator().manual_seed(13)
+    shape = (num_pages, cfg.page_size, cfg.num_kv_heads, cfg.head_dim)
+    k, v = torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)
+    table = torch.randperm(num_pages, generator=gen)[: batch * max_pages].view(batch, max_pages).int()
+    seq_lens = torch.tensor([20, 17, 6], dtype=torch.int32)
+    for b, n in enumerate(seq_lens.tolist()):
+        for t in range(n, max_pages * cfg.page_size):
+            page, slot = table[b, t // cfg.page_size].item(), t % cfg.page_size
+            k[page, slot], v[page, slot] = float("nan"), float("nan")
+    q = random_q(batch * q_len, cfg.num_qo_heads, cfg.head_dim, seed=14)
+    ref, _ = reference.prefill(q, k, v, table, seq_lens, torch.arange(batch + 1, dtype=torch.int32) * q_len)
+    want = {("q_tile", n) for n in (1, 2, 3, 6)} | {("lanes", n) for n in LANES}
+    seen: set = set()
+    for seed in range(1, 80):
+        sch = tc.schedule(mod, seed)
+        prefill_space(cfg, q_len)(sch)
+        dec = decisions(sch.trace, "prefill")
+        new = {("q_tile", dec["q_tile"][1]), ("lanes", dec["lanes"])} - seen
+        if not new:
+            continue
+        seen |= new
+        out = torch.empty_like(q)
+        tc.compile_module(sch.mod, with_host(target)).mod["main"](q, k, v, table, seq_lens, out)
+        assert_close(out, ref, ATOL["float32"], f"out of {cfg.name} at {dec}")
+        if seen >= want:
+            break
+    assert seen >= want, f"the space never sampled {sorted(want - seen)}"

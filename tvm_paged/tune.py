@@ -101,8 +101,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run_block_form(cfg, target, buckets, opts, target_name: str, space_name: str) -> int:
-    """``--space paged|generic``: tune each bucket's block-form decode with MetaSchedule over that space and print
-    it beside the knob space's best on the same bucket (from the knob-space log, when one exists)."""
+    """``--space paged|generic``: tune each bucket's block-form kernel with MetaSchedule over that space and print
+    it beside the knob space's best on the same bucket (from the knob-space log, when one exists). Decode is
+    reported in GB/s of K+V, prefill in GFLOP/s."""
     from .tuning.block_spaces import SPACES, discard_database, tune_block_form  # noqa: PLC0415
     from .tuning.records import TuningLog  # noqa: PLC0415
     from .tuning.search import summarize, work_dir_for  # noqa: PLC0415
@@ -120,8 +121,12 @@ def _run_block_form(cfg, target, buckets, opts, target_name: str, space_name: st
         s = tune_block_form(cfg, target, bucket, work_dir, trials=opts.trials, opts=opts, space=space_name)
         discard_database(work_dir, bucket, space_name)
         k = knob_best.get(bucket.name)
-        mine = (f"; knob space best {k['gbps']:.2f} GB/s, default {k['default_gbps']} GB/s" if k else "")
-        best = f"{s['gbps']:.2f} GB/s ({s['ms']:.4g} ms)" if s["gbps"] else "no trial ran"
+        if cfg.kernel == "prefill":
+            mine = f"; knob space best {k['gflops']:.1f} GFLOP/s" if k else ""
+            best = f"{s['gflops']:.1f} GFLOP/s ({s['ms']:.4g} ms)" if s["gflops"] else "no trial ran"
+        else:
+            mine = f"; knob space best {k['gbps']:.2f} GB/s, default {k['default_gbps']} GB/s" if k else ""
+            best = f"{s['gbps']:.2f} GB/s ({s['ms']:.4g} ms)" if s["gbps"] else "no trial ran"
         print(f"  {bucket.name}: {best}, {s['succeeded']}/{s['trials']} trials in {s['wall_s']:.0f} s{mine}")
     print(f"  summaries: {work_dir / space_name}")
     return 0

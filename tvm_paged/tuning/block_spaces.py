@@ -1,9 +1,10 @@
-"""MetaSchedule's own search (``tune_tir``) over two design spaces of the block-form decode kernel.
+"""MetaSchedule's own search (``tune_tir``) over two design spaces of the block-form attention kernels.
 
 - ``generic``: MetaSchedule's space generator (``post-order-apply`` over the target's default schedule rules) on
-  :func:`build_decode_generic`;
+  :func:`build_decode_generic` (decode only);
 - ``paged``: the space written for paged attention (:mod:`tvm_paged.tuning.paged_space`, a ``ScheduleFn`` with
-  sampled tile, split, lane and unroll decisions) on the weights form of the same kernel.
+  sampled tile, split, lane and unroll decisions) on the weights form of the same kernel, and for prefill on
+  :func:`~tvm_paged.kernels.prefill_blocks.build_prefill_blocks` (``q_len`` query rows per sequence).
 
 Both run MetaSchedule's evolutionary search with its XGBoost cost model on schedule features, specialized to a
 bucket and measured by the same runner as the knob space (valid fragmented page tables, rotating tables, every
@@ -27,20 +28,21 @@ from .. import tvm_compat as tc
 from ..build import cpu_vector_lanes, target_kind, with_host
 from ..config import KernelConfig
 from ..kernels.decode_generic import build_decode_generic
-from .paged_space import decisions, decode_space
+from ..kernels.prefill_blocks import build_prefill_blocks
+from .paged_space import decisions, decode_space, prefill_space
 from .records import median_secs
 from .workload import ENTRY, Bucket, PagedInputs, build_module, make_workload
 
 SPACES = {
     "generic": "MetaSchedule post-order-apply, default rules for the target",
-    "paged": "tvm_paged.tuning.paged_space: ScheduleFn for paged decode",
+    "paged": "tvm_paged.tuning.paged_space: ScheduleFn for paged attention",
 }
 
 
 def _workload(cfg: KernelConfig, bucket: Bucket, opts):
     """The bucket's lengths and pool, as the knob space's runs measure it."""
     return make_workload(cfg, bucket, device_kind="cpu", pool_mb=opts.pool_mb, pool_factor=opts.pool_factor,
-                         tables=opts.tables, seed=opts.seed)
+                         tables=opts.tables, seed=opts.seed, q_len=opts.q_len if cfg.kernel == "prefill" else 0)
 
 
 def _check_space(space: str) -> None:
@@ -52,18 +54,24 @@ def block_module(cfg: KernelConfig, bucket: Bucket, wl, space: str = "generic"):
     """The block-form kernel of ``bucket`` that ``space`` schedules, as the IRModule MetaSchedule tunes
     (entry ``main``)."""
     _check_space(space)
-    func = build_decode_generic(cfg, bucket.batch, bucket.pages, wl.num_pages, scale=wl.scale,
-                                weights=space == "paged")
+    if cfg.kernel == "prefill":
+        func = build_prefill_blocks(cfg, bucket.batch, bucket.pages, wl.num_pages, wl.q_lens[0], scale=wl.scale)
+    else:
+        func = build_decode_generic(cfg, bucket.batch, bucket.pages, wl.num_pages, scale=wl.scale,
+                                    weights=space == "paged")
     return tc.ir_module({ENTRY: func.with_attr("global_symbol", ENTRY)})
 
 
-def _space_generator(cfg: KernelConfig, bucket: Bucket, target, space: str):
+def _space_generator(cfg: KernelConfig, bucket: Bucket, target, space: str, wl):
     if space == "generic":
         return "post-order-apply"
     ms = tc.meta_schedule()
+    lanes = cpu_vector_lanes(target)
+    fn = (prefill_space(cfg, wl.q_lens[0], lanes) if cfg.kernel == "prefill"
+          else decode_space(cfg, bucket.pages, lanes))
     # No schedule rules (the function is the whole space); the target's postprocessors (which apply the sampled
     # unroll) and mutators (which move the sampled tile sizes and unroll between generations).
-    return ms.space_generator.ScheduleFn(decode_space(cfg, bucket.pages, cpu_vector_lanes(target)), sch_rules=[])
+    return ms.space_generator.ScheduleFn(fn, sch_rules=[])
 
 
 def tune_block_form(cfg: KernelConfig, target, bucket: Bucket, work_dir: Path, *, trials: int, opts,
@@ -76,16 +84,22 @@ def tune_block_form(cfg: KernelConfig, target, bucket: Bucket, work_dir: Path, *
     from .search import TuneError, _close, _runner  # noqa: PLC0415
 
     _check_space(space)
-    if cfg.kernel != "decode":
-        raise TuneError(f"--space {space}: only the decode kernel has a block-form version")
+    if cfg.kernel != "decode" and space == "generic":
+        raise TuneError("--space generic: only the decode kernel has a generic block-form version")
+    if cfg.kernel == "prefill" and opts.q_len <= 0:
+        raise TuneError(f"--space {space} --kernel prefill: give --q-len N (query rows per sequence; the block "
+                        "form has the same number for every sequence)")
     if target_kind(target) != "cpu" or opts.rpc_tracker is not None:
         raise TuneError(f"--space {space}: local CPU targets only")
     ms = tc.meta_schedule()
     wl = _workload(cfg, bucket, opts)
+    if len(set(wl.q_lens)) > 1:
+        raise TuneError(f"--q-len {opts.q_len}: longer than bucket {bucket.name}'s shortest sequence")
     mod = block_module(cfg, bucket, wl, space)
     ms_dir = Path(work_dir) / space / bucket.name / "ms"
     ms_dir.mkdir(parents=True, exist_ok=True)
-    inputs = PagedInputs(kernel="decode_generic", page_size=cfg.page_size, seq_lens=wl.seq_lens,
+    inputs = PagedInputs(kernel="prefill_blocks" if cfg.kernel == "prefill" else "decode_generic",
+                         page_size=cfg.page_size, seq_lens=wl.seq_lens,
                          tables=opts.tables, seed=opts.seed)
     runner = _runner(wl, "cpu", opts, inputs)
     builder = ms.builder.LocalBuilder(max_workers=tc.allowed_cores(), timeout_sec=opts.build_timeout,
@@ -96,7 +110,7 @@ def tune_block_form(cfg: KernelConfig, target, bucket: Bucket, work_dir: Path, *
             database = ms.tune_tir(mod, with_host(target), str(ms_dir), max_trials_global=trials,
                                    num_trials_per_iter=max(1, min(trials, opts.per_round * 2)), builder=builder,
                                    runner=runner, cost_model="xgb" if trials >= 8 else "random",
-                                   strategy="evolutionary", space=_space_generator(cfg, bucket, target, space),
+                                   strategy="evolutionary", space=_space_generator(cfg, bucket, target, space, wl),
                                    num_tuning_cores=tc.allowed_cores(), seed=opts.seed)
     finally:
         _close(runner)
@@ -115,14 +129,16 @@ def tune_block_form(cfg: KernelConfig, target, bucket: Bucket, work_dir: Path, *
         "wall_s": round(wall, 1),
         "kv_bytes": wl.kv_bytes,
         "gbps": None,
+        "gflops": None,
         "ms": None,
         "trace": None,
     }
     if timed:
         secs, best = min(timed, key=lambda x: x[0])
-        summary.update(gbps=round(wl.gbps(secs), 4), ms=round(secs * 1e3, 6), trace=str(best.trace))
+        summary.update(gbps=round(wl.gbps(secs), 4), gflops=round(wl.flops / secs / 1e9, 2),
+                       ms=round(secs * 1e3, 6), trace=str(best.trace))
         if space == "paged":
-            summary["decisions"] = decisions(best.trace)
+            summary["decisions"] = decisions(best.trace, cfg.kernel)
     (ms_dir.parent / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     return summary
 

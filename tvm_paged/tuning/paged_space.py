@@ -1,4 +1,6 @@
-"""A MetaSchedule design space written for paged decode attention: a ``ScheduleFn`` over the block-form kernel.
+"""MetaSchedule design spaces written for paged attention: ``ScheduleFn`` bodies over the block-form kernels.
+
+:func:`decode_space` is described here; :func:`prefill_space` applies the same structure per query tile.
 
 MetaSchedule's generic rules treat the block-form decode (:func:`~tvm_paged.kernels.decode_generic.
 build_decode_generic`, ``weights=True``) as five unrelated loop nests and reach a small fraction of the
@@ -36,6 +38,7 @@ UNROLL_STEPS = (0, 16, 64, 512)
 LANES = (4, 8, 16)  # head_dim elements per q.k vector (16: two AVX2 registers of float32)
 MAX_LANES = 16
 MAX_SPLITS = 16  # KV splits per sequence: enough to fill 16 cores with one sequence
+MAX_Q_TILE = 8  # prefill query rows per task: rows x group heads accumulators must stay near the register file
 
 
 def decode_space(cfg: KernelConfig, max_pages: int, vector_lanes: int = 8):
@@ -65,9 +68,11 @@ def decode_space(cfg: KernelConfig, max_pages: int, vector_lanes: int = 8):
         score_rf = sch.rfactor(di, factor_axis=3)  # score_rf[b, h, j, lane]: one vector FMA chain per head
         # The write-back (lane sum) keeps the original loop order without ``do``: put the partial sums under it.
         b, jo, ji, slot, hk, g, _ = sch.get_loops(score)
-        sch.compute_at(score_rf, hk)
+        sch.compute_at(score_rf, hk, preserve_unit_loops=True)
         sch.parallel(sch.fuse(b, jo))
-        *_, di_rf, g_rf, do_rf = sch.get_loops(score_rf)
+        # Under hk: (lane, sequence: unit, group heads, key: unit, head_dim / lanes); unit loops are kept
+        # (preserve_unit_loops) so the loop count, and the trace's shape, never depend on a decision.
+        *_, di_rf, _, g_rf, _, do_rf = sch.get_loops(score_rf)
         sch.reorder(do_rf, g_rf, di_rf)
         sch.unroll(g_rf)
         # parallel / vectorize before decompose_reduction: loops over an init-less update block cannot take them
@@ -76,8 +81,8 @@ def decode_space(cfg: KernelConfig, max_pages: int, vector_lanes: int = 8):
 
         # -- Softmax over the scores, one sequence per task.
         b = sch.get_loops(p)[0]
-        sch.compute_at(mx, b)
-        sch.reverse_compute_at(den, b)
+        sch.compute_at(mx, b, preserve_unit_loops=True)
+        sch.reverse_compute_at(den, b, preserve_unit_loops=True)
         sch.parallel(b)
         *_, jp = sch.get_loops(p)
         _, jv = sch.split(jp, [None, vector_lanes])  # a head's scores are contiguous
@@ -98,7 +103,7 @@ def decode_space(cfg: KernelConfig, max_pages: int, vector_lanes: int = 8):
         sch.vectorize(dl)
         sch.decompose_reduction(pv_rf, ji)
         b_out, h_out, d_out = sch.get_loops(out)
-        sch.compute_at(pv, b_out)  # the split sum, per sequence
+        sch.compute_at(pv, b_out, preserve_unit_loops=True)  # the split sum, per sequence
         sch.parallel(b_out)
         _, dvec = sch.split(d_out, [None, vector_lanes])
         sch.vectorize(dvec)
@@ -110,14 +115,89 @@ def decode_space(cfg: KernelConfig, max_pages: int, vector_lanes: int = 8):
     return schedule
 
 
-DECISIONS = ("kv_splits", "lanes", "pv_tile", "unroll")  # in the order the space samples them
+def prefill_space(cfg: KernelConfig, q_len: int, vector_lanes: int = 8):
+    """The ``ScheduleFn`` body for ``cfg``'s block-form causal prefill (:func:`~tvm_paged.kernels.prefill_blocks.
+    build_prefill_blocks`) with ``q_len`` query rows per sequence.
+
+    Structure: parallel over (sequence, query tile), everything for a tile under that loop. K phase: pages walked
+    front to back, every KV head inside, the head_dim reduction ``rfactor``ed into SIMD lanes with the tile's
+    (rows x group heads) as independent FMA chains sharing each K vector; softmax per row; V phase in the same
+    walk. Sampled: ``q_tile`` (rows per task, a perfect tile of ``q_len``, innermost up to 8), ``lanes``,
+    ``pv_tile`` and ``unroll`` as in :func:`decode_space`.
+    """
+    G, S = cfg.group_size, cfg.page_size
+
+    def schedule(sch) -> None:
+        score, mx, p, den, pv, out = (sch.get_sblock(n) for n in ("score", "max", "p", "sum", "pv", "out"))
+
+        # The score's lanes first, on its own nest (as in decode).
+        lanes = sch.sample_categorical(candidates=list(LANES), probs=[1 / len(LANES)] * len(LANES))
+        *_, d = sch.get_loops(score)
+        do, di = sch.split(d, [None, lanes])
+        score_rf = sch.rfactor(di, factor_axis=4)  # score_rf[b, i, h, j, lane]
+
+        # One task per (sequence, query tile); every block of the tile under it.
+        r, h, d = sch.get_loops(out)
+        b, i = sch.split(r, [None, q_len])
+        q_tile = sch.sample_perfect_tile(i, n=2, max_innermost_factor=MAX_Q_TILE)
+        io, ii = sch.split(i, q_tile)
+        task = sch.fuse(b, io)
+        for blk in (pv, den, p, mx, score):
+            sch.compute_at(blk, task, preserve_unit_loops=True)
+        sch.parallel(task)
+
+        # K phase: (page, slot, KV head) outer, the tile's rows x group heads as FMA chains on each K vector.
+        _, lane, _, ii, h, j = sch.get_loops(score)  # (task, lane, sequence: unit, rows, heads, keys)
+        hk, g = sch.split(h, [None, G])
+        page, slot = sch.split(j, [None, S])
+        sch.reorder(page, slot, hk, ii, g, lane)
+        sch.compute_at(score_rf, hk, preserve_unit_loops=True)
+        # Under hk: (lane, sequence: unit, rows, group heads, key: unit, head_dim / lanes); unit loops are kept
+        # (preserve_unit_loops) so the loop count, and the trace's shape, never depend on a decision.
+        *_, lane_rf, _, ii_rf, g_rf, _, do_rf = sch.get_loops(score_rf)
+        sch.reorder(do_rf, ii_rf, g_rf, lane_rf)
+        sch.unroll(ii_rf)
+        sch.unroll(g_rf)
+        sch.vectorize(lane_rf)
+        sch.decompose_reduction(score_rf, do_rf)
+
+        # Softmax per row; the weights vectorized over keys.
+        *_, jp = sch.get_loops(p)
+        _, jv = sch.split(jp, [None, vector_lanes])
+        sch.vectorize(jv)
+
+        # V phase: the same page walk, head_dim as (chunks, vectors, lanes).
+        _, _, ii, h, d, j = sch.get_loops(pv)  # (task, sequence: unit, rows, heads, head_dim, keys)
+        hk, g = sch.split(h, [None, G])
+        page, slot = sch.split(j, [None, S])
+        tile = sch.sample_perfect_tile(d, n=3, max_innermost_factor=MAX_LANES)
+        dc, dv, dl = sch.split(d, tile)
+        sch.reorder(page, slot, hk, ii, g, dc, dv, dl)
+        sch.unroll(dv)
+        sch.vectorize(dl)
+        sch.decompose_reduction(pv, page)
+
+        *_, d_out = sch.get_loops(out)
+        _, dvec = sch.split(d_out, [None, vector_lanes])
+        sch.vectorize(dvec)
+
+        unroll = sch.sample_categorical(candidates=list(UNROLL_STEPS), probs=[1 / len(UNROLL_STEPS)] * len(
+            UNROLL_STEPS))
+        sch.annotate(sch.get_sblock("root"), "meta_schedule.unroll_explicit", unroll)
+
+    return schedule
 
 
-def decisions(trace) -> dict:
+# In the order each space samples them.
+DECISIONS = {"decode": ("kv_splits", "lanes", "pv_tile", "unroll"),
+             "prefill": ("lanes", "q_tile", "pv_tile", "unroll")}
+
+
+def decisions(trace, kernel: str = "decode") -> dict:
     """The sampled decisions of a schedule ``trace`` of this space, by name: tile factors as lists, categorical
     choices as the chosen value (``{"kv_splits": 2, "lanes": 8, "pv_tile": [4, 4, 8], "unroll": 64}``)."""
     out = {}
-    for (inst, value), name in zip(trace.decisions.items(), DECISIONS):
+    for (inst, value), name in zip(trace.decisions.items(), DECISIONS[kernel]):
         if inst.kind.name == "SampleCategorical":
             out[name] = int(inst.attrs[0][int(value)])
         else:
@@ -125,4 +205,4 @@ def decisions(trace) -> dict:
     return out
 
 
-__all__ = ["decode_space", "decisions", "DECISIONS", "LANES", "UNROLL_STEPS"]
+__all__ = ["decode_space", "prefill_space", "decisions", "DECISIONS", "LANES", "UNROLL_STEPS"]

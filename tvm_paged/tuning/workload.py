@@ -38,6 +38,8 @@ ROLES = {
     # The block-form decode MetaSchedule tunes over the generic and paged spaces (tuning.block_spaces): no split
     # scratch, no lse.
     "decode_generic": ("q", "k_cache", "v_cache", "block_table", "seq_lens", "out"),
+    # The block-form prefill of the paged space: q_len rows per sequence, q / out [batch * q_len, heads, dim].
+    "prefill_blocks": ("q", "k_cache", "v_cache", "block_table", "seq_lens", "out"),
 }
 ENTRY = "main"
 
@@ -380,8 +382,11 @@ class OutputCheck:
         roles = ROLES[self.kernel]
         # On the host (no-op on CPU; a local GPU runner's arrays are copied: the reference runs on the CPU).
         t = {role: torch.from_dlpack(a).cpu() for role, a in zip(roles, args)}
-        if self.kernel == "prefill":  # the first and last sequences (a whole bucket's float64 prefill takes seconds)
-            cu = t["cu_seqlens_q"].tolist()
+        if self.kernel in ("prefill", "prefill_blocks"):  # the first and last sequences (a whole bucket's float64
+            # prefill takes seconds); the block form has the same number of rows for every sequence.
+            batch = t["seq_lens"].shape[0]
+            cu = (t["cu_seqlens_q"].tolist() if "cu_seqlens_q" in t
+                  else [b * (t["q"].shape[0] // batch) for b in range(batch + 1)])
             picks = sorted({0, len(cu) - 2})
             ref = torch.cat([reference.prefill(
                 t["q"][cu[b]:cu[b + 1]], t["k_cache"], t["v_cache"], t["block_table"][b:b + 1],
