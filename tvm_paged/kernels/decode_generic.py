@@ -44,82 +44,27 @@ def build_decode_generic(cfg: KernelConfig, batch: int, max_pages: int, num_page
     ``weights``: store the softmax weights in a block of their own (see the module docstring)."""
     if cfg.kernel != "decode":
         raise ValueError(f"build_decode_generic needs a decode config, got {cfg.name}")
-    if weights:
-        return _build_weights_form(cfg, batch, max_pages, num_pages, scale)
     Hq, Hkv, D, S, G = cfg.num_qo_heads, cfg.num_kv_heads, cfg.head_dim, cfg.page_size, cfg.group_size
     B, M, P, N = int(batch), int(max_pages), int(num_pages), int(max_pages) * cfg.page_size
     dt = cfg.dtype
     qscale = T.float32((cfg.head_dim ** -0.5 if scale is None else float(scale)) * LOG2E)
     neg_inf = T.float32(float("-inf"))
+    symbol = cfg.name + ("_blocks" if weights else "_generic")
 
+    # The `if weights:` tests are Python values: TVMScript resolves them while parsing, so each form holds only
+    # its own blocks.
     @T.prim_func(s_tir=True)  # a schedulable (block-form) function
     def decode_generic(
         Q: T.Buffer((B, Hq, D), dt), K: T.Buffer((P, S, Hkv, D), dt), V: T.Buffer((P, S, Hkv, D), dt),
         BT: T.Buffer((B, M), "int32"), SL: T.Buffer((B,), "int32"), O: T.Buffer((B, Hq, D), dt),
     ):
-        T.func_attr({"global_symbol": cfg.name + "_generic", "tirx.noalias": True})
+        T.func_attr({"global_symbol": symbol, "tirx.noalias": True})
         # Intermediates belong to the root block, where MetaSchedule's compute-location rules can move them.
         with T.sblock("root"):
             score = T.sblock_alloc_buffer((B, Hq, N), "float32")
             mx = T.sblock_alloc_buffer((B, Hq), "float32")
-            den = T.sblock_alloc_buffer((B, Hq), "float32")
-            acc = T.sblock_alloc_buffer((B, Hq, D), "float32")
-            for b, h, j, d in T.grid(B, Hq, N, D):
-                with T.sblock("score"):
-                    vb, vh, vj, vd = T.axis.remap("SSSR", [b, h, j, d])
-                    with T.init():
-                        score[vb, vh, vj] = T.float32(0)
-                    score[vb, vh, vj] = score[vb, vh, vj] + to_f32(Q[vb, vh, vd], dt) * qscale * to_f32(
-                        K[BT[vb, vj // S], vj % S, vh // G, vd], dt)
-            for b, h, j in T.grid(B, Hq, N):
-                with T.sblock("max"):
-                    vb, vh, vj = T.axis.remap("SSR", [b, h, j])
-                    with T.init():
-                        mx[vb, vh] = T.min_value("float32")
-                    mx[vb, vh] = T.max(mx[vb, vh], T.Select(vj < SL[vb], score[vb, vh, vj], neg_inf))
-            # The weights are recomputed where they are used (in the sum and in P.V) rather than stored by a block
-            # of their own: MetaSchedule's tiling rules move an elementwise consumer of a reduction under the
-            # reduction's loops, which fails when it also reads another producer (here `score`).
-            for b, h, j in T.grid(B, Hq, N):
-                with T.sblock("sum"):
-                    vb, vh, vj = T.axis.remap("SSR", [b, h, j])
-                    with T.init():
-                        den[vb, vh] = T.float32(0)
-                    den[vb, vh] = den[vb, vh] + T.Select(vj < SL[vb], exp2(score[vb, vh, vj] - mx[vb, vh]),
-                                                         T.float32(0))
-            for b, h, d, j in T.grid(B, Hq, D, N):
-                with T.sblock("pv"):
-                    vb, vh, vd, vj = T.axis.remap("SSSR", [b, h, d, j])
-                    with T.init():
-                        acc[vb, vh, vd] = T.float32(0)
-                    acc[vb, vh, vd] = acc[vb, vh, vd] + T.Select(
-                        vj < SL[vb], exp2(score[vb, vh, vj] - mx[vb, vh]) / den[vb, vh], T.float32(0)
-                    ) * to_f32(V[BT[vb, vj // S], vj % S, vh // G, vd], dt)
-            for b, h, d in T.grid(B, Hq, D):
-                with T.sblock("out"):
-                    vb, vh, vd = T.axis.remap("SSS", [b, h, d])
-                    O[vb, vh, vd] = from_f32(acc[vb, vh, vd], dt)
-
-    return decode_generic
-
-
-def _build_weights_form(cfg: KernelConfig, batch: int, max_pages: int, num_pages: int, scale: float | None):
-    Hq, Hkv, D, S, G = cfg.num_qo_heads, cfg.num_kv_heads, cfg.head_dim, cfg.page_size, cfg.group_size
-    B, M, P, N = int(batch), int(max_pages), int(num_pages), int(max_pages) * cfg.page_size
-    dt = cfg.dtype
-    qscale = T.float32((cfg.head_dim ** -0.5 if scale is None else float(scale)) * LOG2E)
-    neg_inf = T.float32(float("-inf"))
-
-    @T.prim_func(s_tir=True)
-    def decode_blocks(
-        Q: T.Buffer((B, Hq, D), dt), K: T.Buffer((P, S, Hkv, D), dt), V: T.Buffer((P, S, Hkv, D), dt),
-        BT: T.Buffer((B, M), "int32"), SL: T.Buffer((B,), "int32"), O: T.Buffer((B, Hq, D), dt),
-    ):
-        T.func_attr({"global_symbol": cfg.name + "_blocks", "tirx.noalias": True})
-        with T.sblock("root"):
-            score = T.sblock_alloc_buffer((B, Hq, N), "float32")
-            mx = T.sblock_alloc_buffer((B, Hq), "float32")
-            p = T.sblock_alloc_buffer((B, Hq, N), "float32")
+            if weights:
+                p = T.sblock_alloc_buffer((B, Hq, N), "float32")
             den = T.sblock_alloc_buffer((B, Hq), "float32")
             acc = T.sblock_alloc_buffer((B, Hq, D), "float32")
             for b, h, j, d in T.grid(B, Hq, N, D):
@@ -135,28 +80,52 @@ def _build_weights_form(cfg: KernelConfig, batch: int, max_pages: int, num_pages
                     with T.init():
                         mx[vb, vh] = T.min_value("float32")  # not -inf: rfactor needs a finite identity
                     mx[vb, vh] = T.max(mx[vb, vh], T.Select(vj < SL[vb], score[vb, vh, vj], neg_inf))
-            for b, h, j in T.grid(B, Hq, N):
-                with T.sblock("p"):
-                    vb, vh, vj = T.axis.remap("SSS", [b, h, j])
-                    p[vb, vh, vj] = T.Select(vj < SL[vb], exp2(score[vb, vh, vj] - mx[vb, vh]), T.float32(0))
-            for b, h, j in T.grid(B, Hq, N):
-                with T.sblock("sum"):
-                    vb, vh, vj = T.axis.remap("SSR", [b, h, j])
-                    with T.init():
-                        den[vb, vh] = T.float32(0)
-                    den[vb, vh] = den[vb, vh] + p[vb, vh, vj]
-            for b, h, d, j in T.grid(B, Hq, D, N):
-                with T.sblock("pv"):
-                    vb, vh, vd, vj = T.axis.remap("SSSR", [b, h, d, j])
-                    with T.init():
-                        acc[vb, vh, vd] = T.float32(0)
-                    # Masked as a product, not only through p = 0: a slot past the length may hold anything (NaN).
-                    acc[vb, vh, vd] = acc[vb, vh, vd] + T.Select(
-                        vj < SL[vb], p[vb, vh, vj] * to_f32(V[BT[vb, vj // S], vj % S, vh // G, vd], dt),
-                        T.float32(0))
-            for b, h, d in T.grid(B, Hq, D):
-                with T.sblock("out"):
-                    vb, vh, vd = T.axis.remap("SSS", [b, h, d])
-                    O[vb, vh, vd] = from_f32(acc[vb, vh, vd] / den[vb, vh], dt)
+            if weights:
+                for b, h, j in T.grid(B, Hq, N):
+                    with T.sblock("p"):
+                        vb, vh, vj = T.axis.remap("SSS", [b, h, j])
+                        p[vb, vh, vj] = T.Select(vj < SL[vb], exp2(score[vb, vh, vj] - mx[vb, vh]), T.float32(0))
+                for b, h, j in T.grid(B, Hq, N):
+                    with T.sblock("sum"):
+                        vb, vh, vj = T.axis.remap("SSR", [b, h, j])
+                        with T.init():
+                            den[vb, vh] = T.float32(0)
+                        den[vb, vh] = den[vb, vh] + p[vb, vh, vj]
+                for b, h, d, j in T.grid(B, Hq, D, N):
+                    with T.sblock("pv"):
+                        vb, vh, vd, vj = T.axis.remap("SSSR", [b, h, d, j])
+                        with T.init():
+                            acc[vb, vh, vd] = T.float32(0)
+                        # Masked as a product, not only through p = 0: a slot past the length may hold NaN.
+                        acc[vb, vh, vd] = acc[vb, vh, vd] + T.Select(
+                            vj < SL[vb], p[vb, vh, vj] * to_f32(V[BT[vb, vj // S], vj % S, vh // G, vd], dt),
+                            T.float32(0))
+                for b, h, d in T.grid(B, Hq, D):
+                    with T.sblock("out"):
+                        vb, vh, vd = T.axis.remap("SSS", [b, h, d])
+                        O[vb, vh, vd] = from_f32(acc[vb, vh, vd] / den[vb, vh], dt)
+            else:
+                # The weights are recomputed where they are used (in the sum and in P.V) rather than stored by a
+                # block of their own: MetaSchedule's tiling rules move an elementwise consumer of a reduction under
+                # the reduction's loops, which fails when it also reads another producer (here `score`).
+                for b, h, j in T.grid(B, Hq, N):
+                    with T.sblock("sum"):
+                        vb, vh, vj = T.axis.remap("SSR", [b, h, j])
+                        with T.init():
+                            den[vb, vh] = T.float32(0)
+                        den[vb, vh] = den[vb, vh] + T.Select(vj < SL[vb], exp2(score[vb, vh, vj] - mx[vb, vh]),
+                                                             T.float32(0))
+                for b, h, d, j in T.grid(B, Hq, D, N):
+                    with T.sblock("pv"):
+                        vb, vh, vd, vj = T.axis.remap("SSSR", [b, h, d, j])
+                        with T.init():
+                            acc[vb, vh, vd] = T.float32(0)
+                        acc[vb, vh, vd] = acc[vb, vh, vd] + T.Select(
+                            vj < SL[vb], exp2(score[vb, vh, vj] - mx[vb, vh]) / den[vb, vh], T.float32(0)
+                        ) * to_f32(V[BT[vb, vj // S], vj % S, vh // G, vd], dt)
+                for b, h, d in T.grid(B, Hq, D):
+                    with T.sblock("out"):
+                        vb, vh, vd = T.axis.remap("SSS", [b, h, d])
+                        O[vb, vh, vd] = from_f32(acc[vb, vh, vd], dt)
 
-    return decode_blocks
+    return decode_generic

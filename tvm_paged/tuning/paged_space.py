@@ -41,6 +41,22 @@ MAX_SPLITS = 16  # KV splits per sequence: enough to fill 16 cores with one sequ
 MAX_Q_TILE = 8  # prefill query rows per task: rows x group heads accumulators must stay near the register file
 
 
+def _uniform(sch, candidates):
+    """A categorical decision, uniform over ``candidates``."""
+    return sch.sample_categorical(candidates=list(candidates), probs=[1 / len(candidates)] * len(candidates))
+
+
+def _sample_unroll(sch) -> None:
+    """The unroll step, applied to the whole program by MetaSchedule's postprocessor (and moved by its mutator)."""
+    sch.annotate(sch.get_sblock("root"), "meta_schedule.unroll_explicit", _uniform(sch, UNROLL_STEPS))
+
+
+def _vectorize_innermost(sch, block, lanes: int) -> None:
+    """Split ``block``'s innermost loop by ``lanes`` and vectorize the inner part."""
+    *_, inner = sch.get_loops(block)
+    sch.vectorize(sch.split(inner, [None, lanes])[1])
+
+
 def decode_space(cfg: KernelConfig, max_pages: int, vector_lanes: int = 8):
     """The ``ScheduleFn`` body for ``cfg``'s weights-form block decode over buckets of ``max_pages`` pages:
     a function that schedules a ``tvm.s_tir.Schedule`` in place, sampling its decisions in the schedule's trace.
@@ -57,12 +73,11 @@ def decode_space(cfg: KernelConfig, max_pages: int, vector_lanes: int = 8):
         page, slot = sch.split(j, [None, S])
         # Categorical over the divisors of max_pages: a perfect-tile sample favours the largest inner factor, i.e.
         # one split, which leaves a batch-1 bucket on one core until mutation happens to move it.
-        splits = sch.sample_categorical(candidates=list(split_counts), probs=[1 / len(split_counts)] * len(
-            split_counts))
+        splits = _uniform(sch, split_counts)
         jo, ji = sch.split(page, [splits, None])
         # Categorical, not a perfect tile: a width of 1 would drop a loop from the rfactor write-back and change
         # the trace's shape between candidates. Every supported head_dim is a multiple of 16.
-        lanes = sch.sample_categorical(candidates=list(LANES), probs=[1 / len(LANES)] * len(LANES))
+        lanes = _uniform(sch, LANES)
         do, di = sch.split(d, [None, lanes])
         sch.reorder(b, jo, ji, slot, hk, do, g, di)
         score_rf = sch.rfactor(di, factor_axis=3)  # score_rf[b, h, j, lane]: one vector FMA chain per head
@@ -84,9 +99,7 @@ def decode_space(cfg: KernelConfig, max_pages: int, vector_lanes: int = 8):
         sch.compute_at(mx, b, preserve_unit_loops=True)
         sch.reverse_compute_at(den, b, preserve_unit_loops=True)
         sch.parallel(b)
-        *_, jp = sch.get_loops(p)
-        _, jv = sch.split(jp, [None, vector_lanes])  # a head's scores are contiguous
-        sch.vectorize(jv)
+        _vectorize_innermost(sch, p, vector_lanes)  # a head's scores are contiguous
 
         # -- V phase: the same (sequence, split) walk; the splits' partial sums are added in ``out``'s loop.
         b, h, d, j = sch.get_loops(pv)
@@ -102,15 +115,12 @@ def decode_space(cfg: KernelConfig, max_pages: int, vector_lanes: int = 8):
         sch.unroll(dv)
         sch.vectorize(dl)
         sch.decompose_reduction(pv_rf, ji)
-        b_out, h_out, d_out = sch.get_loops(out)
+        b_out = sch.get_loops(out)[0]
         sch.compute_at(pv, b_out, preserve_unit_loops=True)  # the split sum, per sequence
         sch.parallel(b_out)
-        _, dvec = sch.split(d_out, [None, vector_lanes])
-        sch.vectorize(dvec)
+        _vectorize_innermost(sch, out, vector_lanes)
 
-        unroll = sch.sample_categorical(candidates=list(UNROLL_STEPS), probs=[1 / len(UNROLL_STEPS)] * len(
-            UNROLL_STEPS))
-        sch.annotate(sch.get_sblock("root"), "meta_schedule.unroll_explicit", unroll)
+        _sample_unroll(sch)
 
     return schedule
 
@@ -131,7 +141,7 @@ def prefill_space(cfg: KernelConfig, q_len: int, vector_lanes: int = 8):
         score, mx, p, den, pv, out = (sch.get_sblock(n) for n in ("score", "max", "p", "sum", "pv", "out"))
 
         # The score's lanes first, on its own nest (as in decode).
-        lanes = sch.sample_categorical(candidates=list(LANES), probs=[1 / len(LANES)] * len(LANES))
+        lanes = _uniform(sch, LANES)
         *_, d = sch.get_loops(score)
         do, di = sch.split(d, [None, lanes])
         score_rf = sch.rfactor(di, factor_axis=4)  # score_rf[b, i, h, j, lane]
@@ -162,9 +172,7 @@ def prefill_space(cfg: KernelConfig, q_len: int, vector_lanes: int = 8):
         sch.decompose_reduction(score_rf, do_rf)
 
         # Softmax per row; the weights vectorized over keys.
-        *_, jp = sch.get_loops(p)
-        _, jv = sch.split(jp, [None, vector_lanes])
-        sch.vectorize(jv)
+        _vectorize_innermost(sch, p, vector_lanes)
 
         # V phase: the same page walk, head_dim as (chunks, vectors, lanes).
         _, _, ii, h, d, j = sch.get_loops(pv)  # (task, sequence: unit, rows, heads, head_dim, keys)
@@ -177,13 +185,9 @@ def prefill_space(cfg: KernelConfig, q_len: int, vector_lanes: int = 8):
         sch.vectorize(dl)
         sch.decompose_reduction(pv, page)
 
-        *_, d_out = sch.get_loops(out)
-        _, dvec = sch.split(d_out, [None, vector_lanes])
-        sch.vectorize(dvec)
+        _vectorize_innermost(sch, out, vector_lanes)
 
-        unroll = sch.sample_categorical(candidates=list(UNROLL_STEPS), probs=[1 / len(UNROLL_STEPS)] * len(
-            UNROLL_STEPS))
-        sch.annotate(sch.get_sblock("root"), "meta_schedule.unroll_explicit", unroll)
+        _sample_unroll(sch)
 
     return schedule
 
