@@ -507,3 +507,22 @@ def test_paged_space_samples_correct_prefill_kernels(target):
         if seen >= want:
             break
     assert seen >= want, f"the space never sampled {sorted(want - seen)}"
+
+
+def test_block_form_spaces_refuse_what_they_cannot_tune(target, tmp_path):
+    """Requests the block-form spaces cannot serve stop with a clear message before any work."""
+    from tvm_paged.tuning.block_spaces import check_request
+    from tvm_paged.tuning.search import TuneError
+
+    prefill = CFG.with_kernel("prefill")
+    with pytest.raises(TuneError, match="only the decode kernel"):
+        check_request(prefill, target, _opts(tmp_path, q_len=8), "generic")
+    with pytest.raises(TuneError, match="--q-len"):
+        check_request(prefill, target, _opts(tmp_path), "paged")
+    with pytest.raises(TuneError, match="local CPU targets only"):
+        check_request(CFG, build.resolve_target("nvidia/nvidia-h100"), _opts(tmp_path), "paged")
+    with pytest.raises(TuneError, match="local CPU targets only"):
+        check_request(CFG, target, _opts(tmp_path, rpc_tracker=("127.0.0.1", 9190), rpc_key="k"), "paged")
+    with pytest.raises(ValueError, match="space must be one of"):
+        check_request(CFG, target, _opts(tmp_path), "tiles")
+    check_request(prefill, target, _opts(tmp_path, q_len=8), "paged")  # a valid request passes

@@ -104,12 +104,13 @@ def _run_block_form(cfg, target, buckets, opts, target_name: str, space_name: st
     """``--space paged|generic``: tune each bucket's block-form kernel with MetaSchedule over that space and print
     it beside the knob space's best on the same bucket (from the knob-space log, when one exists). Decode is
     reported in GB/s of K+V, prefill in GFLOP/s."""
-    from .tuning.block_spaces import SPACES, discard_database, tune_block_form  # noqa: PLC0415
+    from .tuning.block_spaces import SPACES, check_request, discard_database, tune_block_form  # noqa: PLC0415
     from .tuning.records import TuningLog  # noqa: PLC0415
     from .tuning.search import summarize, work_dir_for  # noqa: PLC0415
     from .tuning.space import KnobSpace  # noqa: PLC0415
     from . import schedules  # noqa: PLC0415
 
+    check_request(cfg, target, opts, space_name)
     work_dir = work_dir_for(cfg, target, opts)
     knob_best = {}
     if (work_dir / "trials.jsonl").exists():

@@ -74,14 +74,9 @@ def _space_generator(cfg: KernelConfig, bucket: Bucket, target, space: str, wl):
     return ms.space_generator.ScheduleFn(fn, sch_rules=[])
 
 
-def tune_block_form(cfg: KernelConfig, target, bucket: Bucket, work_dir: Path, *, trials: int, opts,
-                    space: str = "generic") -> dict:
-    """Tune the block-form decode of ``bucket`` over ``space`` (``generic`` or ``paged``) with MetaSchedule's
-    evolutionary search; returns the summary written.
-
-    ``opts``: the :class:`~tvm_paged.tuning.search.TuneOptions` of the run (pool, tables, repeat, seed).
-    """
-    from .search import TuneError, _close, _runner  # noqa: PLC0415
+def check_request(cfg: KernelConfig, target, opts, space: str) -> None:
+    """Raise ``TuneError`` when ``space`` cannot tune ``cfg`` on ``target`` with ``opts`` (before any work)."""
+    from .search import TuneError  # noqa: PLC0415
 
     _check_space(space)
     if cfg.kernel != "decode" and space == "generic":
@@ -91,6 +86,18 @@ def tune_block_form(cfg: KernelConfig, target, bucket: Bucket, work_dir: Path, *
                         "form has the same number for every sequence)")
     if target_kind(target) != "cpu" or opts.rpc_tracker is not None:
         raise TuneError(f"--space {space}: local CPU targets only")
+
+
+def tune_block_form(cfg: KernelConfig, target, bucket: Bucket, work_dir: Path, *, trials: int, opts,
+                    space: str = "generic") -> dict:
+    """Tune the block-form decode of ``bucket`` over ``space`` (``generic`` or ``paged``) with MetaSchedule's
+    evolutionary search; returns the summary written.
+
+    ``opts``: the :class:`~tvm_paged.tuning.search.TuneOptions` of the run (pool, tables, repeat, seed).
+    """
+    from .search import TuneError, _close, _runner  # noqa: PLC0415
+
+    check_request(cfg, target, opts, space)
     ms = tc.meta_schedule()
     wl = _workload(cfg, bucket, opts)
     if len(set(wl.q_lens)) > 1:
@@ -165,4 +172,4 @@ def discard_database(work_dir: Path, bucket: Bucket, space: str = "generic") -> 
     shutil.rmtree(Path(work_dir) / space / bucket.name / "ms", ignore_errors=True)
 
 
-__all__ = ["SPACES", "block_module", "tune_block_form", "best_block_kernel", "discard_database"]
+__all__ = ["SPACES", "check_request", "block_module", "tune_block_form", "best_block_kernel", "discard_database"]
