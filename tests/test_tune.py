@@ -384,18 +384,22 @@ def test_proposer_never_repeats_and_finds_the_best(strategy):
 
 
 @pytest.mark.parametrize("space,kernel", [("generic", "decode"), ("paged", "decode"), ("paged", "prefill")])
-def test_block_form_spaces_tune(target, tmp_path, space, kernel):
+def test_block_form_spaces_tune(target, tmp_path, space, kernel, capsys):
     """MetaSchedule's search over the generic space and over the paged-attention ScheduleFn space (both kept for
     comparison): a short run measures real trials on valid inputs, and its best schedule, applied to the
-    block-form kernel, matches the float64 reference."""
+    block-form kernel, matches the float64 reference. With a progress bar, the bar reports the best rate."""
     import torch
 
     from tvm_paged.tuning.block_spaces import best_block_kernel, discard_database, tune_block_form
 
     cfg = CFG.with_kernel(kernel)
     bucket, q_len = Bucket(3, 4), 8 if kernel == "prefill" else 0
-    opts = _opts(tmp_path, pool_mb=1, q_len=q_len)
+    progress = kernel == "prefill"
+    opts = _opts(tmp_path, pool_mb=1, q_len=q_len, progress=progress)
     summary = tune_block_form(cfg, target, bucket, tmp_path / "logs", trials=4, opts=opts, space=space)
+    if progress:
+        err = capsys.readouterr().err
+        assert "4/4" in err and "GFLOP/s" in err, err[-500:]
     assert summary["trials"] >= 1 and summary["succeeded"] >= 1 and summary["gbps"] > 0
     assert summary["failed"] == summary["trials"] - summary["succeeded"]
     assert json.loads((tmp_path / "logs" / space / "3x4" / "summary.json").read_text())["gflops"] > 0

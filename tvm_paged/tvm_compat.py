@@ -242,21 +242,49 @@ def meta_schedule():
     return _ms
 
 
+_DEVNULL = None
+
+
 @_contextlib.contextmanager
-def meta_schedule_logging():
+def meta_schedule_logging(quiet: bool = False):
     """Around a ``tune_tir`` call: MetaSchedule 0.27 rebuilds its logging config from the names of its logger's
     handlers and fails (``'NoneType' object has no attribute 'format'``) when one has no name, as the capture
     handlers pytest attaches do after a first run in the same process. Unnamed handlers are detached for the call
-    and put back after."""
+    and put back after. ``quiet``: its console log (a task table per round, on stdout) is dropped; the log files
+    in the work directory keep everything."""
     logger = _logging.getLogger("tvm.s_tir.meta_schedule")
     unnamed = [h for h in logger.handlers if h.get_name() is None]
     for h in unnamed:
         logger.removeHandler(h)
     try:
-        yield
+        if quiet:
+            # Kept open: MetaSchedule's console handler holds on to the stream it was configured with, and its
+            # runner and builder log through it again when the next bucket starts.
+            global _DEVNULL
+            if _DEVNULL is None:
+                _DEVNULL = open(os.devnull, "w")  # noqa: SIM115
+            with _contextlib.redirect_stdout(_DEVNULL):
+                yield
+        else:
+            yield
     finally:
         for h in unnamed:
             logger.addHandler(h)
+
+
+def measure_callbacks(on_results):
+    """MetaSchedule's default measure callbacks plus one that calls ``on_results(run_secs)`` after each batch of
+    measurements: one list of seconds per candidate (empty when the candidate failed)."""
+    from tvm.ir.utils import derived_object  # noqa: PLC0415
+    from tvm.s_tir.meta_schedule.measure_callback import MeasureCallback, PyMeasureCallback  # noqa: PLC0415
+
+    @derived_object
+    class _Results(PyMeasureCallback):
+        def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results):
+            on_results([[float(x) for x in (r.run_secs or [])] if r.error_msg is None else []
+                        for r in runner_results])
+
+    return [*MeasureCallback.create("default"), _Results()]
 
 
 def empty_trace():

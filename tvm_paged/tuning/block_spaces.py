@@ -20,7 +20,9 @@ hundred KB of traces per run).
 from __future__ import annotations
 
 import json
+import math
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -108,19 +110,40 @@ def tune_block_form(cfg: KernelConfig, target, bucket: Bucket, work_dir: Path, *
     inputs = PagedInputs(kernel="prefill_blocks" if cfg.kernel == "prefill" else "decode_generic",
                          page_size=cfg.page_size, seq_lens=wl.seq_lens,
                          tables=opts.tables, seed=opts.seed)
-    runner = _runner(wl, "cpu", opts, inputs)
-    builder = ms.builder.LocalBuilder(max_workers=tc.allowed_cores(), timeout_sec=opts.build_timeout,
-                                      f_build=build_module)
+    from tqdm import tqdm  # noqa: PLC0415
+
+    # The bar shows trials done and the best rate so far (GB/s of K+V for decode, GFLOP/s for prefill); with it,
+    # MetaSchedule's own console log (a task table per round) is dropped: its log files keep it.
+    bar = tqdm(total=trials, desc=f"{cfg.name} {bucket.name} {space}", unit="trial", disable=not opts.progress,
+               file=sys.stderr)
+    best = [math.inf]
+
+    def on_results(run_secs: list[list[float]]) -> None:
+        for secs in run_secs:
+            m = median_secs(secs)  # None for a failed trial
+            if m:
+                best[0] = min(best[0], m)
+        if math.isfinite(best[0]):
+            rate = (f"{wl.flops / best[0] / 1e9:.1f} GFLOP/s" if cfg.kernel == "prefill"
+                    else f"{wl.gbps(best[0]):.2f} GB/s")
+            bar.set_postfix_str(f"best {rate}", refresh=False)
+        bar.update(len(run_secs))
+
     t0 = time.perf_counter()
-    try:
-        with tc.meta_schedule_logging():
+    with tc.meta_schedule_logging(quiet=opts.progress):
+        runner = _runner(wl, "cpu", opts, inputs)
+        builder = ms.builder.LocalBuilder(max_workers=tc.allowed_cores(), timeout_sec=opts.build_timeout,
+                                          f_build=build_module)
+        try:
             database = ms.tune_tir(mod, with_host(target), str(ms_dir), max_trials_global=trials,
                                    num_trials_per_iter=max(1, min(trials, opts.per_round * 2)), builder=builder,
                                    runner=runner, cost_model="xgb" if trials >= 8 else "random",
                                    strategy="evolutionary", space=_space_generator(cfg, bucket, target, space, wl),
+                                   measure_callbacks=tc.measure_callbacks(on_results),
                                    num_tuning_cores=tc.allowed_cores(), seed=opts.seed)
-    finally:
-        _close(runner)
+        finally:
+            bar.close()
+            _close(runner)
     wall = time.perf_counter() - t0
     records = database.get_all_tuning_records()
     timed = [(median_secs([float(s) for s in r.run_secs]), r) for r in records if r.run_secs]
