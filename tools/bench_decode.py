@@ -21,7 +21,6 @@ import argparse
 import statistics
 import time
 
-import numpy as np
 import torch
 
 from tvm_paged import build, ops, reference, schedules

@@ -250,7 +250,8 @@ class Engine:
             prefix_hit_requests=sc["prefix_hits"],
             forks=st["forks"], fork_shared_pages=st["fork_shared_pages"], cow_copies=st["cow_copies"],
             fork_pages_saved=st["fork_shared_pages"] - st["cow_copies"],
-            chunked_prefills=st["chunked_prefills"], preemptions=sc["preemptions"], preempted_tokens=sc["preempted_tokens"],
+            chunked_prefills=st["chunked_prefills"], preemptions=sc["preemptions"],
+            preempted_tokens=sc["preempted_tokens"],
             recompute_cached_tokens=sc["recompute_cached_tokens"],
             checks=st["checks"], checks_passed=st["checks_passed"], max_abs_logit_diff=self.max_abs_diff,
         )
