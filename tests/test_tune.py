@@ -426,10 +426,12 @@ def test_block_form_spaces_tune(target, tmp_path, space, kernel, capsys):
     assert not (tmp_path / "logs" / space / "3x4" / "ms").exists()
 
 
-def test_paged_space_samples_correct_kernels(target):
+@pytest.mark.parametrize("heads,dtypes", [((7, 1), ("float32", "float16")), ((2, 2), ("float32",))],
+                         ids=["group7", "mha"])
+def test_paged_space_samples_correct_kernels(target, heads, dtypes):
     """Every point of the paged-attention ScheduleFn space is a correct program: odd shapes (a group of 7 query
-    heads, head_dim 80, page 5, lengths 1 to full), every KV split count and lane width the space samples,
-    float32 and float16, NaN in every slot past a sequence's length, against the float64 reference."""
+    heads, and MHA; head_dim 80, page 5, lengths 1 to full), every KV split count and lane width the space
+    samples, float32 and float16, NaN in every slot past a sequence's length, against the float64 reference."""
     import torch
 
     from tvm_paged.build import with_host
@@ -437,8 +439,8 @@ def test_paged_space_samples_correct_kernels(target):
     from tvm_paged.tuning.paged_space import LANES, decisions, decode_space
 
     batch, max_pages, num_pages = 3, 4, 29
-    for dtype in ("float32", "float16"):
-        cfg = KernelConfig("decode", dtype, 7, 1, 80, 5)
+    for dtype in dtypes:
+        cfg = KernelConfig("decode", dtype, *heads, 80, 5)
         mod = tc.ir_module({"main": build_decode_generic(cfg, batch, max_pages, num_pages, weights=True)
                             .with_attr("global_symbol", "main")})
         gen = torch.Generator().manual_seed(11)
