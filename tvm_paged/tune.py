@@ -49,10 +49,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--space", choices=("knobs", "paged", "generic"), default="knobs",
                    help="knobs (default): the kernel builders' knob space, writes schedules/; paged: "
-                        "MetaSchedule over the paged-attention ScheduleFn space of a block-form decode kernel; "
-                        "generic: MetaSchedule's generic space on the same kernel. paged and generic are for "
-                        "comparison only (local CPU; each bucket's best GB/s is printed and kept in "
-                        "<work-dir>/<space>/)")
+                        "MetaSchedule over the paged-attention ScheduleFn space of a block-form kernel (decode, "
+                        "or prefill with --q-len); generic: MetaSchedule's generic space on the block-form "
+                        "decode. paged and generic are for comparison only (local CPU; each bucket's best rate "
+                        "is printed and kept in <work-dir>/<space>/)")
 
 
 def _tracker(text: str | None) -> tuple[str, int] | None:

@@ -92,7 +92,7 @@ def check_request(cfg: KernelConfig, target, opts, space: str) -> None:
 
 def tune_block_form(cfg: KernelConfig, target, bucket: Bucket, work_dir: Path, *, trials: int, opts,
                     space: str = "generic") -> dict:
-    """Tune the block-form decode of ``bucket`` over ``space`` (``generic`` or ``paged``) with MetaSchedule's
+    """Tune the block-form kernel of ``bucket`` over ``space`` (``generic`` or ``paged``) with MetaSchedule's
     evolutionary search; returns the summary written.
 
     ``opts``: the :class:`~tvm_paged.tuning.search.TuneOptions` of the run (pool, tables, repeat, seed).
@@ -124,7 +124,7 @@ def tune_block_form(cfg: KernelConfig, target, bucket: Bucket, work_dir: Path, *
             if m:
                 best[0] = min(best[0], m)
         if math.isfinite(best[0]):
-            rate = (f"{wl.flops / best[0] / 1e9:.1f} GFLOP/s" if cfg.kernel == "prefill"
+            rate = (f"{wl.gflops(best[0]):.1f} GFLOP/s" if cfg.kernel == "prefill"
                     else f"{wl.gbps(best[0]):.2f} GB/s")
             bar.set_postfix_str(f"best {rate}", refresh=False)
         bar.update(len(run_secs))
@@ -165,7 +165,7 @@ def tune_block_form(cfg: KernelConfig, target, bucket: Bucket, work_dir: Path, *
     }
     if timed:
         secs, best = min(timed, key=lambda x: x[0])
-        summary.update(gbps=round(wl.gbps(secs), 4), gflops=round(wl.flops / secs / 1e9, 2),
+        summary.update(gbps=round(wl.gbps(secs), 4), gflops=round(wl.gflops(secs), 2),
                        ms=round(secs * 1e3, 6), trace=str(best.trace))
         if space == "paged":
             summary["decisions"] = decisions(best.trace, cfg.kernel)

@@ -292,7 +292,7 @@ def summarize(cfg: KernelConfig, target, log: TuningLog, space: KnobSpace, opts:
             "max_pages": bucket.pages,
             "knobs": best["knobs"],
             "gbps": best["gbps"],
-            "gflops": round(wl.flops / (best["ms"] * 1e6), 2),
+            "gflops": round(wl.gflops(best["ms"] / 1e3), 2),
             "ms": best["ms"],
             "default_gbps": default.get("gbps") if default else None,
             "trials": len(current),

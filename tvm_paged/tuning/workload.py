@@ -115,6 +115,10 @@ class Workload:
     def gbps(self, seconds: float) -> float:
         return self.kv_bytes / seconds / 1e9
 
+    def gflops(self, seconds: float) -> float:
+        """GFLOP/s of a call that took ``seconds`` (see :attr:`flops`)."""
+        return self.flops / seconds / 1e9
+
     @property
     def flops(self) -> int:
         """Floating-point operations of one call: 4 per (query row, query head, visible key, head_dim element),
