@@ -1,10 +1,21 @@
 """Random paged pools for the tests: fragmented page tables, NaN in every slot no sequence uses, and the
-one tolerance table."""
+one tolerance table.
+
+``TVM_PAGED_TEST_DEVICE=cuda`` puts the pools and queries on the GPU, so the same grids check the CUDA kernels
+on a machine that has one (``tools/gpu_check.sh``); the reference always runs on the CPU in float64.
+"""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
+import pytest
 import torch
+
+DEVICE = torch.device(os.environ.get("TVM_PAGED_TEST_DEVICE", "cpu"))
+# Tests of CPU-only paths (numpy in and out, calling a compiled CPU kernel directly, the CPU builders' knobs).
+cpu_only = pytest.mark.skipif(DEVICE.type != "cpu", reason="a CPU path; TVM_PAGED_TEST_DEVICE selects another")
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -54,16 +65,18 @@ def make_pool(seq_lens, *, page_size, num_kv_heads, head_dim, dtype="float32", e
         k[~torch.from_numpy(used)] = float("nan")
         v[~torch.from_numpy(used)] = float("nan")
     dt = DTYPES[dtype]
-    return k.to(dt), v.to(dt), torch.from_numpy(table), torch.from_numpy(seq_lens.astype(np.int32))
+    return (k.to(dt).to(DEVICE), v.to(dt).to(DEVICE), torch.from_numpy(table).to(DEVICE),
+            torch.from_numpy(seq_lens.astype(np.int32)).to(DEVICE))
 
 
 def random_q(rows, num_qo_heads, head_dim, dtype="float32", seed=1):
     gen = torch.Generator().manual_seed(seed)
-    return torch.randn(rows, num_qo_heads, head_dim, generator=gen, dtype=torch.float64).to(DTYPES[dtype])
+    return torch.randn(rows, num_qo_heads, head_dim, generator=gen, dtype=torch.float64).to(DTYPES[dtype]).to(DEVICE)
 
 
 def assert_close(actual, expected, atol, what="out"):
-    actual = torch.as_tensor(actual).double()
+    actual = torch.as_tensor(actual).double().cpu()
+    expected = torch.as_tensor(expected).cpu()
     assert not torch.isnan(actual).any(), f"{what}: NaN in the kernel's output"
     err = (actual - expected).abs().max().item()
     assert err <= atol, f"{what}: max abs error {err:.3g} > {atol:.3g}"

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import tvm_paged as tp
-from paged_data import DTYPES
+from paged_data import DEVICE, DTYPES, cpu_only
 
 
 @pytest.mark.parametrize("dtype,hkv,d,p", [("float32", 2, 64, 5), ("float16", 8, 128, 16), ("bfloat16", 1, 80, 1),
@@ -16,18 +16,18 @@ from paged_data import DTYPES
 def test_write_kv(dtype, hkv, d, p, index_dtype):
     torch.manual_seed(0)
     num_pages = 11
-    kc = torch.full((num_pages, p, hkv, d), float("nan"), dtype=DTYPES[dtype])
+    kc = torch.full((num_pages, p, hkv, d), float("nan"), dtype=DTYPES[dtype], device=DEVICE)
     vc = kc.clone()
     n = 17 if p > 1 else 9
     slots = torch.randperm(num_pages * p)[:n]
     slots[3] = -1  # a padding token is skipped
-    k = torch.randn(n, hkv, d).to(kc.dtype)
-    v = torch.randn(n, hkv, d).to(kc.dtype)
+    k = torch.randn(n, hkv, d).to(kc.dtype).to(DEVICE)
+    v = torch.randn(n, hkv, d).to(kc.dtype).to(DEVICE)
     expect_k, expect_v = kc.clone(), vc.clone()
     live = slots >= 0
-    expect_k.view(-1, hkv, d)[slots[live]] = k[live]
-    expect_v.view(-1, hkv, d)[slots[live]] = v[live]
-    tp.write_kv(k, v, kc, vc, slots.to(index_dtype))
+    expect_k.view(-1, hkv, d)[slots[live].to(DEVICE)] = k[live.to(DEVICE)]
+    expect_v.view(-1, hkv, d)[slots[live].to(DEVICE)] = v[live.to(DEVICE)]
+    tp.write_kv(k, v, kc, vc, slots.to(index_dtype).to(DEVICE))
     assert torch.equal(kc.nan_to_num(7.0), expect_k.nan_to_num(7.0))
     assert torch.equal(vc.nan_to_num(7.0), expect_v.nan_to_num(7.0))
 
@@ -35,17 +35,18 @@ def test_write_kv(dtype, hkv, d, p, index_dtype):
 @pytest.mark.parametrize("dtype,hkv,d,p", [("float32", 2, 64, 5), ("float16", 8, 128, 16)])
 def test_copy_pages(dtype, hkv, d, p):
     torch.manual_seed(1)
-    kc = torch.randn(13, p, hkv, d).to(DTYPES[dtype])
-    vc = torch.randn(13, p, hkv, d).to(DTYPES[dtype])
+    kc = torch.randn(13, p, hkv, d).to(DTYPES[dtype]).to(DEVICE)
+    vc = torch.randn(13, p, hkv, d).to(DTYPES[dtype]).to(DEVICE)
     src = torch.tensor([0, 4, 4, 9], dtype=torch.int32)
     dst = torch.tensor([12, 1, 2, 3], dtype=torch.int32)
     expect_k, expect_v = kc.clone(), vc.clone()
     expect_k[dst.long()] = kc[src.long()]
     expect_v[dst.long()] = vc[src.long()]
-    tp.copy_pages(kc, vc, src, dst)
+    tp.copy_pages(kc, vc, src.to(DEVICE), dst.to(DEVICE))
     assert torch.equal(kc, expect_k) and torch.equal(vc, expect_v)
 
 
+@cpu_only
 def test_numpy_caches_are_written_in_place():
     kc = np.zeros((4, 5, 2, 64), dtype=np.float32)
     vc = np.zeros_like(kc)

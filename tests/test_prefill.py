@@ -9,7 +9,7 @@ import torch
 
 import tvm_paged as tp
 from tvm_paged import reference
-from paged_data import ATOL, LSE_ATOL, assert_close, make_pool, random_q
+from paged_data import ATOL, DEVICE, LSE_ATOL, assert_close, cpu_only, make_pool, random_q
 
 # (dtype, num_qo_heads, num_kv_heads, head_dim, page_size): every head_dim, page size (1/5/16/32), group size
 # (1, 4, 6, 8 = MQA) and dtype appears; one compile each, reused by every test below.
@@ -26,7 +26,7 @@ SMALL = CONFIGS[0]
 
 
 def _cu(q_lens):
-    return torch.tensor(np.concatenate([[0], np.cumsum(q_lens)]), dtype=torch.int32)
+    return torch.tensor(np.concatenate([[0], np.cumsum(q_lens)]), dtype=torch.int32, device=DEVICE)
 
 
 def _case(cfg, kv_lens, q_lens, seed=0, q_scale=1.0):
@@ -35,7 +35,7 @@ def _case(cfg, kv_lens, q_lens, seed=0, q_scale=1.0):
     assert all(0 <= n <= k for n, k in zip(q_lens, kv_lens))
     k, v, bt, sl = make_pool(kv_lens, page_size=p, num_kv_heads=hkv, head_dim=d, dtype=dtype, seed=seed)
     gen = torch.Generator().manual_seed(seed + 1)
-    q = (torch.randn(int(sum(q_lens)), hq, d, generator=gen, dtype=torch.float64) * q_scale).to(k.dtype)
+    q = (torch.randn(int(sum(q_lens)), hq, d, generator=gen, dtype=torch.float64) * q_scale).to(k.dtype).to(DEVICE)
     return q, k, v, bt, sl, _cu(q_lens)
 
 
@@ -185,6 +185,7 @@ def test_prefill_extreme_logits(cfg, causal):
     assert_close(out, ref_out, ATOL[dtype])
 
 
+@cpu_only
 def test_prefill_numpy_and_unaligned_inputs():
     """numpy arrays in, numpy out; torch.from_numpy views offset by one element are not 64-byte aligned."""
     cfg = SMALL
@@ -208,6 +209,7 @@ def test_prefill_numpy_and_unaligned_inputs():
     assert_close(out, ref_out, ATOL[dtype])
 
 
+@cpu_only
 def test_prefill_f16_unaligned():
     cfg = CONFIGS[3]
     dtype = cfg[0]
@@ -220,6 +222,7 @@ def test_prefill_f16_unaligned():
     assert_close(out, ref_out, ATOL[dtype])
 
 
+@cpu_only
 def test_prefill_kernel_no_tiles():
     """The kernel itself with zero query rows and zero tiles writes nothing and does not fail."""
     from tvm_paged import build
@@ -237,7 +240,7 @@ def test_prefill_no_queries():
     """Every sequence with q_len 0: empty output."""
     dtype, hq, hkv, d, p = SMALL
     k, v, bt, sl = make_pool([5, 9], page_size=p, num_kv_heads=hkv, head_dim=d, seed=90)
-    q = torch.zeros(0, hq, d)
+    q = torch.zeros(0, hq, d, device=DEVICE)
     out, lse = tp.paged_prefill(q, k, v, bt, sl, _cu([0, 0]), return_lse=True)
     assert out.shape == (0, hq, d) and lse.shape == (0, hq)
 
@@ -256,12 +259,13 @@ def test_prefill_no_queries():
 def test_prefill_bad_cu_seqlens(cu, rows, match):
     dtype, hq, hkv, d, p = SMALL
     k, v, bt, sl = make_pool([10, 10, 10], page_size=p, num_kv_heads=hkv, head_dim=d, seed=95)
-    q = torch.zeros(rows, hq, d)
+    q = torch.zeros(rows, hq, d, device=DEVICE)
     with pytest.raises(ValueError, match="cu_seqlens_q") as exc:
         tp.paged_prefill(q, k, v, bt, sl, torch.tensor(cu, dtype=torch.int32))
     assert exc.match(match)
 
 
+@cpu_only
 @pytest.mark.parametrize(
     "cfg,knobs",
     [
@@ -293,6 +297,7 @@ def test_prefill_builder_knobs(cfg, knobs):
         assert_close(lse, ref_lse, LSE_ATOL[dtype], "lse")
 
 
+@cpu_only
 def test_every_prefill_knob_value_is_correct():
     """Correctness never depends on tuning: each value of each CPU prefill knob, causal and not, against the
     float64 reference on a NaN-filled pool (odd lengths, chunked queries, page size 5)."""

@@ -7,12 +7,19 @@ batch 8 x 1024 tokens and batch 1 x 16384 tokens. Rows, all in one process:
 - torch: gather each sequence's pages, then scaled_dot_product_attention;
 - TVM/MLC-LLM's shipped CPU paged decode kernel (tvm.relax.frontend.nn.llm), on the same pages in its layout;
 - the machine's read bandwidth: a reduction over a 512 MB array (torch.sum on every core).
-Each timed call rotates through page tables over a pool several times larger than the L3 cache, and the
-bandwidth roof is taken in rounds interleaved with the kernels (it swings from round to round on a shared
+Each timed call rotates through page tables over a pool several times larger than the last-level cache, and
+the bandwidth roof is taken in rounds interleaved with the kernels (it swings from round to round on a shared
 VM), with the row order alternating between rounds; each row reports its median time and its median
 fraction of the same round's roof.
 
+``--device cuda`` runs the same rows on the GPU (TVM/MLC's CUDA decode kernel in place of its CPU one): the
+roof is then a reduction over a 4 GB array on the GPU, the device-to-device copy rate (bytes read plus
+written) is printed beside it, the pool is sized against the GPU's L2, and a call's time is the mean of many
+back-to-back calls between two synchronizations (Python launch overhead included, as a serving loop sees it).
+``b64x4k`` (batch 64 x 4096 tokens) is a case long enough that launch overhead does not count.
+
     python tools/bench_decode.py [--dtypes float32,float16] [--rounds 5] [--cases b8,b1x16k] [--no-mlc]
+    python tools/bench_decode.py --device cuda --cases b8,b1x16k,b64x4k
 """
 
 from __future__ import annotations
@@ -25,37 +32,52 @@ import torch
 
 from tvm_paged import build, ops, reference, schedules
 from tvm_paged.config import KernelConfig
-from tvm_paged.tvm_compat import allowed_cores, host_cpu
+from tvm_paged.tvm_compat import allowed_cores, compile_module, host_cpu
 
 HQ, HKV, D, PAGE = 32, 8, 128, 16
-L3_BYTES = 32 << 20
-CASES = {"b8": (8, 1024), "b1x16k": (1, 16384)}
+CPU_L3_BYTES = 32 << 20
+CASES = {"b8": (8, 1024), "b1x16k": (1, 16384), "b64x4k": (64, 4096)}
+# Sequences checked against the float64 reference before timing (the reference is slow at batch 64).
+CHECKED_SEQS = 4
 
 
-def make_inputs(batch, length, dtype, copies_over_l3=4, seed=0):
-    """A pool ``copies`` times the working set (and at least 4x L3), and one disjoint table per copy."""
+def last_level_cache(device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).L2_cache_size)
+    return CPU_L3_BYTES
+
+
+def target_of(device):
+    """The compile target for ``device``: the local CPU, or the GPU's own architecture."""
+    return build.target_for_device(device) or build.local_target()
+
+
+def make_inputs(batch, length, dtype, device, copies_over_cache=4, seed=0):
+    """A pool ``copies`` times the working set (and at least 4x the last-level cache), and one disjoint table
+    per copy."""
     torch.manual_seed(seed)
     pages = length // PAGE
     work = 2 * batch * length * HKV * D * dtype.itemsize
-    copies = max(copies_over_l3, -(-copies_over_l3 * L3_BYTES // work))
+    copies = max(copies_over_cache, -(-copies_over_cache * last_level_cache(device) // work))
     num_pages = batch * pages * copies
-    k = torch.randn(num_pages, PAGE, HKV, D, dtype=dtype)
-    v = torch.randn(num_pages, PAGE, HKV, D, dtype=dtype)
+    k = torch.randn(num_pages, PAGE, HKV, D, dtype=dtype, device=device)
+    v = torch.randn(num_pages, PAGE, HKV, D, dtype=dtype, device=device)
     perm = torch.randperm(num_pages).int()
-    tables = [perm[i * batch * pages:(i + 1) * batch * pages].view(batch, pages).contiguous() for i in range(copies)]
-    seq_lens = torch.full((batch,), length, dtype=torch.int32)
-    q = torch.randn(batch, HQ, D, dtype=dtype)
+    tables = [perm[i * batch * pages:(i + 1) * batch * pages].view(batch, pages).contiguous().to(device)
+              for i in range(copies)]
+    seq_lens = torch.full((batch,), length, dtype=torch.int32, device=device)
+    q = torch.randn(batch, HQ, D, dtype=dtype, device=device)
     return q, k, v, tables, seq_lens
 
 
 def tvm_paged_runner(cfg, q, k, v, tables, seq_lens, knobs):
-    fn = build.compile_kernel(cfg, build.local_target(), knobs=knobs).mod[cfg.name]
+    fn = build.compile_kernel(cfg, target_of(q.device), knobs=knobs).mod[cfg.name]
     plans = [ops.plan_decode(t, seq_lens, page_size=PAGE, num_pages=k.shape[0]) for t in tables]
     batch, splits = q.shape[0], plans[0].num_splits
     out = torch.empty_like(q)
-    lse = torch.empty(batch, HQ)
-    o_part = torch.empty(batch, splits, HQ, D)
-    lse_part = torch.empty(batch, splits, HQ)
+    lse = torch.empty(batch, HQ, device=q.device)
+    o_part = torch.empty(batch, splits, HQ, D, device=q.device)
+    lse_part = torch.empty(batch, splits, HQ, device=q.device)
 
     def run(i):
         p = plans[i % len(plans)]
@@ -79,21 +101,27 @@ def torch_runner(q, k, v, tables, seq_lens):
 
 
 def mlc_runner(q, k, v, tables, seq_lens, dtype_name):
-    """TVM's own CPU paged decode (MLC-LLM): pages [num_pages, 2, num_kv_heads, page_size, head_dim], CSR table."""
-    from tvm.relax.frontend.nn.llm._decode_kernels import _attention_decode_cpu
+    """TVM's own paged decode (MLC-LLM; its CPU or its CUDA kernel): pages [num_pages, 2, num_kv_heads,
+    page_size, head_dim], CSR table."""
+    from tvm.relax.frontend.nn.llm import _decode_kernels as mlc
 
-    from tvm_paged.tvm_compat import compile_module
-
-    func = _attention_decode_cpu(HKV, HQ, D, dtype_name, False, {}, PAGE)
-    fn = compile_module(func, build.local_target()).mod["batch_decode_paged_kv_cpu"]
+    device = q.device
+    target = target_of(device)
+    if device.type == "cuda":
+        func, symbol = mlc._attention_decode(HKV, HQ, D, dtype_name, False, {}, target, PAGE), "batch_decode_paged_kv"
+    else:
+        func, symbol = mlc._attention_decode_cpu(HKV, HQ, D, dtype_name, False, {}, PAGE), "batch_decode_paged_kv_cpu"
+    target = build.with_host(target)
+    with target:
+        fn = compile_module(func, target).mod[symbol]
     pages = torch.stack([k.transpose(1, 2), v.transpose(1, 2)], dim=1).contiguous()
     batch, length = q.shape[0], int(seq_lens[0])
     n = length // PAGE
-    indptr = torch.arange(0, batch * n + 1, n, dtype=torch.int32)
-    last = torch.full((batch,), PAGE, dtype=torch.int32)
-    zeros = torch.zeros(batch, dtype=torch.int32)
+    indptr = torch.arange(0, batch * n + 1, n, dtype=torch.int32, device=device)
+    last = torch.full((batch,), PAGE, dtype=torch.int32, device=device)
+    zeros = torch.zeros(batch, dtype=torch.int32, device=device)
     out = torch.empty_like(q)
-    lse = torch.empty(batch, HQ)
+    lse = torch.empty(batch, HQ, device=device)
 
     def run(i):
         values = tables[i % len(tables)].flatten().contiguous()
@@ -103,32 +131,62 @@ def mlc_runner(q, k, v, tables, seq_lens, dtype_name):
     return run
 
 
+def reference_rows(q, k, v, table, seq_lens, n):
+    """The float64 reference for the first ``n`` sequences, copying only their pages to the host."""
+    pages = table[:n].flatten().long().unique()
+    local = torch.searchsorted(pages, table[:n].long()).int()
+    ref, _ = reference.decode(q[:n], k[pages], v[pages], local, seq_lens[:n])
+    return ref
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def read_bandwidth(buf):
+    synchronize(buf.device)
     t0 = time.perf_counter()
     buf.sum()
+    synchronize(buf.device)
     return buf.numel() * buf.element_size() / (time.perf_counter() - t0) / 1e9
 
 
-def bench_case(name, dtype, rounds, with_mlc):
+def copy_bandwidth(buf):
+    """Device-to-device copy rate, counting the bytes read and the bytes written."""
+    dst = torch.empty_like(buf)
+    dst.copy_(buf)
+    synchronize(buf.device)
+    t0 = time.perf_counter()
+    for _ in range(5):
+        dst.copy_(buf)
+    synchronize(buf.device)
+    return 2 * 5 * buf.numel() * buf.element_size() / (time.perf_counter() - t0) / 1e9
+
+
+def bench_case(name, dtype, rounds, with_mlc, device):
     batch, length = CASES[name]
-    q, k, v, tables, seq_lens = make_inputs(batch, length, dtype)
+    q, k, v, tables, seq_lens = make_inputs(batch, length, dtype, device)
     bytes_kv = 2 * batch * length * HKV * D * dtype.itemsize
     cfg = KernelConfig("decode", str(dtype).split(".")[1], HQ, HKV, D, PAGE)
+    gpu = device.type == "cuda"
     runners = {"tvm_paged (default)": tvm_paged_runner(cfg, q, k, v, tables, seq_lens, knobs={})}
-    tuned = schedules.lookup(cfg, build.local_target())
+    tuned = schedules.lookup(cfg, target_of(device))
     if tuned is not None:
         runners["tvm_paged (tuned)"] = tvm_paged_runner(cfg, q, k, v, tables, seq_lens, knobs=tuned.knobs)
     runners["torch gather + SDPA"] = torch_runner(q, k, v, tables, seq_lens)
     if with_mlc:
-        runners["TVM/MLC CPU decode"] = mlc_runner(q, k, v, tables, seq_lens, cfg.dtype)
+        runners[f"TVM/MLC {'CUDA' if gpu else 'CPU'} decode"] = mlc_runner(q, k, v, tables, seq_lens, cfg.dtype)
     # Correctness of every row against the float64 reference before timing anything.
-    ref, _ = reference.decode(q, k, v, tables[0], seq_lens)
+    nchk = min(batch, CHECKED_SEQS)
+    ref = reference_rows(q, k, v, tables[0], seq_lens, nchk)
     tol = 1e-4 if dtype == torch.float32 else 1e-2
     for row, run in runners.items():
-        err = (run(0).double() - ref).abs().max().item()
+        err = (run(0)[:nchk].double().cpu() - ref).abs().max().item()
         if not err < tol:
             raise SystemExit(f"{row}: max error {err:.3g} against the float64 reference")
-    roof_buf = torch.ones(128 << 20, dtype=torch.float32)  # 512 MB
+    roof_buf = torch.ones((1 << 30) if gpu else (128 << 20), dtype=torch.float32, device=device)  # 4 GB / 512 MB
+    copy_rate = copy_bandwidth(roof_buf) if gpu else None
     times = {row: [] for row in runners}
     fracs = {row: [] for row in runners}
     roofs = []
@@ -142,22 +200,27 @@ def bench_case(name, dtype, rounds, with_mlc):
         time.sleep(0.3)
         for row in order if r % 2 == 0 else order[::-1]:
             run = runners[row]
-            reps = 3 if row.startswith("TVM/MLC") else 10
+            reps = 100 if gpu else 3 if row.startswith("TVM/MLC") else 10
             run(calls)  # untimed: the previous row's threads settle, instruction caches warm
             calls += 1
+            synchronize(device)
             t0 = time.perf_counter()
             for _ in range(reps):
                 run(calls)
                 calls += 1
+            synchronize(device)
             dt = (time.perf_counter() - t0) / reps
             times[row].append(dt)
             fracs[row].append(bytes_kv / dt / 1e9 / roof)
+    copy_note = f"; device-to-device copy {copy_rate:.0f} GB/s (read + written)" if copy_rate else ""
     print(f"\n{cfg.dtype}, batch {batch} x {length} tokens ({bytes_kv / 1e6:.0f} MB of K+V per call), "
-          f"read-bandwidth roof median {statistics.median(roofs):.1f} GB/s (range {min(roofs):.1f}-{max(roofs):.1f})")
+          f"read-bandwidth roof median {statistics.median(roofs):.1f} GB/s (range {min(roofs):.1f}-{max(roofs):.1f})"
+          f"{copy_note}")
     print("| kernel | ms | GB/s | of roof |\n| --- | --- | --- | --- |")
     for row in runners:
         ms = statistics.median(times[row]) * 1e3
-        print(f"| {row} | {ms:.2f} | {bytes_kv / ms / 1e6:.1f} | {100 * statistics.median(fracs[row]):.0f}% |")
+        print(f"| {row} | {ms:.3f} | {bytes_kv / ms / 1e6:.1f} | {100 * statistics.median(fracs[row]):.0f}% |",
+              flush=True)
 
 
 def main(argv=None):
@@ -165,13 +228,19 @@ def main(argv=None):
     ap.add_argument("--dtypes", default="float32,float16")
     ap.add_argument("--cases", default="b8,b1x16k")
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--no-mlc", action="store_true", help="skip TVM/MLC's kernel (slow: serial over the batch)")
+    ap.add_argument("--no-mlc", action="store_true", help="skip TVM/MLC's kernel (slow on CPU: serial over the batch)")
+    ap.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     args = ap.parse_args(argv)
+    device = torch.device(args.device)
     torch.set_num_threads(allowed_cores())
     print(f"machine: {host_cpu()}, {allowed_cores()} cores, torch {torch.__version__}")
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        print(f"GPU: {props.name}, {props.multi_processor_count} SMs, {props.total_memory / 2**30:.0f} GiB, "
+              f"L2 {last_level_cache(device) / 2**20:.0f} MiB, target {target_of(device)}")
     for dt in args.dtypes.split(","):
         for case in args.cases.split(","):
-            bench_case(case, getattr(torch, dt), args.rounds, not args.no_mlc)
+            bench_case(case, getattr(torch, dt), args.rounds, not args.no_mlc, device)
     return 0
 
 

@@ -7,6 +7,11 @@ import numpy as np
 import torch
 
 
+def _host(x):
+    """``x`` (torch tensor on any device, or numpy array) as a CPU torch tensor: the reference runs on the host."""
+    return torch.as_tensor(x).cpu() if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x))
+
+
 def gather_kv(cache: torch.Tensor, block_table, seq_len: int) -> torch.Tensor:
     """The first ``seq_len`` tokens of one sequence: ``[seq_len, num_kv_heads, head_dim]`` float64.
 
@@ -38,8 +43,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float
 
 
 def decode(q, k_cache, v_cache, block_table, seq_lens, *, scale=None):
-    """Reference for :func:`tvm_paged.paged_decode`: (out, lse) float64."""
-    q = torch.as_tensor(q)
+    """Reference for :func:`tvm_paged.paged_decode`: (out, lse) float64 on the CPU (inputs on any device)."""
+    q, k_cache, v_cache = _host(q), _host(k_cache), _host(v_cache)
+    block_table, seq_lens = _host(block_table).numpy(), _host(seq_lens).numpy()
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     outs, lses = [], []
     for b, n in enumerate(np.asarray(seq_lens).tolist()):
@@ -52,8 +58,10 @@ def decode(q, k_cache, v_cache, block_table, seq_lens, *, scale=None):
 
 
 def prefill(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, *, scale=None, causal=True):
-    """Reference for :func:`tvm_paged.paged_prefill`: (out, lse) float64."""
-    q = torch.as_tensor(q)
+    """Reference for :func:`tvm_paged.paged_prefill`: (out, lse) float64 on the CPU (inputs on any device)."""
+    q, k_cache, v_cache = _host(q), _host(k_cache), _host(v_cache)
+    block_table, seq_lens = _host(block_table).numpy(), _host(seq_lens).numpy()
+    cu_seqlens_q = _host(cu_seqlens_q).numpy()
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     cu = np.asarray(cu_seqlens_q).tolist()
     outs, lses = [], []
