@@ -6,23 +6,15 @@
 2. nvcc: a subset of those sources compiles to a cubin for the target's architecture (skipped without nvcc).
 3. Limits: impossible launch configurations raise ValueError before any compile; every supported config has a
    feasible default plan.
-4. Numerics: the generated CUDA source of a few configs runs on the CPU in a small emulator (each CUDA thread a
-   ucontext fiber; ``__syncthreads`` a block barrier; ``__shfl_sync`` a warp exchange; one block at a time, shared
-   memory shared by the block's fibers) and is compared with the float64 reference. Launch grids and kernel
-   arguments are replayed from TVM's lowered host code. Divergent barriers, shuffles over missing lanes and
-   invalid launches fail the test. What it cannot see: the GPU memory model, timing, real fast-math rounding.
+4. Numerics: the generated CUDA source of a few configs runs on the CPU in a small emulator
+   (``tests/cuda_emulator.py``) and is compared with the float64 reference.
 """
 
 from __future__ import annotations
 
-import ctypes
 import functools
-import hashlib
-import math
-import os
 import re
 import shutil
-import subprocess
 import sys
 
 import numpy as np
@@ -36,8 +28,9 @@ from tvm_paged.kernels.decode_cuda import decode_plan
 from tvm_paged.kernels.page_ops_cuda import page_ops_plan
 from tvm_paged.kernels.prefill_cuda import knob_space as prefill_knob_space
 from tvm_paged.kernels.prefill_cuda import prefill_plan
-from tvm_paged.tvm_compat import Target, compile_cuda_with_nvcc, lower_for_inspection
+from tvm_paged.tvm_compat import Target, compile_cuda_with_nvcc
 
+from cuda_emulator import Emulated
 from paged_data import ATOL, LSE_ATOL, make_pool
 
 TARGETS = {"nvidia/nvidia-h100": "sm_90a", "nvidia/jetson-orin-nano": "sm_87"}
@@ -190,251 +183,6 @@ def test_knob_spaces(tag):
             assert plan(cfg, tgt, **first) == plan(cfg, tgt), (cfg.name, first)
 
 
-# --------------------------------------------------------------------------------------------- emulator
-_SHIM = r"""
-#include <cstdint>
-#include <cstring>
-#include <cmath>
-#include <cstdio>
-#include <cstdlib>
-#include <algorithm>
-#include <type_traits>
-#include <csetjmp>
-#include <ucontext.h>
-#define __global__
-#define __device__
-#define __host__
-#define __forceinline__ inline
-#define __launch_bounds__(...)
-#define uint unsigned int
-#define CUDART_INF_F INFINITY
-struct emu_dim3 { unsigned x, y, z; };
-struct half {
-  uint16_t bits;
-  half() = default;
-  half(float f) { _Float16 h = (_Float16)f; std::memcpy(&bits, &h, 2); }
-  half(double f) : half((float)f) {}
-  half(int f) : half((float)f) {}
-  operator float() const { _Float16 h; std::memcpy(&h, &bits, 2); return (float)h; }
-};
-struct nv_bfloat16 {
-  uint16_t bits;
-  nv_bfloat16() = default;
-  nv_bfloat16(float f) {
-    uint32_t u; std::memcpy(&u, &f, 4);
-    if (std::isnan(f)) { bits = 0x7fc0; return; }
-    u += 0x7fffu + ((u >> 16) & 1u); bits = (uint16_t)(u >> 16);
-  }
-  nv_bfloat16(double f) : nv_bfloat16((float)f) {}
-  nv_bfloat16(int f) : nv_bfloat16((float)f) {}
-  operator float() const { uint32_t u = (uint32_t)bits << 16; float f; std::memcpy(&f, &u, 4); return f; }
-};
-inline half __float2half_rn(float f) { return half(f); }
-inline nv_bfloat16 __float2bfloat16_rn(float f) { return nv_bfloat16(f); }
-template <typename T> struct alignas(8) emu_vec4 { T x, y, z, w; };
-typedef emu_vec4<half> half4;
-typedef emu_vec4<nv_bfloat16> nv_bfloat164;
-struct alignas(16) uint4 { unsigned x, y, z, w; };
-struct alignas(8) uint2 { unsigned x, y; };
-struct alignas(16) float4 { float x, y, z, w; };
-struct alignas(8) float2 { float x, y; };
-template <typename A, typename B> inline typename std::common_type<A, B>::type max(A a, B b) {
-  typedef typename std::common_type<A, B>::type C; return (C)a > (C)b ? (C)a : (C)b; }
-template <typename A, typename B> inline typename std::common_type<A, B>::type min(A a, B b) {
-  typedef typename std::common_type<A, B>::type C; return (C)a < (C)b ? (C)a : (C)b; }
-inline float max(float a, float b) { return std::fmax(a, b); }
-inline float min(float a, float b) { return std::fmin(a, b); }
-
-// Fibers start through makecontext/swapcontext, then switch with _setjmp/_longjmp (no signal-mask syscall).
-struct EmuFiber { ucontext_t ctx; jmp_buf jb; int state; bool started; emu_dim3 tid; int lin; char* stack; };
-// state: 0 runnable, 1 at __syncthreads, 2 at a warp exchange, 3 done
-static const int EMU_STACK = 256 * 1024;
-static EmuFiber g_fibers[1024];
-static int g_n;
-static EmuFiber* g_cur;
-static ucontext_t g_boot;
-static jmp_buf g_sched;
-static emu_dim3 g_blockIdx, g_blockDim, g_gridDim;
-static uint64_t g_slot[1024];
-static char g_err[512];
-static void (*g_fn)(void**);
-static void** g_args;
-#define threadIdx (g_cur->tid)
-#define blockIdx g_blockIdx
-#define blockDim g_blockDim
-#define gridDim g_gridDim
-static void emu_fail(const char* m) { if (!g_err[0]) snprintf(g_err, sizeof g_err, "%s (block %u)", m, g_blockIdx.x); }
-static inline void emu_yield(int st) { g_cur->state = st; if (!_setjmp(g_cur->jb)) _longjmp(g_sched, 1); }
-inline void __syncthreads() { emu_yield(1); }
-template <typename T> inline T __shfl_sync(unsigned mask, T var, int lane, int width) {
-  if (mask != 0xffffffffu) emu_fail("shuffle with a partial mask");
-  if (width <= 0 || width > 32 || (width & (width - 1))) emu_fail("shuffle width");
-  if (g_n % 32) emu_fail("shuffle in a block that is not whole warps");
-  std::memcpy(&g_slot[g_cur->lin], &var, sizeof(T));
-  emu_yield(2);
-  int lane_id = g_cur->lin % 32;
-  int src = g_cur->lin - lane_id + (lane_id / width) * width + (int)(((unsigned)lane) % (unsigned)width);
-  T out; std::memcpy(&out, &g_slot[src], sizeof(T));
-  emu_yield(2);
-  return out;
-}
-static void emu_entry() { g_fn(g_args); g_cur->state = 3; _longjmp(g_sched, 1); }
-static void emu_resume(EmuFiber* f) {
-  g_cur = f;
-  if (_setjmp(g_sched)) return;
-  if (!f->started) { f->started = true; swapcontext(&g_boot, &f->ctx); }
-  _longjmp(f->jb, 1);
-}
-static int emu_block() {
-  for (int i = 0; i < g_n; ++i) {
-    EmuFiber& f = g_fibers[i];
-    if (!f.stack) f.stack = (char*)std::malloc(EMU_STACK);
-    getcontext(&f.ctx); f.ctx.uc_stack.ss_sp = f.stack; f.ctx.uc_stack.ss_size = EMU_STACK; f.ctx.uc_link = nullptr;
-    makecontext(&f.ctx, emu_entry, 0);
-    f.state = 0; f.started = false; f.lin = i;
-    f.tid.x = i % g_blockDim.x; f.tid.y = (i / g_blockDim.x) % g_blockDim.y;
-    f.tid.z = i / (g_blockDim.x * g_blockDim.y);
-  }
-  for (;;) {
-    for (int i = 0; i < g_n; ++i)
-      if (g_fibers[i].state == 0) emu_resume(&g_fibers[i]);
-    g_cur = nullptr;
-    if (g_err[0]) return 1;
-    int done = 0, at_bar = 0;
-    for (int i = 0; i < g_n; ++i) { done += g_fibers[i].state == 3; at_bar += g_fibers[i].state == 1; }
-    if (done == g_n) return 0;
-    bool released = false;
-    for (int w = 0; w * 32 < g_n; ++w) {
-      int lo = w * 32, hi = std::min(g_n, lo + 32), at_warp = 0;
-      for (int i = lo; i < hi; ++i) at_warp += g_fibers[i].state == 2;
-      if (at_warp && at_warp == hi - lo) { for (int i = lo; i < hi; ++i) g_fibers[i].state = 0; released = true; }
-    }
-    if (released) continue;
-    if (at_bar == g_n) { for (int i = 0; i < g_n; ++i) g_fibers[i].state = 0; continue; }
-    snprintf(g_err, sizeof g_err, "divergent barrier or shuffle in block %u: %d done, %d at __syncthreads",
-             g_blockIdx.x, done, at_bar);
-    return 1;
-  }
-}
-extern "C" const char* emu_error() { return g_err; }
-static int emu_launch(void (*fn)(void**), void** a, int gx, int gy, int gz, int bx, int by, int bz) {
-  g_err[0] = 0;
-  if (gx <= 0 || gy <= 0 || gz <= 0 || bx <= 0 || by <= 0 || bz <= 0 || bx * by * bz > 1024) {
-    snprintf(g_err, sizeof g_err, "invalid launch grid (%d,%d,%d) block (%d,%d,%d)", gx, gy, gz, bx, by, bz);
-    return 1;
-  }
-  g_fn = fn; g_args = a; g_n = bx * by * bz;
-  g_blockDim = {(unsigned)bx, (unsigned)by, (unsigned)bz}; g_gridDim = {(unsigned)gx, (unsigned)gy, (unsigned)gz};
-  for (int z = 0; z < gz; ++z) for (int y = 0; y < gy; ++y) for (int x = 0; x < gx; ++x) {
-    g_blockIdx = {(unsigned)x, (unsigned)y, (unsigned)z};
-    if (emu_block()) return 1;
-  }
-  return 0;
-}
-"""
-
-_CTYPES = {"int64_t": ctypes.c_int64, "int": ctypes.c_int32, "float": ctypes.c_float}
-
-
-class _T:
-    """Just enough of TVMScript's ``T`` to evaluate the host's launch-argument expressions."""
-
-    int64 = int32 = staticmethod(int)
-    max = staticmethod(max)
-    min = staticmethod(min)
-    Div = truncdiv = staticmethod(lambda a, b: int(a / b))
-    truncmod = staticmethod(lambda a, b: int(math.fmod(a, b)))
-    Cast = staticmethod(lambda _dt, x: x)
-
-
-def _split_top(text: str) -> list[str]:
-    out, depth, cur = [], 0, ""
-    for ch in text:
-        depth += ch in "(["
-        depth -= ch in ")]"
-        if ch == "," and depth == 0:
-            out.append(cur.strip())
-            cur = ""
-        else:
-            cur += ch
-    return out + ([cur.strip()] if cur.strip() else [])
-
-
-class _Emulated:
-    """A PrimFunc lowered for a CUDA target, its kernels compiled for the CPU emulator."""
-
-    def __init__(self, func, target, workdir):
-        self.host, src = lower_for_inspection(func, target)
-        self.sigs = {}
-        for m in re.finditer(r'extern "C" __global__ void __launch_bounds__\(\d+\) (\w+)\(([^)]*)\)\s*\{', src):
-            params = []
-            for p in m.group(2).split(","):
-                *typ, pname = p.replace("__restrict__", "").split()
-                params.append((" ".join(typ), pname))
-            self.sigs[m.group(1)] = params
-        body = src[src.index('extern "C" __global__'):]
-        body = re.sub(r"__shared__ alignas\((\d+)\)", r"alignas(\1) static", body)
-        wrappers = []
-        for kname, params in self.sigs.items():
-            args = ", ".join(f"({t})a[{i}]" if t.endswith("*") else f"*({t}*)a[{i}]" for i, (t, _) in enumerate(params))
-            wrappers.append(f"static void call_{kname}(void** a) {{ {kname}({args}); }}\n"
-                            f'extern "C" int launch_{kname}(void** a, int gx, int gy, int gz, int bx, int by, int bz)'
-                            f" {{ return emu_launch(call_{kname}, a, gx, gy, gz, bx, by, bz); }}\n")
-        code = _SHIM + body + "\n" + "".join(wrappers)
-        so = os.path.join(workdir, f"emu_{hashlib.sha1(code.encode()).hexdigest()[:16]}.so")
-        if not os.path.exists(so):
-            cpp = so[:-3] + ".cpp"
-            with open(cpp, "w") as fh:
-                fh.write(code)
-            r = subprocess.run(["g++", "-O1", "-std=c++17", "-fno-strict-aliasing", "-U_FORTIFY_SOURCE", "-w",
-                                "-shared", "-fPIC", cpp,
-                                "-o", so], capture_output=True, text=True)
-            assert r.returncode == 0, r.stderr[:4000]
-        self.lib = ctypes.CDLL(so)
-        self.lib.emu_error.restype = ctypes.c_char_p
-
-    def __call__(self, tensors: dict, scalars: dict):
-        """Run the kernels in program order; ``tensors`` by buffer name (CPU, contiguous, written in place),
-        ``scalars`` the shape variables and scalar parameters by name."""
-        env, aliases, calls = dict(scalars), {}, []
-        for line in self.host.splitlines():
-            line = line.strip()
-            m = re.match(r"(\w+): T\.let\[T\.\w+\] = (.*)$", line)
-            if m:
-                try:
-                    env[m.group(1)] = eval(m.group(2), {"T": _T}, env)  # noqa: S307  (TVM's own printout)
-                except Exception:  # struct reads of the packed-call ABI: not needed
-                    pass
-            m = re.match(r"(\w+) = T\.decl_buffer\(.*data=(\w+)\.data", line)
-            if m:
-                aliases[m.group(1)] = m.group(2)
-            m = re.match(r'T\.call_ffi_kernel\("(\w+)", (.*)\)$', line)
-            if m:
-                args = [a for a in _split_top(m.group(2)) if not re.match(r"^\w+=", a)]
-                tags = re.findall(r'"([\w.]+)"', m.group(2).split("launch_params=")[1])
-                calls.append((m.group(1), args, tags))
-        assert calls, "no kernel launches found in the host code"
-        keep = []
-        for kname, args, tags in calls:
-            params = self.sigs[kname]
-            dims = {t: int(eval(e, {"T": _T}, env)) for t, e in zip(tags, args[len(params):])}  # noqa: S307
-            ptrs = (ctypes.c_void_p * len(params))()
-            for i, ((typ, _), expr) in enumerate(zip(params, args)):
-                if typ.endswith("*"):
-                    buf = expr[: -len(".data")]
-                    while buf not in tensors:
-                        buf = aliases[buf] if buf in aliases else re.sub(r"_\d+$", "", buf)
-                    ptrs[i] = tensors[buf].data_ptr()
-                else:
-                    c = _CTYPES[typ](eval(expr, {"T": _T}, env))  # noqa: S307
-                    keep.append(c)
-                    ptrs[i] = ctypes.addressof(c)
-            g = [dims.get(t, 1) for t in ("blockIdx.x", "blockIdx.y", "blockIdx.z", "threadIdx.x", "threadIdx.y",
-                                          "threadIdx.z")]
-            rc = getattr(self.lib, f"launch_{kname}")(ptrs, *g)
-            assert rc == 0, f"{kname}: {self.lib.emu_error().decode()}"
-
-
 @pytest.fixture(scope="module")
 def emulate(tmp_path_factory):
     if sys.platform != "linux" or shutil.which("g++") is None:
@@ -443,7 +191,7 @@ def emulate(tmp_path_factory):
     target = build.with_host(Target(H100))
 
     def run(cfg, tensors, scalars, **knobs):
-        _Emulated(build_kernel(cfg, target, **knobs), target, workdir)(tensors, scalars)
+        Emulated(build_kernel(cfg, target, **knobs), target, workdir)(tensors, scalars)
 
     return run
 
@@ -559,3 +307,58 @@ def test_emulated_page_ops(emulate, dtype, hkv, d, page):
     emulate(_pages("copy_pages", dtype, hkv, d, page), {"KC": kc, "VC": vc, "SRC": src, "DST": dst},
             {"C": 3, "P": num_pages})
     assert torch.equal(kc, want_k) and torch.equal(vc, want_v)
+
+
+# ------------------------------------------------------------------- MetaSchedule's CUDA paged-decode space
+@pytest.mark.parametrize("heads,dtype", [((7, 1), "float16"), ((2, 2), "float32")], ids=["group7-f16", "mha-f32"])
+def test_paged_space_cuda_samples_correct_kernels(emulate, tmp_path, heads, dtype):
+    """Candidates of the thread-bound paged decode space (``tuning.paged_space.decode_space_cuda``), as
+    MetaSchedule's search would build them (the CUDA postprocessors applied and all accepting), run in the
+    emulator against the float64 reference: odd shapes (a group of 7 and MHA, head_dim 80, page 5), NaN in every
+    slot past a sequence's length, until every KV split count, token tile, vector width and softmax block size
+    the space samples has run. One candidate also compiles to an sm_90a cubin."""
+    from tvm_paged import tvm_compat as tc
+    from tvm_paged.kernels.decode_generic import build_decode_generic
+    from tvm_paged.tuning.paged_space import SCORE_TOKENS, SOFTMAX_THREADS, decisions, decode_space_cuda
+
+    target = build.with_host(Target(H100))
+    batch, max_pages, num_pages = 3, 4, 29
+    cfg = _att("decode", dtype, *heads, 80, 5)
+    mod = tc.ir_module({"main": build_decode_generic(cfg, batch, max_pages, num_pages, weights=True)
+                        .with_attr("global_symbol", "main")})
+    gen = torch.Generator().manual_seed(11)
+    shape = (num_pages, cfg.page_size, cfg.num_kv_heads, cfg.head_dim)
+    k = torch.randn(shape, generator=gen).to(TDT[dtype])
+    v = torch.randn(shape, generator=gen).to(TDT[dtype])
+    table = torch.randperm(num_pages, generator=gen)[: batch * max_pages].view(batch, max_pages).int()
+    seq_lens = torch.tensor([20, 17, 1], dtype=torch.int32)
+    for b, n in enumerate(seq_lens.tolist()):  # NaN in the slots a sequence's table covers but it does not use
+        for t in range(n, max_pages * cfg.page_size):
+            page, slot = table[b, t // cfg.page_size].item(), t % cfg.page_size
+            k[page, slot], v[page, slot] = float("nan"), float("nan")
+    q = torch.randn(batch, cfg.num_qo_heads, cfg.head_dim, generator=gen).to(TDT[dtype])
+    ref, _ = reference.decode(q, k, v, table, seq_lens)
+    want = ({("kv_splits", s) for s in (1, 2, 4)} | {("score_tokens", n) for n in SCORE_TOKENS}
+            | {("score_vec", n) for n in (1, 2)} | {("softmax_threads", n) for n in SOFTMAX_THREADS})
+    seen: set = set()
+    cubin_done = shutil.which("nvcc") is None
+    for seed in range(1, 80):
+        sch = tc.schedule(mod, seed)
+        decode_space_cuda(cfg, max_pages)(sch)
+        dec = decisions(sch.trace, "decode_cuda")
+        new = {(name, dec[name]) for name in ("kv_splits", "score_tokens", "score_vec", "softmax_threads")} - seen
+        if not new:
+            continue
+        seen |= new
+        assert tc.apply_postprocs(sch, target) == [], dec
+        func = sch.mod["main"]
+        out = torch.full_like(q, 777.0)
+        Emulated(func, target, str(tmp_path))({"Q": q, "K": k, "V": v, "BT": table, "SL": seq_lens, "O": out}, {})
+        torch.testing.assert_close(out.double(), ref, atol=ATOL[dtype], rtol=0, msg=lambda m: f"{dec}: {m}")
+        if not cubin_done:
+            cubin = compile_cuda_with_nvcc(_cuda_source(tc.compile_module(func, target).mod), Target(H100), "sm_90a")
+            assert cubin[:4] == b"\x7fELF"
+            cubin_done = True
+        if seen >= want:
+            break
+    assert seen >= want, f"the space never sampled {sorted(want - seen)}"

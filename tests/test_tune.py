@@ -350,6 +350,14 @@ def test_cuda_target_without_gpu_fails_clearly(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "no local CUDA device" in err and "--rpc-tracker" in err
     assert not (tmp_path / "logs").exists()
+    # The same for MetaSchedule's search over the CUDA paged space.
+    rc = main(["tune", "--target", "nvidia/nvidia-h100", "--space", "paged", "--num-qo-heads", "4",
+               "--num-kv-heads", "2", "--head-dim", "64", "--page-size", "8", "--dtype", "float32", "--buckets",
+               "2x8", "--trials", "2", "--work-dir", str(tmp_path / "logs"), "--no-progress"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "no local CUDA device" in err and "--rpc-tracker" in err
+    assert not (tmp_path / "logs" / "paged").exists()
 
 
 @pytest.mark.parametrize("strategy", ["xgb", "mutate", "random"])
@@ -395,7 +403,7 @@ def test_block_form_spaces_tune(target, tmp_path, space, kernel, capsys):
     cfg = CFG.with_kernel(kernel)
     bucket, q_len = Bucket(3, 4), 8 if kernel == "prefill" else 0
     progress = kernel == "prefill"
-    opts = _opts(tmp_path, pool_mb=1, q_len=q_len, progress=progress)
+    opts = _opts(tmp_path, pool_mb=1, q_len=q_len, progress=progress, population=32)
     summary = tune_block_form(cfg, target, bucket, tmp_path / "logs", trials=4, opts=opts, space=space)
     if progress:
         err = capsys.readouterr().err
@@ -424,6 +432,45 @@ def test_block_form_spaces_tune(target, tmp_path, space, kernel, capsys):
     assert_close(out, ref, ATOL["float32"])
     discard_database(tmp_path / "logs", bucket, space)
     assert not (tmp_path / "logs" / space / "3x4" / "ms").exists()
+
+
+def test_paged_space_cuda_search_builds_device_code(tmp_path, monkeypatch):
+    """MetaSchedule's search over the CUDA paged decode space, as `tvm-paged tune --space paged` runs it through
+    an RPC tracker from a machine with no GPU: its evolutionary rounds (trace replay, mutated decisions, the CUDA
+    postprocessors) and the real builder (device code by nvcc, in a child process with a libcuda stub). No GPU
+    here, so a stand-in runner times each library by a hash of its bytes after checking that it holds CUDA
+    device code: what this checks is that every candidate the search proposes builds, not its speed (the
+    emulator in test_cuda_codegen.py checks the space's kernels against the reference)."""
+    import hashlib
+    import shutil
+
+    from tvm_paged.tuning import search
+    from tvm_paged.tuning.block_spaces import tune_block_form
+    from tvm_paged.tuning.paged_space import DECISIONS
+
+    if shutil.which("nvcc") is None:
+        pytest.skip("nvcc not on PATH")
+    if tc.cuda_codegen_available():
+        pytest.skip("this process has a CUDA driver: the builder embeds device code without the stub")
+    built = []
+
+    def measure(path: str) -> list[float]:
+        data = open(path, "rb").read()
+        # A fatbin (magic 50 ED 55 BA) or a CUDA ELF (e_machine 190) inside the exported library.
+        assert b"\x50\xed\x55\xba" in data or b"\x7fELF\x02\x01\x01\x33" in data, "no CUDA device code"
+        built.append(path)
+        return [1e-4 * (1 + int(hashlib.sha1(data).hexdigest()[:4], 16) % 97)]
+
+    monkeypatch.setattr(search, "_check_device", lambda target, opts: "cuda")
+    monkeypatch.setattr(search, "_runner", lambda wl, device_type, opts, inputs=None: tc.python_runner(measure))
+    cfg = KernelConfig("decode", "float16", 8, 2, 128, 16)
+    opts = _opts(tmp_path, pool_mb=1, per_round=1, population=32, rpc_tracker=("127.0.0.1", 9190),
+                 rpc_key="h100")  # two rounds of two
+    summary = tune_block_form(cfg, build.resolve_target("nvidia/nvidia-h100"), Bucket(4, 8), tmp_path / "logs",
+                              trials=4, opts=opts, space="paged")
+    assert summary["trials"] == 4 and summary["succeeded"] == 4 and len(built) == 4, summary
+    assert summary["gbps"] > 0 and set(summary["decisions"]) == set(DECISIONS["decode_cuda"])
+    assert summary["decisions"]["kv_splits"] in (1, 2, 4, 8)
 
 
 @pytest.mark.parametrize("heads,dtypes", [((7, 1), ("float32", "float16")), ((2, 2), ("float32",))],
@@ -525,10 +572,14 @@ def test_block_form_spaces_refuse_what_they_cannot_tune(target, tmp_path):
         check_request(prefill, target, _opts(tmp_path, q_len=8), "generic")
     with pytest.raises(TuneError, match="--q-len"):
         check_request(prefill, target, _opts(tmp_path), "paged")
-    with pytest.raises(TuneError, match="local CPU targets only"):
-        check_request(CFG, build.resolve_target("nvidia/nvidia-h100"), _opts(tmp_path), "paged")
-    with pytest.raises(TuneError, match="local CPU targets only"):
+    h100 = build.resolve_target("nvidia/nvidia-h100")
+    with pytest.raises(TuneError, match="on CUDA targets only --space paged, for decode"):
+        check_request(CFG, h100, _opts(tmp_path), "generic")
+    with pytest.raises(TuneError, match="on CUDA targets only --space paged, for decode"):
+        check_request(prefill, h100, _opts(tmp_path, q_len=8), "paged")
+    with pytest.raises(TuneError, match="CPU targets are tuned on this machine only"):
         check_request(CFG, target, _opts(tmp_path, rpc_tracker=("127.0.0.1", 9190), rpc_key="k"), "paged")
+    check_request(CFG, h100, _opts(tmp_path), "paged")  # CUDA decode: measured on a GPU here or through RPC
     with pytest.raises(ValueError, match="space must be one of"):
         check_request(CFG, target, _opts(tmp_path), "tiles")
     check_request(prefill, target, _opts(tmp_path, q_len=8), "paged")  # a valid request passes

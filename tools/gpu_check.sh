@@ -8,9 +8,11 @@
 #   3. the correctness grids (tests/test_decode.py, test_prefill.py, test_page_ops.py) with every pool and query
 #      on the GPU (TVM_PAGED_TEST_DEVICE=cuda);
 #   4. a short `tvm-paged tune` of the benchmark config for the card (knob space, measured on the GPU), its
-#      logs and schedule packed into tuned.tgz.
+#      logs and schedule packed into tuned.tgz;
+#   5. a short MetaSchedule search over the CUDA paged decode space (--space paged) on the same config.
 #
-# Each step has its own time limit, so a hang in one still leaves the others' results. Results go to $OUT (or
+# Each step has its own time limit (all five fit in about nine minutes), so a hang in one still leaves the
+# others' results. Results go to $OUT (or
 # ./gpu_out). TVM comes from .devkit/ when present (a packed copy of the installed TVM with an activate.sh,
 # for a machine without a package registry), else from python3's own site; python3 must have torch with CUDA,
 # numpy and pytest.
@@ -21,7 +23,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-gpu_out}
 mkdir -p "$out"
-steps=${STEPS:-"bench tests tune"}
+steps=${STEPS:-"bench tests tune paged"}
 py=${PYTHON:-python3}
 if [ -f .devkit/activate.sh ]; then
   # shellcheck disable=SC1091
@@ -39,12 +41,16 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm,clocks.max
   | tee -a "$out/summary.txt"
 "$py" -c 'import torch, tvm; print("torch", torch.__version__, "cuda", torch.version.cuda, "| tvm", tvm.__version__)' \
   2>&1 | tee -a "$out/summary.txt"
+if ! "$py" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then
+  log "gpu_check: $py sees no CUDA device; nothing to check"
+  exit 1
+fi
 
 for step in $steps; do
   case $step in
     bench)
       log "bench: tools/bench_decode.py --device cuda"
-      timeout "${BENCH_TIMEOUT:-240}" "$py" tools/bench_decode.py --device cuda --cases b8,b1x16k,b64x4k \
+      timeout "${BENCH_TIMEOUT:-150}" "$py" tools/bench_decode.py --device cuda --cases b8,b1x16k,b64x4k \
         --rounds "${BENCH_ROUNDS:-3}" > "$out/bench.txt" 2>&1
       log "bench: exit $?"
       tail -n 40 "$out/bench.txt"
@@ -53,7 +59,7 @@ for step in $steps; do
       log "tests: decode, prefill and page-op grids on the GPU"
       xdist=()
       "$py" -c 'import xdist' 2>/dev/null && xdist=(-n 8)
-      TVM_PAGED_TEST_DEVICE=cuda timeout "${TESTS_TIMEOUT:-300}" "$py" -m pytest -q -p no:cacheprovider \
+      TVM_PAGED_TEST_DEVICE=cuda timeout "${TESTS_TIMEOUT:-200}" "$py" -m pytest -q -p no:cacheprovider \
         "${xdist[@]}" -rfE tests/test_decode.py tests/test_prefill.py tests/test_page_ops.py > "$out/tests.txt" 2>&1
       log "tests: exit $?"
       tail -n 25 "$out/tests.txt"
@@ -61,12 +67,20 @@ for step in $steps; do
     tune)
       log "tune: benchmark config, fp16, buckets 8x64 and 1x1024"
       work=/tmp/gpu_tune
-      timeout "${TUNE_TIMEOUT:-180}" "$py" -m tvm_paged.cli tune --target nvidia/nvidia-h100 --kernel decode \
+      timeout "${TUNE_TIMEOUT:-100}" "$py" -m tvm_paged.cli tune --target nvidia/nvidia-h100 --kernel decode \
         --dtype float16 --buckets 8x64,1x1024 --trials "${TUNE_TRIALS:-16}" --strategy mutate --no-progress \
         --work-dir "$work/logs" --schedules-dir "$work/schedules" > "$out/tune.txt" 2>&1
       log "tune: exit $?"
       tail -n 15 "$out/tune.txt"
       [ -d "$work" ] && tar -C "$work" -czf "$out/tuned.tgz" .
+      ;;
+    paged)
+      log "paged: MetaSchedule over the CUDA paged decode space, fp16, bucket 8x64"
+      timeout "${PAGED_TIMEOUT:-80}" "$py" -m tvm_paged.cli tune --target nvidia/nvidia-h100 --kernel decode \
+        --dtype float16 --buckets 8x64 --space paged --trials "${PAGED_TRIALS:-16}" --population 64 \
+        --no-progress --work-dir /tmp/gpu_paged > "$out/paged.txt" 2>&1
+      log "paged: exit $?"
+      tail -n 8 "$out/paged.txt"
       ;;
     *) log "unknown step $step" ;;
   esac

@@ -47,12 +47,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--build-timeout", type=float, default=300, help="seconds one variant may take to build")
     p.add_argument("--q-len", type=int, default=0, help="prefill: query rows per sequence, 0 = whole sequence")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--population", type=int, default=512,
+                   help="--space paged|generic: candidates MetaSchedule's evolutionary search keeps per round "
+                        "(default: 512, MetaSchedule's; smaller rounds start measuring sooner on a slow host)")
     p.add_argument("--space", choices=("knobs", "paged", "generic"), default="knobs",
                    help="knobs (default): the kernel builders' knob space, writes schedules/; paged: "
                         "MetaSchedule over the paged-attention ScheduleFn space of a block-form kernel (decode, "
                         "or prefill with --q-len); generic: MetaSchedule's generic space on the block-form "
-                        "decode. paged and generic are for comparison only (local CPU; each bucket's best rate "
-                        "is printed and kept in <work-dir>/<space>/)")
+                        "decode (local CPU). paged also runs on CUDA targets (decode, thread-bound). paged and "
+                        "generic are for comparison only (each bucket's best rate is printed and kept in "
+                        "<work-dir>/<space>/)")
 
 
 def _tracker(text: str | None) -> tuple[str, int] | None:
@@ -80,6 +84,7 @@ def run(args: argparse.Namespace) -> int:
             work_dir=args.work_dir, schedules_root=args.schedules_dir, rpc_tracker=_tracker(args.rpc_tracker),
             rpc_key=args.rpc_key, pool_mb=args.pool_mb, repeat=args.repeat, min_repeat_ms=args.min_repeat_ms,
             q_len=args.q_len, progress=not args.no_progress, build_timeout=args.build_timeout,
+            population=max(2, args.population),
         )
     except ValueError as exc:
         print(f"tvm-paged tune: {exc}", file=sys.stderr)

@@ -287,6 +287,35 @@ def measure_callbacks(on_results):
     return [*MeasureCallback.create("default"), _Results()]
 
 
+def evolutionary_search(population: int = 512):
+    """MetaSchedule's evolutionary search strategy keeping ``population`` candidates per round (the sample of
+    random initial candidates shrinks with it)."""
+    ms = meta_schedule()
+    return ms.search_strategy.EvolutionarySearch(population_size=population,
+                                                 init_min_unmeasured=min(50, population))
+
+
+def python_runner(measure):
+    """A MetaSchedule runner that calls ``measure(artifact_path) -> list of seconds`` for each built candidate
+    in this process (an exception is the candidate's error): for measuring by other means than TVM's runners."""
+    from tvm.ir.utils import derived_object  # noqa: PLC0415
+    from tvm.s_tir.meta_schedule.runner import LocalRunnerFuture, PyRunner  # noqa: PLC0415
+
+    @derived_object
+    class _Runner(PyRunner):
+        def run(self, runner_inputs):
+            futures = []
+            for ri in runner_inputs:
+                try:
+                    secs, err = [tvm.tirx.FloatImm("float64", float(x)) for x in measure(ri.artifact_path)], None
+                except Exception as e:  # noqa: BLE001  (reported as the candidate's failure)
+                    secs, err = None, f"{type(e).__name__}: {e}"
+                futures.append(LocalRunnerFuture(secs, err))
+            return futures
+
+    return _Runner()
+
+
 def empty_trace():
     """A schedule trace with no instructions: the record of a kernel measured exactly as its builder wrote it."""
     from tvm.s_tir import Trace  # noqa: PLC0415
@@ -300,6 +329,17 @@ def schedule(mod, seed: int | None = None):
     from tvm.s_tir import Schedule  # noqa: PLC0415
 
     return Schedule(mod) if seed is None else Schedule(mod, seed=seed)
+
+
+def apply_postprocs(sch, target) -> list[str]:
+    """Apply MetaSchedule's postprocessors for ``target``'s kind to ``sch`` in place, as its search does to each
+    candidate (CUDA: cooperative fetch, unbound blocks, unroll, reduction blocks, GPU code verification); returns
+    the names of those that rejected it (empty: a valid candidate)."""
+    ms = meta_schedule()
+    kind = "cuda" if target.kind.name == "cuda" else "llvm"
+    ctx = ms.TuneContext(mod=sch.mod, target=target, task_name="postprocess", space_generator=ms.space_generator.
+                         ScheduleFn(lambda _sch: None, sch_rules=[], postprocs=kind, mutator_probs=kind))
+    return [type(p).__name__ for p in ctx.space_generator.postprocs if not p.apply(sch)]
 
 
 def rpc_tracker(host: str = "127.0.0.1", port: int = 9190, port_end: int = 9199, silent: bool = True):

@@ -4,7 +4,9 @@
   :func:`build_decode_generic` (decode only);
 - ``paged``: the space written for paged attention (:mod:`tvm_paged.tuning.paged_space`, a ``ScheduleFn`` with
   sampled tile, split, lane and unroll decisions) on the weights form of the same kernel, and for prefill on
-  :func:`~tvm_paged.kernels.prefill_blocks.build_prefill_blocks` (``q_len`` query rows per sequence).
+  :func:`~tvm_paged.kernels.prefill_blocks.build_prefill_blocks` (``q_len`` query rows per sequence). On a CUDA
+  target (decode), its thread-bound version :func:`~tvm_paged.tuning.paged_space.decode_space_cuda`, measured on
+  this machine's GPU or through an RPC tracker.
 
 Both run MetaSchedule's evolutionary search with its XGBoost cost model on schedule features, specialized to a
 bucket and measured by the same runner as the knob space (valid fragmented page tables, rotating tables, every
@@ -31,9 +33,9 @@ from ..build import cpu_vector_lanes, target_kind, with_host
 from ..config import KernelConfig
 from ..kernels.decode_generic import build_decode_generic
 from ..kernels.prefill_blocks import build_prefill_blocks
-from .paged_space import decisions, decode_space, prefill_space
+from .paged_space import decisions, decode_space, decode_space_cuda, prefill_space
 from .records import median_secs
-from .workload import ENTRY, Bucket, PagedInputs, build_module, make_workload
+from .workload import ENTRY, Bucket, PagedInputs, build_cuda_library, build_module, make_workload, pass_path
 
 SPACES = {
     "generic": "MetaSchedule post-order-apply, default rules for the target",
@@ -41,9 +43,9 @@ SPACES = {
 }
 
 
-def _workload(cfg: KernelConfig, bucket: Bucket, opts):
+def _workload(cfg: KernelConfig, bucket: Bucket, opts, device_kind: str = "cpu"):
     """The bucket's lengths and pool, as the knob space's runs measure it."""
-    return make_workload(cfg, bucket, device_kind="cpu", pool_mb=opts.pool_mb, pool_factor=opts.pool_factor,
+    return make_workload(cfg, bucket, device_kind=device_kind, pool_mb=opts.pool_mb, pool_factor=opts.pool_factor,
                          tables=opts.tables, seed=opts.seed, q_len=opts.q_len if cfg.kernel == "prefill" else 0)
 
 
@@ -68,12 +70,27 @@ def _space_generator(cfg: KernelConfig, bucket: Bucket, target, space: str, wl):
     if space == "generic":
         return "post-order-apply"
     ms = tc.meta_schedule()
-    lanes = cpu_vector_lanes(target)
-    fn = (prefill_space(cfg, wl.q_lens[0], lanes) if cfg.kernel == "prefill"
-          else decode_space(cfg, bucket.pages, lanes))
+    if target_kind(target) == "cuda":
+        fn = decode_space_cuda(cfg, bucket.pages)
+    elif cfg.kernel == "prefill":
+        fn = prefill_space(cfg, wl.q_lens[0], cpu_vector_lanes(target))
+    else:
+        fn = decode_space(cfg, bucket.pages, cpu_vector_lanes(target))
     # No schedule rules (the function is the whole space); the target's postprocessors (which apply the sampled
     # unroll) and mutators (which move the sampled tile sizes and unroll between generations).
     return ms.space_generator.ScheduleFn(fn, sch_rules=[])
+
+
+def _cost_model(trials: int) -> str:
+    """MetaSchedule's XGBoost cost model when the run is long enough to fit it and xgboost is installed (it is
+    optional: a GPU machine may lack it), else random ranking."""
+    if trials < 8:
+        return "random"
+    try:
+        import xgboost  # noqa: F401, PLC0415
+    except ImportError:
+        return "random"
+    return "xgb"
 
 
 def check_request(cfg: KernelConfig, target, opts, space: str) -> None:
@@ -86,8 +103,12 @@ def check_request(cfg: KernelConfig, target, opts, space: str) -> None:
     if cfg.kernel == "prefill" and opts.q_len <= 0:
         raise TuneError(f"--space {space} --kernel prefill: give --q-len N (query rows per sequence; the block "
                         "form has the same number for every sequence)")
-    if target_kind(target) != "cpu" or opts.rpc_tracker is not None:
-        raise TuneError(f"--space {space}: local CPU targets only")
+    if target_kind(target) == "cuda":
+        if space != "paged" or cfg.kernel != "decode":
+            raise TuneError(f"--space {space} --kernel {cfg.kernel}: on CUDA targets only --space paged, for "
+                            "decode")
+    elif opts.rpc_tracker is not None:
+        raise TuneError(f"--space {space}: CPU targets are tuned on this machine only (no --rpc-tracker)")
 
 
 def tune_block_form(cfg: KernelConfig, target, bucket: Bucket, work_dir: Path, *, trials: int, opts,
@@ -97,11 +118,12 @@ def tune_block_form(cfg: KernelConfig, target, bucket: Bucket, work_dir: Path, *
 
     ``opts``: the :class:`~tvm_paged.tuning.search.TuneOptions` of the run (pool, tables, repeat, seed).
     """
-    from .search import TuneError, _close, _runner  # noqa: PLC0415
+    from .search import TuneError, _check_device, _close, _runner  # noqa: PLC0415
 
     check_request(cfg, target, opts, space)
+    device_type = _check_device(target, opts)  # a CUDA target needs this machine's GPU or an RPC tracker
     ms = tc.meta_schedule()
-    wl = _workload(cfg, bucket, opts)
+    wl = _workload(cfg, bucket, opts, device_type)
     if len(set(wl.q_lens)) > 1:
         raise TuneError(f"--q-len {opts.q_len}: longer than bucket {bucket.name}'s shortest sequence")
     mod = block_module(cfg, bucket, wl, space)
@@ -131,14 +153,20 @@ def tune_block_form(cfg: KernelConfig, target, bucket: Bucket, work_dir: Path, *
 
     t0 = time.perf_counter()
     with tc.meta_schedule_logging(quiet=opts.progress):
-        runner = _runner(wl, "cpu", opts, inputs)
+        runner = _runner(wl, device_type, opts, inputs)
+        if device_type == "cuda" and not tc.cuda_codegen_available():
+            # No CUDA driver here (measured through RPC): device code built by nvcc in a child process.
+            f_build, f_export = build_cuda_library, pass_path
+        else:
+            f_build, f_export = build_module, None
         builder = ms.builder.LocalBuilder(max_workers=tc.allowed_cores(), timeout_sec=opts.build_timeout,
-                                          f_build=build_module)
+                                          f_build=f_build, f_export=f_export)
         try:
             database = ms.tune_tir(mod, with_host(target), str(ms_dir), max_trials_global=trials,
                                    num_trials_per_iter=max(1, min(trials, opts.per_round * 2)), builder=builder,
-                                   runner=runner, cost_model="xgb" if trials >= 8 else "random",
-                                   strategy="evolutionary", space=_space_generator(cfg, bucket, target, space, wl),
+                                   runner=runner, cost_model=_cost_model(trials),
+                                   strategy=tc.evolutionary_search(opts.population),
+                                   space=_space_generator(cfg, bucket, target, space, wl),
                                    measure_callbacks=tc.measure_callbacks(on_results),
                                    num_tuning_cores=tc.allowed_cores(), seed=opts.seed)
         finally:
@@ -168,7 +196,7 @@ def tune_block_form(cfg: KernelConfig, target, bucket: Bucket, work_dir: Path, *
         summary.update(gbps=round(wl.gbps(secs), 4), gflops=round(wl.gflops(secs), 2),
                        ms=round(secs * 1e3, 6), trace=str(best.trace))
         if space == "paged":
-            summary["decisions"] = decisions(best.trace, cfg.kernel)
+            summary["decisions"] = decisions(best.trace, "decode_cuda" if device_type == "cuda" else cfg.kernel)
     (ms_dir.parent / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     return summary
 

@@ -28,6 +28,8 @@ generations; the others by ``sample_categorical``, uniform over their candidates
 
 Not expressible with schedule primitives, so absent here and present in the shipped kernels: software prefetch,
 and loops that stop at each sequence's own length (static loops run to the bucket's ``max_pages`` and mask).
+
+:func:`decode_space_cuda` is the same decode for CUDA targets, thread-bound (see its docstring).
 """
 
 from __future__ import annotations
@@ -46,9 +48,11 @@ def _uniform(sch, candidates):
     return sch.sample_categorical(candidates=list(candidates), probs=[1 / len(candidates)] * len(candidates))
 
 
-def _sample_unroll(sch) -> None:
-    """The unroll step, applied to the whole program by MetaSchedule's postprocessor (and moved by its mutator)."""
-    sch.annotate(sch.get_sblock("root"), "meta_schedule.unroll_explicit", _uniform(sch, UNROLL_STEPS))
+def _sample_unroll(sch, block=None) -> None:
+    """The unroll step, applied by MetaSchedule's postprocessor (and moved by its mutator) to the loops of
+    ``block`` (default: the whole program)."""
+    block = sch.get_sblock("root") if block is None else block
+    sch.annotate(block, "meta_schedule.unroll_explicit", _uniform(sch, UNROLL_STEPS))
 
 
 def _vectorize_innermost(sch, block, lanes: int) -> None:
@@ -192,14 +196,113 @@ def prefill_space(cfg: KernelConfig, q_len: int, vector_lanes: int = 8):
     return schedule
 
 
+WARP = 32
+MAX_GPU_SPLITS = 32  # KV splits per sequence on a GPU: batch 1 x 8 KV heads x 32 splits fills 132 SMs twice
+SCORE_TOKENS = (1, 2, 4, 8)  # tokens scored at once by a block's warps (threadIdx.y)
+SOFTMAX_THREADS = (32, 64, 128, 256)
+
+
+def decode_space_cuda(cfg: KernelConfig, max_pages: int):
+    """The ``ScheduleFn`` body for ``cfg``'s weights-form block decode on a CUDA target, over buckets of
+    ``max_pages`` pages. Four kernels, each block's work fixed and the numbers sampled:
+
+    1. **K phase** (``score``): one thread block per (sequence, KV head, KV split). The group's q rows are staged
+       in shared memory once per block; each warp scores one token at a time (``score_tokens`` warps, bound to
+       ``threadIdx.y``, walk the split's tokens in page order), its 32 lanes splitting head_dim into runs of
+       ``score_vec`` contiguous elements (in-thread products, then a warp-shuffle sum); the group's heads reuse
+       each K row from L1.
+    2. **Softmax** (``max``, ``p``, ``sum``): one block of ``softmax_threads`` per (sequence, query head),
+       block-wide reductions over the scores.
+    3. **V phase** (``pv``): one block per (sequence, KV head, KV split); head_dim split over threads by
+       ``pv_tile`` (threads, elements per thread), the group's heads x elements as register accumulators across
+       the split's tokens (``cache_write`` to local), written once as the split's partial sum (``rfactor`` over
+       the split loop).
+    4. **Output**: one block per (sequence, query head) adds the splits' partial sums and divides by the sum.
+
+    Sampled decisions, in order: ``kv_splits`` (a divisor of ``max_pages``, up to 32), ``score_tokens``,
+    ``score_vec`` (1, 2 or 4 with ``32 * score_vec <= head_dim``), ``softmax_threads``, ``pv_tile`` (a perfect
+    tile of head_dim, innermost up to 8) and ``unroll`` (of the V phase's token loop). As on CPU, no decision
+    changes the trace's shape, and
+    MetaSchedule's CUDA postprocessors (``VerifyGPUCode`` among them) check every candidate.
+    """
+    G, S, D = cfg.group_size, cfg.page_size, cfg.head_dim
+    split_counts = [n for n in range(1, min(max_pages, MAX_GPU_SPLITS) + 1) if max_pages % n == 0]
+    vecs = [v for v in (1, 2, 4) if v == 1 or WARP * v <= D]
+
+    def schedule(sch) -> None:
+        score, mx, p, den, pv, out = (sch.get_sblock(n) for n in ("score", "max", "p", "sum", "pv", "out"))
+
+        # -- K phase: block (sequence, KV head, split); warps over tokens, lanes over head_dim.
+        b, h, j, d = sch.get_loops(score)
+        hk, g = sch.split(h, [None, G])
+        page, slot = sch.split(j, [None, S])
+        splits = _uniform(sch, split_counts)
+        jo, ji = sch.split(page, [splits, None])
+        ty = _uniform(sch, SCORE_TOKENS)
+        to, ti = sch.split(sch.fuse(ji, slot), [None, ty])
+        vec = _uniform(sch, vecs)
+        do, dt, dl = sch.split(d, [None, WARP, vec])
+        sch.reorder(b, hk, jo, to, ti, g, do, dt, dl)
+        blk = sch.fuse(b, hk, jo)
+        sch.bind(blk, "blockIdx.x")
+        sch.bind(ti, "threadIdx.y")
+        sch.bind(dt, "threadIdx.x")  # a reduction loop on threadIdx.x: lowered to a warp-shuffle sum
+        q_shared = sch.cache_read(score, 0, "shared")
+        sch.compute_at(q_shared, blk, preserve_unit_loops=True)
+        *_, r0, r1 = sch.get_loops(q_shared)
+        _, cy, cx = sch.split(sch.fuse(r0, r1), [None, ty, WARP])  # a cooperative copy by the block's threads
+        sch.bind(cy, "threadIdx.y")
+        sch.bind(cx, "threadIdx.x")
+
+        # -- Softmax: block (sequence, query head), block-wide reductions over the scores.
+        b, h, _ = sch.get_loops(p)
+        bh = sch.fuse(b, h)
+        sch.compute_at(mx, bh, preserve_unit_loops=True)
+        sch.reverse_compute_at(den, bh, preserve_unit_loops=True)
+        sch.bind(bh, "blockIdx.x")
+        threads = _uniform(sch, SOFTMAX_THREADS)
+        for blk_ in (mx, p, den):
+            *_, jj = sch.get_loops(blk_)
+            sch.bind(sch.split(jj, [None, threads])[1], "threadIdx.x")
+
+        # -- V phase: block (sequence, KV head, split); threads over head_dim, accumulators in registers.
+        b, h, d, j = sch.get_loops(pv)
+        hk, g = sch.split(h, [None, G])
+        page, slot = sch.split(j, [None, S])
+        jo, ji = sch.split(page, [splits, None])
+        dt, dl = sch.split(d, sch.sample_perfect_tile(d, n=2, max_innermost_factor=8))
+        sch.reorder(b, hk, jo, dt, ji, slot, g, dl)
+        pv_rf = sch.rfactor(jo, factor_axis=1)  # acc_rf[b, split, h, d]
+        b, hk, jo, dt, ji, slot, g, dl = sch.get_loops(pv_rf)
+        sch.bind(sch.fuse(b, hk, jo), "blockIdx.x")
+        sch.bind(dt, "threadIdx.x")
+        acc = sch.cache_write(pv_rf, 0, "local")
+        sch.reverse_compute_at(acc, dt, preserve_unit_loops=True)
+        sch.decompose_reduction(pv_rf, ji)
+
+        # -- Output: block (sequence, query head): the splits' sum, normalized.
+        b, h, d = sch.get_loops(out)
+        sch.compute_at(pv, d, preserve_unit_loops=True)
+        sch.bind(sch.fuse(b, h), "blockIdx.x")
+        sch.bind(sch.split(d, [None, WARP])[1], "threadIdx.x")
+
+        # Unrolled: the V phase's token loop (its heads x elements accumulators). Not the whole program: an
+        # unrolled loop around a warp-shuffle reduction repeats its buffers, which TVM's lowering rejects.
+        _sample_unroll(sch, pv_rf)
+
+    return schedule
+
+
 # In the order each space samples them.
 DECISIONS = {"decode": ("kv_splits", "lanes", "pv_tile", "unroll"),
-             "prefill": ("lanes", "q_tile", "pv_tile", "unroll")}
+             "prefill": ("lanes", "q_tile", "pv_tile", "unroll"),
+             "decode_cuda": ("kv_splits", "score_tokens", "score_vec", "softmax_threads", "pv_tile", "unroll")}
 
 
 def decisions(trace, kernel: str = "decode") -> dict:
-    """The sampled decisions of a schedule ``trace`` of this space, by name: tile factors as lists, categorical
-    choices as the chosen value (``{"kv_splits": 2, "lanes": 8, "pv_tile": [4, 4, 8], "unroll": 64}``)."""
+    """The sampled decisions of a schedule ``trace`` of a space (``kernel``: a key of ``DECISIONS``), by name:
+    tile factors as lists, categorical choices as the chosen value (``{"kv_splits": 2, "lanes": 8, "pv_tile":
+    [4, 4, 8], "unroll": 64}``)."""
     out = {}
     for (inst, value), name in zip(trace.decisions.items(), DECISIONS[kernel]):
         if inst.kind.name == "SampleCategorical":
@@ -209,4 +312,5 @@ def decisions(trace, kernel: str = "decode") -> dict:
     return out
 
 
-__all__ = ["decode_space", "prefill_space", "decisions", "DECISIONS", "LANES", "UNROLL_STEPS"]
+__all__ = ["decode_space", "decode_space_cuda", "prefill_space", "decisions", "DECISIONS", "LANES", "UNROLL_STEPS",
+           "SCORE_TOKENS", "SOFTMAX_THREADS"]

@@ -56,6 +56,7 @@ class TuneOptions:
     build_timeout: float = 300
     run_timeout: float = 120
     progress: bool = True
+    population: int = 512  # MetaSchedule's evolutionary population (--space paged / generic)
 
 
 def work_dir_for(cfg: KernelConfig, target, opts: TuneOptions) -> Path:
