@@ -310,20 +310,23 @@ def test_emulated_page_ops(emulate, dtype, hkv, d, page):
 
 
 # ------------------------------------------------------------------- MetaSchedule's CUDA paged-decode space
-@pytest.mark.parametrize("heads,dtype", [((7, 1), "float16"), ((2, 2), "float32")], ids=["group7-f16", "mha-f32"])
-def test_paged_space_cuda_samples_correct_kernels(emulate, tmp_path, heads, dtype):
+@pytest.mark.parametrize("heads,head_dim,page,dtype", [((7, 1), 80, 5, "float16"), ((2, 2), 80, 5, "float32"),
+                                                       ((8, 2), 128, 16, "bfloat16")],
+                         ids=["group7-d80-p5-f16", "mha-d80-p5-f32", "group4-d128-p16-bf16"])
+def test_paged_space_cuda_samples_correct_kernels(emulate, tmp_path, heads, head_dim, page, dtype):
     """Candidates of the thread-bound paged decode space (``tuning.paged_space.decode_space_cuda``), as
     MetaSchedule's search would build them (the CUDA postprocessors applied and all accepting), run in the
     emulator against the float64 reference: odd shapes (a group of 7 and MHA, head_dim 80, page 5), NaN in every
     slot past a sequence's length, until every KV split count, token tile, vector width and softmax block size
-    the space samples has run. One candidate also compiles to an sm_90a cubin."""
+    the space samples has run (head_dim 128 adds 4 elements per lane, page 16 the warp counts 2 to 8, bfloat16 its
+    conversions). One candidate also compiles to an sm_90a cubin."""
     from tvm_paged import tvm_compat as tc
     from tvm_paged.kernels.decode_generic import build_decode_generic
-    from tvm_paged.tuning.paged_space import SCORE_TOKENS, SOFTMAX_THREADS, decisions, decode_space_cuda
+    from tvm_paged.tuning.paged_space import SOFTMAX_THREADS, decisions, decode_space_cuda
 
     target = build.with_host(Target(H100))
     batch, max_pages, num_pages = 3, 4, 29
-    cfg = _att("decode", dtype, *heads, 80, 5)
+    cfg = _att("decode", dtype, *heads, head_dim, page)
     mod = tc.ir_module({"main": build_decode_generic(cfg, batch, max_pages, num_pages, weights=True)
                         .with_attr("global_symbol", "main")})
     gen = torch.Generator().manual_seed(11)
@@ -331,21 +334,24 @@ def test_paged_space_cuda_samples_correct_kernels(emulate, tmp_path, heads, dtyp
     k = torch.randn(shape, generator=gen).to(TDT[dtype])
     v = torch.randn(shape, generator=gen).to(TDT[dtype])
     table = torch.randperm(num_pages, generator=gen)[: batch * max_pages].view(batch, max_pages).int()
-    seq_lens = torch.tensor([20, 17, 1], dtype=torch.int32)
+    seq_lens = torch.tensor([max_pages * page, 17, 1], dtype=torch.int32)  # a full table, a partial page, one token
     for b, n in enumerate(seq_lens.tolist()):  # NaN in the slots a sequence's table covers but it does not use
         for t in range(n, max_pages * cfg.page_size):
             page, slot = table[b, t // cfg.page_size].item(), t % cfg.page_size
             k[page, slot], v[page, slot] = float("nan"), float("nan")
     q = torch.randn(batch, cfg.num_qo_heads, cfg.head_dim, generator=gen).to(TDT[dtype])
     ref, _ = reference.decode(q, k, v, table, seq_lens)
-    want = ({("kv_splits", s) for s in (1, 2, 4)} | {("score_tokens", n) for n in SCORE_TOKENS}
-            | {("score_vec", n) for n in (1, 2)} | {("softmax_threads", n) for n in SOFTMAX_THREADS})
+    warps = [n for n in (1, 2, 4, 5, 8) if cfg.page_size % n == 0]
+    want = ({("kv_splits", s) for s in (1, 2, 4)} | {("score_tokens", n) for n in warps}
+            | {("score_vec", n) for n in ((1, 2, 4) if head_dim >= 128 else (1, 2))}
+            | {("softmax_threads", n) for n in SOFTMAX_THREADS})
     seen: set = set()
     cubin_done = shutil.which("nvcc") is None
     for seed in range(1, 80):
         sch = tc.schedule(mod, seed)
         decode_space_cuda(cfg, max_pages)(sch)
         dec = decisions(sch.trace, "decode_cuda")
+        dec["score_tokens"] = dec["score_tokens"][1]  # (pages' slot steps, warps): the warps
         new = {(name, dec[name]) for name in ("kv_splits", "score_tokens", "score_vec", "softmax_threads")} - seen
         if not new:
             continue

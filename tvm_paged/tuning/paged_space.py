@@ -198,7 +198,7 @@ def prefill_space(cfg: KernelConfig, q_len: int, vector_lanes: int = 8):
 
 WARP = 32
 MAX_GPU_SPLITS = 32  # KV splits per sequence on a GPU: batch 1 x 8 KV heads x 32 splits fills 132 SMs twice
-SCORE_TOKENS = (1, 2, 4, 8)  # tokens scored at once by a block's warps (threadIdx.y)
+MAX_SCORE_TOKENS = 8  # tokens scored at once by a block's warps (threadIdx.y): a divisor of page_size up to 8
 SOFTMAX_THREADS = (32, 64, 128, 256)
 
 
@@ -208,7 +208,7 @@ def decode_space_cuda(cfg: KernelConfig, max_pages: int):
 
     1. **K phase** (``score``): one thread block per (sequence, KV head, KV split). The group's q rows are staged
        in shared memory once per block; each warp scores one token at a time (``score_tokens`` warps, bound to
-       ``threadIdx.y``, walk the split's tokens in page order), its 32 lanes splitting head_dim into runs of
+       ``threadIdx.y``, take a page's slots together, pages in order), its 32 lanes splitting head_dim into runs of
        ``score_vec`` contiguous elements (in-thread products, then a warp-shuffle sum); the group's heads reuse
        each K row from L1.
     2. **Softmax** (``max``, ``p``, ``sum``): one block of ``softmax_threads`` per (sequence, query head),
@@ -219,7 +219,8 @@ def decode_space_cuda(cfg: KernelConfig, max_pages: int):
        the split loop).
     4. **Output**: one block per (sequence, query head) adds the splits' partial sums and divides by the sum.
 
-    Sampled decisions, in order: ``kv_splits`` (a divisor of ``max_pages``, up to 32), ``score_tokens``,
+    Sampled decisions, in order: ``kv_splits`` (a divisor of ``max_pages``, up to 32), ``score_tokens`` (a
+    perfect tile of page_size, warps innermost, up to 8),
     ``score_vec`` (1, 2 or 4 with ``32 * score_vec <= head_dim``), ``softmax_threads``, ``pv_tile`` (a perfect
     tile of head_dim, innermost up to 8) and ``unroll`` (of the V phase's token loop). As on CPU, no decision
     changes the trace's shape, and
@@ -238,11 +239,14 @@ def decode_space_cuda(cfg: KernelConfig, max_pages: int):
         page, slot = sch.split(j, [None, S])
         splits = _uniform(sch, split_counts)
         jo, ji = sch.split(page, [splits, None])
-        ty = _uniform(sch, SCORE_TOKENS)
-        to, ti = sch.split(sch.fuse(ji, slot), [None, ty])
+        # Warps over the slots of a page, a perfect tile of page_size: TVM 0.27's cross-thread reduction drops a
+        # spatial loop's bound predicate from its write-back, so a token tile that did not divide the tokens
+        # would write scores past the row's end (into the next head's).
+        warps = sch.sample_perfect_tile(slot, n=2, max_innermost_factor=MAX_SCORE_TOKENS)
+        so, ti = sch.split(slot, warps)
         vec = _uniform(sch, vecs)
         do, dt, dl = sch.split(d, [None, WARP, vec])
-        sch.reorder(b, hk, jo, to, ti, g, do, dt, dl)
+        sch.reorder(b, hk, jo, ji, so, ti, g, do, dt, dl)
         blk = sch.fuse(b, hk, jo)
         sch.bind(blk, "blockIdx.x")
         sch.bind(ti, "threadIdx.y")
@@ -250,7 +254,7 @@ def decode_space_cuda(cfg: KernelConfig, max_pages: int):
         q_shared = sch.cache_read(score, 0, "shared")
         sch.compute_at(q_shared, blk, preserve_unit_loops=True)
         *_, r0, r1 = sch.get_loops(q_shared)
-        _, cy, cx = sch.split(sch.fuse(r0, r1), [None, ty, WARP])  # a cooperative copy by the block's threads
+        _, cy, cx = sch.split(sch.fuse(r0, r1), [None, warps[1], WARP])  # a cooperative copy by the block's threads
         sch.bind(cy, "threadIdx.y")
         sch.bind(cx, "threadIdx.x")
 
@@ -313,4 +317,4 @@ def decisions(trace, kernel: str = "decode") -> dict:
 
 
 __all__ = ["decode_space", "decode_space_cuda", "prefill_space", "decisions", "DECISIONS", "LANES", "UNROLL_STEPS",
-           "SCORE_TOKENS", "SOFTMAX_THREADS"]
+           "SOFTMAX_THREADS"]
