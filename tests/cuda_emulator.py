@@ -96,32 +96,29 @@ static void** g_args;
 static void emu_fail(const char* m) { if (!g_err[0]) snprintf(g_err, sizeof g_err, "%s (block %u)", m, g_blockIdx.x); }
 static inline void emu_yield(int st) { g_cur->state = st; if (!_setjmp(g_cur->jb)) _longjmp(g_sched, 1); }
 inline void __syncthreads() { emu_yield(1); }
-template <typename T> inline T __shfl_sync(unsigned mask, T var, int lane, int width) {
+// A warp exchange: every lane publishes ``var``, then reads lane ``src``'s (its own when ``src`` < 0).
+template <typename T> inline T emu_exchange(unsigned mask, T var, int width, int src) {
   if (mask != 0xffffffffu) emu_fail("shuffle with a partial mask");
   if (width <= 0 || width > 32 || (width & (width - 1))) emu_fail("shuffle width");
   if (g_n % 32) emu_fail("shuffle in a block that is not whole warps");
   std::memcpy(&g_slot[g_cur->lin], &var, sizeof(T));
   emu_yield(2);
-  int lane_id = g_cur->lin % 32;
-  int src = g_cur->lin - lane_id + (lane_id / width) * width + (int)(((unsigned)lane) % (unsigned)width);
-  T out; std::memcpy(&out, &g_slot[src], sizeof(T));
+  T out = var;
+  if (src >= 0) std::memcpy(&out, &g_slot[src], sizeof(T));
   emu_yield(2);
   return out;
+}
+template <typename T> inline T __shfl_sync(unsigned mask, T var, int lane, int width) {
+  int lane_id = g_cur->lin % 32;
+  int src = g_cur->lin - lane_id + (lane_id / width) * width + (int)(((unsigned)lane) % (unsigned)width);
+  return emu_exchange(mask, var, width, src);
 }
 // Fibers run converged between barriers and exchanges, so the active mask is the whole warp.
 inline unsigned __activemask() { return 0xffffffffu; }
 template <typename T> inline T __shfl_down_sync(unsigned mask, T var, unsigned delta, int width) {
-  if (mask != 0xffffffffu) emu_fail("shuffle with a partial mask");
-  if (width <= 0 || width > 32 || (width & (width - 1))) emu_fail("shuffle width");
-  if (g_n % 32) emu_fail("shuffle in a block that is not whole warps");
-  std::memcpy(&g_slot[g_cur->lin], &var, sizeof(T));
-  emu_yield(2);
-  int lane_id = g_cur->lin % 32;
-  int in_seg = lane_id % width;
-  T out = var;  // a source lane past the segment returns the caller's own value (CUDA's rule)
-  if (in_seg + (int)delta < width) std::memcpy(&out, &g_slot[g_cur->lin + (int)delta], sizeof(T));
-  emu_yield(2);
-  return out;
+  // A source lane past the caller's segment returns the caller's own value (CUDA's rule).
+  int in_seg = (g_cur->lin % 32) % width;
+  return emu_exchange(mask, var, width, in_seg + (int)delta < width ? g_cur->lin + (int)delta : -1);
 }
 static void emu_entry() { g_fn(g_args); g_cur->state = 3; _longjmp(g_sched, 1); }
 static void emu_resume(EmuFiber* f) {

@@ -61,6 +61,20 @@ def _vectorize_innermost(sch, block, lanes: int) -> None:
     sch.vectorize(sch.split(inner, [None, lanes])[1])
 
 
+def _kv_split_loops(sch, score, group_size: int, page_size: int, split_counts):
+    """Split the score block's (sequence, query head, key, head_dim) loops into (sequence, KV head, group head,
+    split, page within the split, slot, head_dim), sampling the split count; returns those loops and the count.
+
+    Categorical over the divisors of max_pages: a perfect-tile sample favours the largest inner factor, i.e. one
+    split, which leaves a batch-1 bucket on one core (or a few blocks) until mutation happens to move it."""
+    b, h, j, d = sch.get_loops(score)
+    hk, g = sch.split(h, [None, group_size])
+    page, slot = sch.split(j, [None, page_size])
+    splits = _uniform(sch, split_counts)
+    jo, ji = sch.split(page, [splits, None])
+    return b, hk, g, jo, ji, slot, d, splits
+
+
 def decode_space(cfg: KernelConfig, max_pages: int, vector_lanes: int = 8):
     """The ``ScheduleFn`` body for ``cfg``'s weights-form block decode over buckets of ``max_pages`` pages:
     a function that schedules a ``tvm.s_tir.Schedule`` in place, sampling its decisions in the schedule's trace.
@@ -72,13 +86,7 @@ def decode_space(cfg: KernelConfig, max_pages: int, vector_lanes: int = 8):
         score, mx, p, den, pv, out = (sch.get_sblock(n) for n in ("score", "max", "p", "sum", "pv", "out"))
 
         # -- K phase: (sequence, split) parallel; pages, slots, KV heads, then lanes of head_dim.
-        b, h, j, d = sch.get_loops(score)
-        hk, g = sch.split(h, [None, G])
-        page, slot = sch.split(j, [None, S])
-        # Categorical over the divisors of max_pages: a perfect-tile sample favours the largest inner factor, i.e.
-        # one split, which leaves a batch-1 bucket on one core until mutation happens to move it.
-        splits = _uniform(sch, split_counts)
-        jo, ji = sch.split(page, [splits, None])
+        b, hk, g, jo, ji, slot, d, splits = _kv_split_loops(sch, score, G, S, split_counts)
         # Categorical, not a perfect tile: a width of 1 would drop a loop from the rfactor write-back and change
         # the trace's shape between candidates. Every supported head_dim is a multiple of 16.
         lanes = _uniform(sch, LANES)
@@ -234,11 +242,7 @@ def decode_space_cuda(cfg: KernelConfig, max_pages: int):
         score, mx, p, den, pv, out = (sch.get_sblock(n) for n in ("score", "max", "p", "sum", "pv", "out"))
 
         # -- K phase: block (sequence, KV head, split); warps over tokens, lanes over head_dim.
-        b, h, j, d = sch.get_loops(score)
-        hk, g = sch.split(h, [None, G])
-        page, slot = sch.split(j, [None, S])
-        splits = _uniform(sch, split_counts)
-        jo, ji = sch.split(page, [splits, None])
+        b, hk, g, jo, ji, slot, d, splits = _kv_split_loops(sch, score, G, S, split_counts)
         # Warps over the slots of a page, a perfect tile of page_size: TVM 0.27's cross-thread reduction drops a
         # spatial loop's bound predicate from its write-back, so a token tile that did not divide the tokens
         # would write scores past the row's end (into the next head's).
