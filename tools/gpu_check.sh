@@ -12,10 +12,9 @@
 #   5. a short MetaSchedule search over the CUDA paged decode space (--space paged) on the same config.
 #
 # Each step has its own time limit (all five fit in about nine minutes), so a hang in one still leaves the
-# others' results. Results go to $OUT (or
-# ./gpu_out). TVM comes from .devkit/ when present (a packed copy of the installed TVM with an activate.sh,
-# for a machine without a package registry), else from python3's own site; python3 must have torch with CUDA,
-# numpy and pytest.
+# others' results. Results go to $OUT (or ./gpu_out). TVM comes from .devkit/ when present (a packed copy of
+# the installed TVM with an activate.sh, for a machine without a package registry), else from python3's own
+# site; python3 must have torch with CUDA, numpy and pytest.
 #
 #   bash tools/gpu_check.sh                       # on the GPU machine, repository root
 #   STEPS="bench tests" bash tools/gpu_check.sh   # a subset

@@ -12,6 +12,12 @@ def _host(x):
     return torch.as_tensor(x).cpu() if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x))
 
 
+def _on_host(q, k_cache, v_cache, block_table, seq_lens):
+    """The shared inputs on the host: q and the caches as CPU tensors, the table and lengths as numpy arrays."""
+    return (_host(q), _host(k_cache), _host(v_cache), _host(block_table).numpy(),
+            _host(seq_lens).numpy().tolist())
+
+
 def gather_kv(cache: torch.Tensor, block_table, seq_len: int) -> torch.Tensor:
     """The first ``seq_len`` tokens of one sequence: ``[seq_len, num_kv_heads, head_dim]`` float64.
 
@@ -44,13 +50,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float
 
 def decode(q, k_cache, v_cache, block_table, seq_lens, *, scale=None):
     """Reference for :func:`tvm_paged.paged_decode`: (out, lse) float64 on the CPU (inputs on any device)."""
-    q, k_cache, v_cache = _host(q), _host(k_cache), _host(v_cache)
-    block_table, seq_lens = _host(block_table).numpy(), _host(seq_lens).numpy()
+    q, k_cache, v_cache, block_table, lens = _on_host(q, k_cache, v_cache, block_table, seq_lens)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     outs, lses = [], []
-    for b, n in enumerate(np.asarray(seq_lens).tolist()):
-        k = gather_kv(torch.as_tensor(k_cache), np.asarray(block_table)[b], n)
-        v = gather_kv(torch.as_tensor(v_cache), np.asarray(block_table)[b], n)
+    for b, n in enumerate(lens):
+        k = gather_kv(k_cache, block_table[b], n)
+        v = gather_kv(v_cache, block_table[b], n)
         o, l = attention(q[b : b + 1], k, v, scale=scale)
         outs.append(o)
         lses.append(l)
@@ -59,18 +64,16 @@ def decode(q, k_cache, v_cache, block_table, seq_lens, *, scale=None):
 
 def prefill(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, *, scale=None, causal=True):
     """Reference for :func:`tvm_paged.paged_prefill`: (out, lse) float64 on the CPU (inputs on any device)."""
-    q, k_cache, v_cache = _host(q), _host(k_cache), _host(v_cache)
-    block_table, seq_lens = _host(block_table).numpy(), _host(seq_lens).numpy()
-    cu_seqlens_q = _host(cu_seqlens_q).numpy()
+    q, k_cache, v_cache, block_table, lens = _on_host(q, k_cache, v_cache, block_table, seq_lens)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    cu = np.asarray(cu_seqlens_q).tolist()
+    cu = _host(cu_seqlens_q).numpy().tolist()
     outs, lses = [], []
-    for b, n in enumerate(np.asarray(seq_lens).tolist()):
+    for b, n in enumerate(lens):
         q_b = q[cu[b] : cu[b + 1]]
         if q_b.shape[0] == 0:
             continue
-        k = gather_kv(torch.as_tensor(k_cache), np.asarray(block_table)[b], n)
-        v = gather_kv(torch.as_tensor(v_cache), np.asarray(block_table)[b], n)
+        k = gather_kv(k_cache, block_table[b], n)
+        v = gather_kv(v_cache, block_table[b], n)
         positions = np.arange(n - q_b.shape[0], n)
         o, l = attention(q_b, k, v, scale=scale, q_positions=positions, causal=causal)
         outs.append(o)
