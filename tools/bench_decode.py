@@ -6,7 +6,9 @@ batch 8 x 1024 tokens and batch 1 x 16384 tokens. Rows, all in one process:
 - tvm_paged with its default schedule, and with the committed tuned schedule when one exists;
 - torch: gather each sequence's pages, then scaled_dot_product_attention;
 - TVM/MLC-LLM's shipped CPU paged decode kernel (tvm.relax.frontend.nn.llm), on the same pages in its layout;
-- the machine's read bandwidth: a reduction over a 512 MB array (torch.sum on every core).
+- the machine's read bandwidth: a reduction over a 512 MB array (torch.sum on every core);
+- with ``--hand-c`` (float16 on CPU): tools/hand_decode_f16.c, the same algorithm hand-written with AVX2
+  intrinsics, as a ceiling for what the TensorIR kernel could reach on this CPU.
 Each timed call rotates through page tables over a pool several times larger than the last-level cache, and
 the bandwidth roof is taken in rounds interleaved with the kernels (it swings from round to round on a shared
 VM), with the row order alternating between rounds; each row reports its median time and its median
@@ -18,7 +20,7 @@ written) is printed beside it, the pool is sized against the GPU's L2, and a cal
 back-to-back calls between two synchronizations (Python launch overhead included, as a serving loop sees it).
 ``b64x4k`` (batch 64 x 4096 tokens) is a case long enough that launch overhead does not count.
 
-    python tools/bench_decode.py [--dtypes float32,float16] [--rounds 5] [--cases b8,b1x16k] [--no-mlc]
+    python tools/bench_decode.py [--dtypes float32,float16] [--rounds 5] [--cases b8,b1x16k] [--no-mlc] [--hand-c]
     python tools/bench_decode.py --device cuda --cases b8,b1x16k,b64x4k
 """
 
@@ -100,6 +102,43 @@ def torch_runner(q, k, v, tables, seq_lens):
     return run
 
 
+def hand_c_runner(q, k, v, tables, seq_lens):
+    """``tools/hand_decode_f16.c`` (float16 on this CPU only): the same algorithm as tvm_paged's CPU decode
+    written by hand with AVX2 intrinsics, built with the system C compiler, run on TVM's thread pool. The splits
+    are merged in torch inside the call, as tvm_paged's kernel merges them inside its own."""
+    import ctypes
+    import os
+    import subprocess
+    import tempfile
+
+    from tvm_paged.tvm_compat import runtime_library
+
+    src = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hand_decode_f16.c")
+    lib_path = os.path.join(tempfile.mkdtemp(prefix="tvm_paged_hand_c_"), "hand_decode_f16.so")
+    rt = runtime_library()
+    subprocess.run([os.environ.get("CC", "cc"), "-O3", "-march=native", "-shared", "-fPIC", src, "-o", lib_path,
+                    str(rt), f"-Wl,-rpath,{rt.parent}"], check=True)
+    lib = ctypes.CDLL(lib_path)
+    ptr = ctypes.c_void_p
+    lib.decode.argtypes = [ctypes.c_int, ctypes.c_int, ptr, ptr, ptr, ptr, ctypes.c_int, ptr, ptr, ptr,
+                           ctypes.c_float]
+    plans = [ops.plan_decode(t, seq_lens, page_size=PAGE, num_pages=k.shape[0]) for t in tables]
+    batch, splits = q.shape[0], plans[0].num_splits
+    o_part = torch.empty(batch, splits, HQ, D)
+    lse_part = torch.empty(batch, splits, HQ)
+
+    def run(i):
+        p = plans[i % len(plans)]
+        lib.decode(batch, splits, q.data_ptr(), k.data_ptr(), v.data_ptr(), p.block_table.data_ptr(),
+                   p.block_table.shape[1], p.seq_lens.data_ptr(), o_part.data_ptr(), lse_part.data_ptr(), D ** -0.5)
+        if splits == 1:
+            return o_part[:, 0]
+        w = torch.exp2(lse_part - lse_part.amax(1, keepdim=True))  # the splits' LSEs are in the log2 domain
+        return (o_part * (w / w.sum(1, keepdim=True))[..., None]).sum(1)
+
+    return run
+
+
 def mlc_runner(q, k, v, tables, seq_lens, dtype_name):
     """TVM's own paged decode (MLC-LLM; its CPU or its CUDA kernel): pages [num_pages, 2, num_kv_heads,
     page_size, head_dim], CSR table."""
@@ -164,7 +203,7 @@ def copy_bandwidth(buf):
     return 2 * 5 * buf.numel() * buf.element_size() / (time.perf_counter() - t0) / 1e9
 
 
-def bench_case(name, dtype, rounds, with_mlc, device):
+def bench_case(name, dtype, rounds, with_mlc, device, with_hand_c=False):
     batch, length = CASES[name]
     q, k, v, tables, seq_lens = make_inputs(batch, length, dtype, device)
     bytes_kv = 2 * batch * length * HKV * D * dtype.itemsize
@@ -175,6 +214,8 @@ def bench_case(name, dtype, rounds, with_mlc, device):
     if tuned is not None:
         runners["tvm_paged (tuned)"] = tvm_paged_runner(cfg, q, k, v, tables, seq_lens, knobs=tuned.knobs)
     runners["torch gather + SDPA"] = torch_runner(q, k, v, tables, seq_lens)
+    if with_hand_c and dtype == torch.float16 and device.type == "cpu":
+        runners["hand-written AVX2 C (same algorithm)"] = hand_c_runner(q, k, v, tables, seq_lens)
     if with_mlc:
         runners[f"TVM/MLC {'CUDA' if gpu else 'CPU'} decode"] = mlc_runner(q, k, v, tables, seq_lens, cfg.dtype)
     # Correctness of every row against the float64 reference before timing anything.
@@ -230,6 +271,8 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--no-mlc", action="store_true", help="skip TVM/MLC's kernel (slow on CPU: serial over the batch)")
     ap.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    ap.add_argument("--hand-c", action="store_true",
+                    help="add tools/hand_decode_f16.c, hand-written AVX2 (float16 on CPU only; needs a C compiler)")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     torch.set_num_threads(allowed_cores())
@@ -240,7 +283,7 @@ def main(argv=None):
               f"L2 {last_level_cache(device) / 2**20:.0f} MiB, target {target_of(device)}")
     for dt in args.dtypes.split(","):
         for case in args.cases.split(","):
-            bench_case(case, getattr(torch, dt), args.rounds, not args.no_mlc, device)
+            bench_case(case, getattr(torch, dt), args.rounds, not args.no_mlc, device, args.hand_c)
     return 0
 
 

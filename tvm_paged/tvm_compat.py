@@ -180,6 +180,16 @@ def cuda_runtime_plugin() -> "_Path | None":
     return None
 
 
+def runtime_library() -> _Path:
+    """Path of TVM's runtime library (``libtvm_runtime.so``), for native code that runs its tasks on TVM's CPU
+    thread pool through the pool's C entry point (``TVMBackendParallelLaunch``)."""
+    for d in (_Path(tvm.__file__).parent / "lib", _Path(tvm.__file__).parent):
+        p = d / "libtvm_runtime.so"
+        if p.exists():
+            return p
+    raise FileNotFoundError(f"libtvm_runtime.so not found beside {tvm.__file__}")
+
+
 def nvcc_fatbin(code: str, gencode: list[str]) -> bytes:
     """Compile CUDA source with nvcc into a fatbin for the explicit ``-gencode`` list (needs a CUDA target in
     scope: ``with target:``)."""
