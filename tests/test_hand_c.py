@@ -45,3 +45,22 @@ def test_hand_written_kernel_matches_float64(seq_lens):
     ref, _ = reference.decode(q, k, v, table, lens)
     assert torch.isfinite(out).all()
     assert (out - ref).abs().max().item() < ATOL["float16"]
+
+
+@cpu_only
+@pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler")
+@pytest.mark.skipif(not _has_avx2_f16c(), reason="the page walk is written with AVX intrinsics")
+def test_page_walk_reads_exactly_the_tables_pages():
+    """The benchmark's read-only walk: every page of the table once, nothing else (the rest of the pool is NaN)."""
+    bench = _bench_module()
+    num_pages, pages_per_seq, batch = 41, 5, 3
+    shape = (num_pages, bench.PAGE, bench.HKV, bench.D)
+    k = torch.full(shape, float("nan"))
+    v = torch.full(shape, float("nan"))
+    table = torch.randperm(num_pages, generator=torch.Generator().manual_seed(3))[:batch * pages_per_seq]
+    table = table.int().view(batch, pages_per_seq).contiguous()
+    used = table.flatten().long()
+    k[used] = 1.0
+    v[used] = 2.0
+    total = bench.page_walk_runner(k, v, [table])(0).item()
+    assert total == 3.0 * used.numel() * k[0].numel()

@@ -7,8 +7,10 @@ batch 8 x 1024 tokens and batch 1 x 16384 tokens. Rows, all in one process:
 - torch: gather each sequence's pages, then scaled_dot_product_attention;
 - TVM/MLC-LLM's shipped CPU paged decode kernel (tvm.relax.frontend.nn.llm), on the same pages in its layout;
 - the machine's read bandwidth: a reduction over a 512 MB array (torch.sum on every core);
-- with ``--hand-c`` (float16 on CPU): tools/hand_decode_f16.c, the same algorithm hand-written with AVX2
-  intrinsics, as a ceiling for what the TensorIR kernel could reach on this CPU.
+- with ``--hand-c`` (CPU, needs a C compiler): tools/hand_decode_f16.c (float16 only), the same algorithm
+  hand-written with AVX2 intrinsics, as a ceiling for what the TensorIR kernel could reach on this CPU; and
+  tools/page_walk.c, a read-only pass over the same pages in table order: the rate any kernel could read
+  these fragmented pages at.
 Each timed call rotates through page tables over a pool several times larger than the last-level cache, and
 the bandwidth roof is taken in rounds interleaved with the kernels (it swings from round to round on a shared
 VM), with the row order alternating between rounds; each row reports its median time and its median
@@ -102,10 +104,9 @@ def torch_runner(q, k, v, tables, seq_lens):
     return run
 
 
-def hand_c_runner(q, k, v, tables, seq_lens):
-    """``tools/hand_decode_f16.c`` (float16 on this CPU only): the same algorithm as tvm_paged's CPU decode
-    written by hand with AVX2 intrinsics, built with the system C compiler, run on TVM's thread pool. The splits
-    are merged in torch inside the call, as tvm_paged's kernel merges them inside its own."""
+def native_function(name, symbol, argtypes):
+    """Build ``tools/<name>.c`` with the system C compiler (for this CPU, linked to TVM's runtime for its
+    thread pool), load it and return its function ``symbol`` taking ``argtypes`` (ctypes types)."""
     import ctypes
     import os
     import subprocess
@@ -113,15 +114,47 @@ def hand_c_runner(q, k, v, tables, seq_lens):
 
     from tvm_paged.tvm_compat import runtime_library
 
-    src = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hand_decode_f16.c")
-    lib_path = os.path.join(tempfile.mkdtemp(prefix="tvm_paged_hand_c_"), "hand_decode_f16.so")
+    src = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.c")
+    lib_path = os.path.join(tempfile.mkdtemp(prefix="tvm_paged_bench_"), f"{name}.so")
     rt = runtime_library()
     subprocess.run([os.environ.get("CC", "cc"), "-O3", "-march=native", "-shared", "-fPIC", src, "-o", lib_path,
                     str(rt), f"-Wl,-rpath,{rt.parent}"], check=True)
-    lib = ctypes.CDLL(lib_path)
+    fn = getattr(ctypes.CDLL(lib_path), symbol)
+    fn.argtypes = argtypes
+    return fn
+
+
+def page_walk_runner(k, v, tables):
+    """``tools/page_walk.c``: a read-only pass over the same pages in table order, on TVM's thread pool. Its
+    GB/s is what any kernel could reach on these fragmented tables. ``run(i)`` returns the sum of everything
+    read (the caches' bytes taken as float32), for a test; the benchmark does not check it."""
+    import ctypes
+
     ptr = ctypes.c_void_p
-    lib.decode.argtypes = [ctypes.c_int, ctypes.c_int, ptr, ptr, ptr, ptr, ctypes.c_int, ptr, ptr, ptr,
-                           ctypes.c_float]
+    walk = native_function("page_walk", "walk", [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long, ptr, ptr, ptr,
+                                        ptr])
+    sums = torch.zeros(256)  # one per worker of TVM's pool
+    page_bytes = k[0].numel() * k.element_size()
+
+    def run(i):
+        t = tables[i % len(tables)]
+        sums.zero_()
+        walk(t.shape[0], t.shape[1], t.shape[1], page_bytes, k.data_ptr(), v.data_ptr(), t.data_ptr(),
+             sums.data_ptr())
+        return sums.sum()
+
+    return run
+
+
+def hand_c_runner(q, k, v, tables, seq_lens):
+    """``tools/hand_decode_f16.c`` (float16 on this CPU only): the same algorithm as tvm_paged's CPU decode
+    written by hand with AVX2 intrinsics, built with the system C compiler, run on TVM's thread pool. The splits
+    are merged in torch inside the call, as tvm_paged's kernel merges them inside its own."""
+    import ctypes
+
+    ptr = ctypes.c_void_p
+    decode = native_function("hand_decode_f16", "decode", [ctypes.c_int, ctypes.c_int, ptr, ptr, ptr, ptr, ctypes.c_int, ptr,
+                                                ptr, ptr, ctypes.c_float])
     plans = [ops.plan_decode(t, seq_lens, page_size=PAGE, num_pages=k.shape[0]) for t in tables]
     batch, splits = q.shape[0], plans[0].num_splits
     o_part = torch.empty(batch, splits, HQ, D)
@@ -129,7 +162,7 @@ def hand_c_runner(q, k, v, tables, seq_lens):
 
     def run(i):
         p = plans[i % len(plans)]
-        lib.decode(batch, splits, q.data_ptr(), k.data_ptr(), v.data_ptr(), p.block_table.data_ptr(),
+        decode(batch, splits, q.data_ptr(), k.data_ptr(), v.data_ptr(), p.block_table.data_ptr(),
                    p.block_table.shape[1], p.seq_lens.data_ptr(), o_part.data_ptr(), lse_part.data_ptr(), D ** -0.5)
         if splits == 1:
             return o_part[:, 0]
@@ -216,6 +249,11 @@ def bench_case(name, dtype, rounds, with_mlc, device, with_hand_c=False):
     runners["torch gather + SDPA"] = torch_runner(q, k, v, tables, seq_lens)
     if with_hand_c and dtype == torch.float16 and device.type == "cpu":
         runners["hand-written AVX2 C (same algorithm)"] = hand_c_runner(q, k, v, tables, seq_lens)
+    # Timed like the kernels but computes nothing to check: the read rate of these very pages.
+    unchecked = set()
+    if with_hand_c and device.type == "cpu":
+        unchecked.add("read-only walk of the same pages")
+        runners["read-only walk of the same pages"] = page_walk_runner(k, v, tables)
     if with_mlc:
         runners[f"TVM/MLC {'CUDA' if gpu else 'CPU'} decode"] = mlc_runner(q, k, v, tables, seq_lens, cfg.dtype)
     # Correctness of every row against the float64 reference before timing anything.
@@ -223,6 +261,8 @@ def bench_case(name, dtype, rounds, with_mlc, device, with_hand_c=False):
     ref = reference_rows(q, k, v, tables[0], seq_lens, nchk)
     tol = 1e-4 if dtype == torch.float32 else 1e-2
     for row, run in runners.items():
+        if row in unchecked:
+            continue
         err = (run(0)[:nchk].double().cpu() - ref).abs().max().item()
         if not err < tol:
             raise SystemExit(f"{row}: max error {err:.3g} against the float64 reference")
@@ -272,7 +312,8 @@ def main(argv=None):
     ap.add_argument("--no-mlc", action="store_true", help="skip TVM/MLC's kernel (slow on CPU: serial over the batch)")
     ap.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     ap.add_argument("--hand-c", action="store_true",
-                    help="add tools/hand_decode_f16.c, hand-written AVX2 (float16 on CPU only; needs a C compiler)")
+                    help="CPU, needs a C compiler: add the hand-written AVX2 decode (float16) and a read-only walk "
+                         "of the same pages")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     torch.set_num_threads(allowed_cores())

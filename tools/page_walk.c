@@ -1,0 +1,55 @@
+/* A read-only walk over the pages a decode call touches, in page-table order, for tools/bench_decode.py: the
+ * rate any kernel could read these fragmented pages at on this machine (no arithmetic beyond a running sum).
+ * Tasks run on TVM's CPU thread pool (TVMBackendParallelLaunch), like the kernels timed beside it.
+ *
+ * walk(batch, max_pages_per_seq, pages_per_seq, page_bytes, k_cache, v_cache, block_table, sums)
+ *   k_cache, v_cache: any dtype, page_bytes bytes per page (a multiple of 128, pages 32-byte aligned);
+ *   block_table [batch, max_pages_per_seq] int32; sums [number of workers] float32: each worker's sum of what
+ *   it read, taken as float32 values (written, so the reads are not optimized away; a test checks the total).
+ */
+#include <immintrin.h>
+#include <stdint.h>
+
+typedef struct {
+  void *sync_handle;
+  int num_task;
+} ParallelEnv;
+extern int TVMBackendParallelLaunch(int (*f)(int, ParallelEnv *, void *), void *cdata, int num_task);
+
+typedef struct {
+  int batch, max_pages, pages;
+  long page_bytes;
+  const char *k, *v;
+  const int32_t *table;
+  float *sums;
+} Args;
+
+static int worker(int id, ParallelEnv *env, void *cdata) {
+  const Args *a = (const Args *)cdata;
+  int n = a->batch * a->pages;
+  __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0; /* 4 chains: loads, not adds, set the pace */
+  for (int i = n * id / env->num_task; i < n * (id + 1) / env->num_task; i++) {
+    long page = a->table[(long)(i / a->pages) * a->max_pages + i % a->pages];
+    for (int kv = 0; kv < 2; kv++) {
+      const float *x = (const float *)((kv ? a->v : a->k) + page * a->page_bytes);
+      for (long j = 0; j < a->page_bytes / 4; j += 32) {
+        s0 = _mm256_add_ps(s0, _mm256_load_ps(x + j));
+        s1 = _mm256_add_ps(s1, _mm256_load_ps(x + j + 8));
+        s2 = _mm256_add_ps(s2, _mm256_load_ps(x + j + 16));
+        s3 = _mm256_add_ps(s3, _mm256_load_ps(x + j + 24));
+      }
+    }
+  }
+  __m256 s = _mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3));
+  float lanes[8], total = 0.f;
+  _mm256_storeu_ps(lanes, s);
+  for (int i = 0; i < 8; i++) total += lanes[i];
+  a->sums[id] = total;
+  return 0;
+}
+
+int walk(int batch, int max_pages, int pages, long page_bytes, const char *k, const char *v, const int32_t *table,
+         float *sums) {
+  Args a = {batch, max_pages, pages, page_bytes, k, v, table, sums};
+  return TVMBackendParallelLaunch(worker, &a, 0);
+}
