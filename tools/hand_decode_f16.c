@@ -28,11 +28,7 @@
 #define S 16
 #define ROW (HKV * D) /* elements per token row of a page */
 
-typedef struct {
-  void *sync_handle;
-  int num_task;
-} ParallelEnv;
-extern int TVMBackendParallelLaunch(int (*f)(int, ParallelEnv *, void *), void *cdata, int num_task);
+#include "tvm_thread_pool.h"
 
 typedef struct {
   int B, NS, max_pages;

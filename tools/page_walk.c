@@ -10,11 +10,7 @@
 #include <immintrin.h>
 #include <stdint.h>
 
-typedef struct {
-  void *sync_handle;
-  int num_task;
-} ParallelEnv;
-extern int TVMBackendParallelLaunch(int (*f)(int, ParallelEnv *, void *), void *cdata, int num_task);
+#include "tvm_thread_pool.h"
 
 typedef struct {
   int batch, max_pages, pages;
