@@ -3,6 +3,7 @@ ceiling it reports is a correct kernel's: odd lengths, pages shuffled, NaN in ev
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import shutil
 from pathlib import Path
@@ -10,12 +11,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from tvm_paged import reference
+from tvm_paged import build, reference
+from tvm_paged.tvm_compat import cpu_has_feature
 from paged_data import ATOL, cpu_only, make_pool, random_q
 
 BENCH = Path(__file__).resolve().parent.parent / "tools" / "bench_decode.py"
 
 
+@functools.lru_cache(maxsize=None)
 def _bench_module():
     spec = importlib.util.spec_from_file_location("bench_decode", BENCH)
     mod = importlib.util.module_from_spec(spec)
@@ -24,11 +27,8 @@ def _bench_module():
 
 
 def _has_avx2_f16c() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return all(f" {f}" in flags for f in ("avx2", "f16c", "fma"))
+    target = build.local_target()
+    return all(cpu_has_feature(f, target) for f in ("avx2", "f16c", "fma"))
 
 
 @cpu_only

@@ -29,14 +29,19 @@ back-to-back calls between two synchronizations (Python launch overhead included
 from __future__ import annotations
 
 import argparse
+import ctypes
+import functools
+import os
 import statistics
+import subprocess
+import tempfile
 import time
 
 import torch
 
 from tvm_paged import build, ops, reference, schedules
 from tvm_paged.config import KernelConfig
-from tvm_paged.tvm_compat import allowed_cores, compile_module, host_cpu
+from tvm_paged.tvm_compat import allowed_cores, compile_module, host_cpu, runtime_library
 
 HQ, HKV, D, PAGE = 32, 8, 128, 16
 CPU_L3_BYTES = 32 << 20
@@ -104,22 +109,21 @@ def torch_runner(q, k, v, tables, seq_lens):
     return run
 
 
-def native_function(name, symbol, argtypes):
-    """Build ``tools/<name>.c`` with the system C compiler (for this CPU, linked to TVM's runtime for its
-    thread pool), load it and return its function ``symbol`` taking ``argtypes`` (ctypes types)."""
-    import ctypes
-    import os
-    import subprocess
-    import tempfile
-
-    from tvm_paged.tvm_compat import runtime_library
-
+@functools.lru_cache(maxsize=None)
+def native_library(name):
+    """Build ``tools/<name>.c`` once per process with the system C compiler (for this CPU, linked to TVM's
+    runtime for its thread pool) and load it."""
     src = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.c")
     lib_path = os.path.join(tempfile.mkdtemp(prefix="tvm_paged_bench_"), f"{name}.so")
     rt = runtime_library()
     subprocess.run([os.environ.get("CC", "cc"), "-O3", "-march=native", "-shared", "-fPIC", src, "-o", lib_path,
                     str(rt), f"-Wl,-rpath,{rt.parent}"], check=True)
-    fn = getattr(ctypes.CDLL(lib_path), symbol)
+    return ctypes.CDLL(lib_path)
+
+
+def native_function(name, symbol, argtypes):
+    """Function ``symbol`` of ``tools/<name>.c`` (see ``native_library``), taking ``argtypes`` (ctypes types)."""
+    fn = getattr(native_library(name), symbol)
     fn.argtypes = argtypes
     return fn
 
@@ -128,11 +132,8 @@ def page_walk_runner(k, v, tables):
     """``tools/page_walk.c``: a read-only pass over the same pages in table order, on TVM's thread pool. Its
     GB/s is what any kernel could reach on these fragmented tables. ``run(i)`` returns the sum of everything
     read (the caches' bytes taken as float32), for a test; the benchmark does not check it."""
-    import ctypes
-
-    ptr = ctypes.c_void_p
-    walk = native_function("page_walk", "walk", [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long, ptr, ptr, ptr,
-                                        ptr])
+    i32, ptr = ctypes.c_int, ctypes.c_void_p
+    walk = native_function("page_walk", "walk", [i32, i32, i32, ctypes.c_long, ptr, ptr, ptr, ptr])
     sums = torch.zeros(256)  # one per worker of TVM's pool
     page_bytes = k[0].numel() * k.element_size()
 
@@ -150,11 +151,9 @@ def hand_c_runner(q, k, v, tables, seq_lens):
     """``tools/hand_decode_f16.c`` (float16 on this CPU only): the same algorithm as tvm_paged's CPU decode
     written by hand with AVX2 intrinsics, built with the system C compiler, run on TVM's thread pool. The splits
     are merged in torch inside the call, as tvm_paged's kernel merges them inside its own."""
-    import ctypes
-
-    ptr = ctypes.c_void_p
-    decode = native_function("hand_decode_f16", "decode", [ctypes.c_int, ctypes.c_int, ptr, ptr, ptr, ptr, ctypes.c_int, ptr,
-                                                ptr, ptr, ctypes.c_float])
+    i32, ptr = ctypes.c_int, ctypes.c_void_p
+    decode = native_function("hand_decode_f16", "decode",
+                             [i32, i32, ptr, ptr, ptr, ptr, i32, ptr, ptr, ptr, ctypes.c_float])
     plans = [ops.plan_decode(t, seq_lens, page_size=PAGE, num_pages=k.shape[0]) for t in tables]
     batch, splits = q.shape[0], plans[0].num_splits
     o_part = torch.empty(batch, splits, HQ, D)
@@ -163,7 +162,7 @@ def hand_c_runner(q, k, v, tables, seq_lens):
     def run(i):
         p = plans[i % len(plans)]
         decode(batch, splits, q.data_ptr(), k.data_ptr(), v.data_ptr(), p.block_table.data_ptr(),
-                   p.block_table.shape[1], p.seq_lens.data_ptr(), o_part.data_ptr(), lse_part.data_ptr(), D ** -0.5)
+               p.block_table.shape[1], p.seq_lens.data_ptr(), o_part.data_ptr(), lse_part.data_ptr(), D ** -0.5)
         if splits == 1:
             return o_part[:, 0]
         w = torch.exp2(lse_part - lse_part.amax(1, keepdim=True))  # the splits' LSEs are in the log2 domain

@@ -171,23 +171,26 @@ def cuda_runtime_available() -> bool:
     return tvm_ffi.get_global_func(_CUDA_LOADER, allow_missing=True) is not None
 
 
+def _wheel_library(name: str) -> "_Path | None":
+    """Path of one of the TVM wheel's shared libraries, or None when it has no such file."""
+    for d in (_Path(tvm.__file__).parent / "lib", _Path(tvm.__file__).parent):
+        if (d / name).exists():
+            return d / name
+    return None
+
+
 def cuda_runtime_plugin() -> "_Path | None":
     """Path of TVM's CUDA runtime plugin (``libtvm_runtime_cuda.so``), or None when the wheel has none."""
-    for d in (_Path(tvm.__file__).parent / "lib", _Path(tvm.__file__).parent):
-        p = d / "libtvm_runtime_cuda.so"
-        if p.exists():
-            return p
-    return None
+    return _wheel_library("libtvm_runtime_cuda.so")
 
 
 def runtime_library() -> _Path:
     """Path of TVM's runtime library (``libtvm_runtime.so``), for native code that runs its tasks on TVM's CPU
     thread pool through the pool's C entry point (``TVMBackendParallelLaunch``)."""
-    for d in (_Path(tvm.__file__).parent / "lib", _Path(tvm.__file__).parent):
-        p = d / "libtvm_runtime.so"
-        if p.exists():
-            return p
-    raise FileNotFoundError(f"libtvm_runtime.so not found beside {tvm.__file__}")
+    path = _wheel_library("libtvm_runtime.so")
+    if path is None:
+        raise FileNotFoundError(f"libtvm_runtime.so not found beside {tvm.__file__}")
+    return path
 
 
 def nvcc_fatbin(code: str, gencode: list[str]) -> bytes:
