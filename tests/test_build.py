@@ -9,7 +9,7 @@ import textwrap
 
 import pytest
 
-from tvm_paged import build
+from tvm_paged import build, targets
 from tvm_paged.config import KernelConfig
 from tvm_paged.tvm_compat import allowed_cores, host_cpu
 
@@ -30,25 +30,25 @@ def test_config_names_round_trip():
 
 
 def test_local_target_is_the_host():
-    t = build.local_target()
+    t = targets.local_target()
     assert t.kind.name == "llvm"
     assert t.attrs["mcpu"] == host_cpu() != ""
     assert int(t.attrs["num-cores"]) == allowed_cores()
-    assert build.resolve_target("local") == t or str(build.resolve_target("local")) == str(t)
-    assert build.target_key(t) == f"llvm-{host_cpu()}-{allowed_cores()}c"
+    assert targets.resolve_target("local") == t or str(targets.resolve_target("local")) == str(t)
+    assert targets.target_key(t) == f"llvm-{host_cpu()}-{allowed_cores()}c"
 
 
 def test_resolve_tags_and_dicts():
-    h100 = build.resolve_target("nvidia/nvidia-h100")
-    assert build.target_kind(h100) == "cuda" and build.target_key(h100) == "cuda-sm_90a"
-    orin = build.resolve_target("nvidia/jetson-orin-nano")
-    assert build.target_key(orin) == "cuda-sm_87"
-    d = build.resolve_target('{"kind": "llvm", "mcpu": "znver4"}')
+    h100 = targets.resolve_target("nvidia/nvidia-h100")
+    assert targets.target_kind(h100) == "cuda" and targets.target_key(h100) == "cuda-sm_90a"
+    orin = targets.resolve_target("nvidia/jetson-orin-nano")
+    assert targets.target_key(orin) == "cuda-sm_87"
+    d = targets.resolve_target('{"kind": "llvm", "mcpu": "znver4"}')
     assert d.attrs["mcpu"] == "znver4" and int(d.attrs["num-cores"]) >= 1
     with pytest.raises(ValueError, match="target"):
-        build.resolve_target("no/such-tag")
+        targets.resolve_target("no/such-tag")
     with pytest.raises(ValueError, match="target"):
-        build.resolve_target("{not json")
+        targets.resolve_target("{not json")
 
 
 def test_thread_pool_uses_every_core():

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 
-from tvm_paged import build, reference
+from tvm_paged import build, targets, reference
 from tvm_paged.config import KernelConfig
 from tvm_paged.kernels import build_kernel, knob_space
 from tvm_paged.kernels.decode_cuda import decode_plan
@@ -146,7 +146,7 @@ def test_limits_raise_value_error():
         page_ops_plan(_pages("write_kv", "float16", 8, 128, 16), h100, num_threads=48)
     # The builders check too (the tuner calls them with knobs).
     with pytest.raises(ValueError):
-        build_kernel(dec, build.with_host(h100), num_threads=2048)
+        build_kernel(dec, targets.with_host(h100), num_threads=2048)
 
 
 @pytest.mark.parametrize("tag", list(TARGETS))
@@ -188,7 +188,7 @@ def emulate(tmp_path_factory):
     if sys.platform != "linux" or shutil.which("g++") is None:
         pytest.skip("the CUDA emulator needs Linux (ucontext) and g++")
     workdir = str(tmp_path_factory.mktemp("cuda_emu"))
-    target = build.with_host(Target(H100))
+    target = targets.with_host(Target(H100))
 
     def run(cfg, tensors, scalars, **knobs):
         Emulated(build_kernel(cfg, target, **knobs), target, workdir)(tensors, scalars)
@@ -324,7 +324,7 @@ def test_paged_space_cuda_samples_correct_kernels(emulate, tmp_path, heads, head
     from tvm_paged.kernels.decode_generic import build_decode_generic
     from tvm_paged.tuning.paged_space import SOFTMAX_THREADS, decisions, decode_space_cuda
 
-    target = build.with_host(Target(H100))
+    target = targets.with_host(Target(H100))
     batch, max_pages, num_pages = 3, 4, 29
     cfg = _att("decode", dtype, *heads, head_dim, page)
     mod = tc.ir_module({"main": build_decode_generic(cfg, batch, max_pages, num_pages, weights=True)

@@ -125,11 +125,11 @@ def test_scale_and_plan_reuse():
 @cpu_only
 def test_every_knob_value_is_correct():
     """Correctness never depends on tuning: each value of each tunable knob, against the reference."""
-    from tvm_paged import build
+    from tvm_paged import build, targets
     from tvm_paged.kernels import knob_space
 
     cfg = tp.KernelConfig("decode", "float32", 8, 2, 64, 5)
-    target = build.local_target()
+    target = targets.local_target()
     k, v, bt, sl = make_pool([1, 17, 33, 97], page_size=5, num_kv_heads=2, head_dim=64, seed=21)
     q = random_q(4, 8, 64, seed=22)
     ref, _ = reference.decode(q, k, v, bt, sl)

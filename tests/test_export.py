@@ -84,7 +84,7 @@ sys.modules["tvm_paged.build"] = _Blocked("tvm_paged.build")
 class _NoImport(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
         if name.split(".")[0] in ("xgboost", "psutil", "cloudpickle") or name.startswith(
-                ("tvm_paged.kernels", "tvm_paged.tune", "tvm_paged.schedules")):
+                ("tvm_paged.kernels", "tvm_paged.tune", "tvm_paged.tuned_knobs")):
             raise ImportError(f"{name} imported while loading an export")
         return None
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tvm_paged import build, reference
+from tvm_paged import build, targets, reference
 from tvm_paged.tvm_compat import cpu_has_feature
 from paged_data import ATOL, cpu_only, make_pool, random_q
 
@@ -27,7 +27,7 @@ def _bench_module():
 
 
 def _has_avx2_f16c() -> bool:
-    target = build.local_target()
+    target = targets.local_target()
     return all(cpu_has_feature(f, target) for f in ("avx2", "f16c", "fma"))
 
 

@@ -225,7 +225,7 @@ def test_prefill_f16_unaligned():
 @cpu_only
 def test_prefill_kernel_no_tiles():
     """The kernel itself with zero query rows and zero tiles writes nothing and does not fail."""
-    from tvm_paged import build
+    from tvm_paged import build, targets
     from tvm_paged.config import KernelConfig
 
     dtype, hq, hkv, d, p = SMALL
@@ -277,13 +277,13 @@ def test_prefill_bad_cu_seqlens(cu, rows, match):
 )
 def test_prefill_builder_knobs(cfg, knobs):
     """Non-default builder knobs (what tuning or another CPU would pick) give the same results."""
-    from tvm_paged import build, tvm_compat
+    from tvm_paged import build, targets, tvm_compat
     from tvm_paged.config import KernelConfig
     from tvm_paged.kernels.prefill_cpu import build_prefill_cpu
 
     dtype, hq, hkv, d, p = cfg
     kcfg = KernelConfig("prefill", dtype, hq, hkv, d, p)
-    target = build.local_target()
+    target = targets.local_target()
     with target:
         fn = tvm_compat.compile_module(build_prefill_cpu(kcfg, **knobs), target).mod[kcfg.name]
     kv, ql = [54, 97, 17, 1], [54, 7, 0, 1]
@@ -301,11 +301,11 @@ def test_prefill_builder_knobs(cfg, knobs):
 def test_every_prefill_knob_value_is_correct():
     """Correctness never depends on tuning: each value of each CPU prefill knob, causal and not, against the
     float64 reference on a NaN-filled pool (odd lengths, chunked queries, page size 5)."""
-    from tvm_paged import build
+    from tvm_paged import build, targets
     from tvm_paged.kernels import knob_space
 
     cfg = tp.KernelConfig("prefill", "float32", 8, 2, 64, 5)
-    target = build.local_target()
+    target = targets.local_target()
     space = knob_space(cfg, target)
     assert set(space) == {"chunk", "rows_blk", "pv_rows", "pv_vecs", "use_prefetch"}
     q, k, v, bt, sl, cu = _case(("float32", 8, 2, 64, 5), [97, 17, 40], [33, 17, 1], seed=31)

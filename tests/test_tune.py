@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import tvm_paged as tp
-from tvm_paged import build, reference, schedules
+from tvm_paged import build, targets, reference, tuned_knobs
 from tvm_paged import tvm_compat as tc
 from tvm_paged.config import KernelConfig
 from tvm_paged.kernels import build_kernel
@@ -46,7 +46,7 @@ def _records(log: TuningLog) -> list[list[float]]:
 
 @pytest.fixture(scope="module")
 def target():
-    return build.resolve_target("local")
+    return targets.resolve_target("local")
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +87,7 @@ def test_tune_measures_and_writes_schedule(tuned, target):
     assert len(records) == len(rows) and all(r["error"] is None and r["gbps"] > 0 for r in rows)
     trials, checks = _split_rechecks(rows)
     assert len(trials) == 3
-    space = KnobSpace(schedules.knob_space(CFG, target))
+    space = KnobSpace(tuned_knobs.knob_space(CFG, target))
     assert trials[0]["knobs"] == space.default  # trial 0 is the untuned default
     assert len({knob_key(r["knobs"]) for r in trials}) == 3
     last = {knob_key(r["knobs"]): r for r in rows}  # what the summary reads: each knob dict's last timing
@@ -102,7 +102,7 @@ def test_tune_measures_and_writes_schedule(tuned, target):
     else:
         assert b["gbps"] == top_gbps
     assert b["default_gbps"] == last[knob_key(space.default)]["gbps"]
-    path = tmp / "schedules" / build.target_key(target) / f"{CFG.name}.json"
+    path = tmp / "schedules" / targets.target_key(target) / f"{CFG.name}.json"
     assert summary["schedule"] == str(path)
     doc = json.loads(path.read_text())
     assert doc["knobs"] == b["knobs"] and doc["config"] == CFG.name
@@ -127,7 +127,7 @@ def test_tune_interrupt_then_resume_without_remeasuring(tuned, target, monkeypat
     log = TuningLog(tmp / "logs")  # reloads the database from disk
     assert len(log.rows()) == len(before) + 1 == len(_records(log))
     assert log.rows()[: len(before)] == before
-    assert schedules.load(CFG, target, tmp / "schedules" / build.target_key(target) / f"{CFG.name}.json")
+    assert tuned_knobs.load(CFG, target, tmp / "schedules" / targets.target_key(target) / f"{CFG.name}.json")
 
     summary = tune(CFG, target, [BUCKET], _opts(tmp, trials=goal, per_round=2))
     log = TuningLog(tmp / "logs")
@@ -165,29 +165,29 @@ def test_rpc_loopback_tune(tmp_path, target):
 def test_tuned_schedule_reproduces_reference(tuned, target, fresh_build, monkeypatch):
     tmp, _ = tuned
     monkeypatch.setenv("TVM_PAGED_SCHEDULES_DIR", str(tmp / "schedules"))
-    found = schedules.lookup(CFG, target)
+    found = tuned_knobs.lookup(CFG, target)
     # The resume test may have continued this run: compare with the file as it is now.
-    doc = json.loads((tmp / "schedules" / build.target_key(target) / f"{CFG.name}.json").read_text())
+    doc = json.loads((tmp / "schedules" / targets.target_key(target) / f"{CFG.name}.json").read_text())
     assert found is not None and found.knobs == doc["knobs"]
-    assert build.prim_func(CFG, target).script() == build_kernel(CFG, target, **found.knobs).script()
+    assert build.tuned_prim_func(CFG, target).script() == build_kernel(CFG, target, **found.knobs).script()
     _decode_matches_reference()
 
 
 def test_non_default_schedule_reproduces_reference(target, fresh_build):
-    space = KnobSpace(schedules.knob_space(CFG, target))
+    space = KnobSpace(tuned_knobs.knob_space(CFG, target))
     knobs = space.knobs(space.size - 1)  # every knob off its default where it has a choice
     assert knobs != space.default
-    schedules.write(CFG, target, [{"batch": 2, "max_pages": 8, "knobs": knobs, "gbps": 1.0}], root=fresh_build)
+    tuned_knobs.write(CFG, target, [{"batch": 2, "max_pages": 8, "knobs": knobs, "gbps": 1.0}], root=fresh_build)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert schedules.lookup(CFG, target).knobs == knobs
+        assert tuned_knobs.lookup(CFG, target).knobs == knobs
     _decode_matches_reference(seed=3)
 
 
 def _good_doc(target):
-    space = KnobSpace(schedules.knob_space(CFG, target))
+    space = KnobSpace(tuned_knobs.knob_space(CFG, target))
     knobs = space.knobs(space.size - 1)
-    return {"format": 1, "config": CFG.name, "target_key": build.target_key(target), "knobs": knobs,
+    return {"format": 1, "config": CFG.name, "target_key": targets.target_key(target), "knobs": knobs,
             "buckets": [{"batch": 2, "max_pages": 8, "knobs": knobs, "gbps": 1.0}]}
 
 
@@ -224,15 +224,15 @@ def _no_buckets(doc):
                                    _bool_for_int, _no_buckets])
 def test_bad_schedule_file_warns_and_falls_back(spoil, target, tmp_path, monkeypatch):
     monkeypatch.setenv("TVM_PAGED_SCHEDULES_DIR", str(tmp_path))
-    path = schedules.schedule_path(CFG, target)
+    path = tuned_knobs.schedule_path(CFG, target)
     path.parent.mkdir(parents=True)
     path.write_text(spoil(_good_doc(target)))
     with pytest.warns(RuntimeWarning, match="ignoring schedule file"):
-        assert schedules.lookup(CFG, target) is None
+        assert tuned_knobs.lookup(CFG, target) is None
 
 
 def test_corrupt_schedule_still_gives_correct_decode(target, fresh_build):
-    path = schedules.schedule_path(CFG, target)
+    path = tuned_knobs.schedule_path(CFG, target)
     path.parent.mkdir(parents=True)
     path.write_text(_bad_value(_good_doc(target)))
     with pytest.warns(RuntimeWarning, match="ignoring schedule file"):
@@ -241,21 +241,21 @@ def test_corrupt_schedule_still_gives_correct_decode(target, fresh_build):
 
 def test_lookup_picks_nearest_bucket(target, tmp_path, monkeypatch):
     monkeypatch.setenv("TVM_PAGED_SCHEDULES_DIR", str(tmp_path))
-    space = KnobSpace(schedules.knob_space(CFG, target))
+    space = KnobSpace(tuned_knobs.knob_space(CFG, target))
     small, large = space.knobs(1), space.knobs(space.size - 1)
-    schedules.write(CFG, target, [{"batch": 1, "max_pages": 1024, "knobs": large, "gbps": 2.0},
+    tuned_knobs.write(CFG, target, [{"batch": 1, "max_pages": 1024, "knobs": large, "gbps": 2.0},
                                   {"batch": 8, "max_pages": 8, "knobs": small, "gbps": 1.0}])
-    assert schedules.lookup(CFG, target).knobs == large  # no bucket given: the largest-traffic bucket's
-    assert schedules.lookup(CFG, target, batch=16, max_pages=4).knobs == small
-    assert schedules.lookup(CFG, target, batch=1, max_pages=512).bucket == (1, 1024)
-    assert schedules.lookup(KernelConfig("decode", "float32", 8, 2, 64, 8), target) is None  # no file: silent
+    assert tuned_knobs.lookup(CFG, target).knobs == large  # no bucket given: the largest-traffic bucket's
+    assert tuned_knobs.lookup(CFG, target, batch=16, max_pages=4).knobs == small
+    assert tuned_knobs.lookup(CFG, target, batch=1, max_pages=512).bucket == (1, 1024)
+    assert tuned_knobs.lookup(KernelConfig("decode", "float32", 8, 2, 64, 8), target) is None  # no file: silent
 
 
 def test_run_time_uses_the_nearest_bucket(target, fresh_build, monkeypatch):
     """paged_decode builds the kernel with the knobs tuned for the bucket nearest its batch, correctly."""
-    space = KnobSpace(schedules.knob_space(CFG, target))
+    space = KnobSpace(tuned_knobs.knob_space(CFG, target))
     small, large = space.knobs(1), space.knobs(space.size - 1)
-    schedules.write(CFG, target, [{"batch": 1, "max_pages": 1024, "knobs": large, "gbps": 2.0},
+    tuned_knobs.write(CFG, target, [{"batch": 1, "max_pages": 1024, "knobs": large, "gbps": 2.0},
                                   {"batch": 8, "max_pages": 8, "knobs": small, "gbps": 1.0}], root=fresh_build)
     built = []
     real = build._load_or_compile
@@ -271,7 +271,7 @@ def test_no_schedule_means_default(target, tmp_path, monkeypatch):
     monkeypatch.setenv("TVM_PAGED_SCHEDULES_DIR", str(tmp_path / "none"))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert schedules.lookup(CFG, target) is None
+        assert tuned_knobs.lookup(CFG, target) is None
 
 
 # --------------------------------------------------------------------------------- inputs and the CLI
@@ -466,7 +466,7 @@ def test_paged_space_cuda_search_builds_device_code(tmp_path, monkeypatch):
     cfg = KernelConfig("decode", "float16", 8, 2, 128, 16)
     opts = _opts(tmp_path, pool_mb=1, per_round=1, population=32, rpc_tracker=("127.0.0.1", 9190),
                  rpc_key="h100")  # two rounds of two
-    summary = tune_block_form(cfg, build.resolve_target("nvidia/nvidia-h100"), Bucket(4, 8), tmp_path / "logs",
+    summary = tune_block_form(cfg, targets.resolve_target("nvidia/nvidia-h100"), Bucket(4, 8), tmp_path / "logs",
                               trials=4, opts=opts, space="paged")
     assert summary["trials"] == 4 and summary["succeeded"] == 4 and len(built) == 4, summary
     assert summary["gbps"] > 0 and set(summary["decisions"]) == set(DECISIONS["decode_cuda"])
@@ -481,7 +481,7 @@ def test_paged_space_samples_correct_kernels(target, heads, dtypes):
     samples, float32 and float16, NaN in every slot past a sequence's length, against the float64 reference."""
     import torch
 
-    from tvm_paged.build import with_host
+    from tvm_paged.targets import with_host
     from tvm_paged.kernels.decode_generic import build_decode_generic
     from tvm_paged.tuning.paged_space import LANES, decisions, decode_space
 
@@ -525,7 +525,7 @@ def test_paged_space_samples_correct_prefill_kernels(target):
     prefill (group of 7, head_dim 80, page 5, 6 query rows per sequence, NaN past each length)."""
     import torch
 
-    from tvm_paged.build import with_host
+    from tvm_paged.targets import with_host
     from tvm_paged.kernels.prefill_blocks import build_prefill_blocks
     from tvm_paged.tuning.paged_space import LANES, decisions, prefill_space
 
@@ -572,7 +572,7 @@ def test_block_form_spaces_refuse_what_they_cannot_tune(target, tmp_path):
         check_request(prefill, target, _opts(tmp_path, q_len=8), "generic")
     with pytest.raises(TuneError, match="--q-len"):
         check_request(prefill, target, _opts(tmp_path), "paged")
-    h100 = build.resolve_target("nvidia/nvidia-h100")
+    h100 = targets.resolve_target("nvidia/nvidia-h100")
     with pytest.raises(TuneError, match="on CUDA targets only --space paged, for decode"):
         check_request(CFG, h100, _opts(tmp_path), "generic")
     with pytest.raises(TuneError, match="on CUDA targets only --space paged, for decode"):

@@ -39,7 +39,7 @@ import time
 
 import torch
 
-from tvm_paged import build, ops, reference, schedules
+from tvm_paged import build, targets, ops, reference, tuned_knobs
 from tvm_paged.config import KernelConfig
 from tvm_paged.tvm_compat import allowed_cores, compile_module, host_cpu, runtime_library
 
@@ -58,7 +58,7 @@ def last_level_cache(device) -> int:
 
 def target_of(device):
     """The compile target for ``device``: the local CPU, or the GPU's own architecture."""
-    return build.target_for_device(device) or build.local_target()
+    return targets.target_for_device(device) or targets.local_target()
 
 
 def make_inputs(batch, length, dtype, device, copies_over_cache=4, seed=0):
@@ -182,7 +182,7 @@ def mlc_runner(q, k, v, tables, seq_lens, dtype_name):
         func, symbol = mlc._attention_decode(HKV, HQ, D, dtype_name, False, {}, target, PAGE), "batch_decode_paged_kv"
     else:
         func, symbol = mlc._attention_decode_cpu(HKV, HQ, D, dtype_name, False, {}, PAGE), "batch_decode_paged_kv_cpu"
-    target = build.with_host(target)
+    target = targets.with_host(target)
     with target:
         fn = compile_module(func, target).mod[symbol]
     pages = torch.stack([k.transpose(1, 2), v.transpose(1, 2)], dim=1).contiguous()
@@ -242,7 +242,7 @@ def bench_case(name, dtype, rounds, with_mlc, device, with_hand_c=False):
     cfg = KernelConfig("decode", str(dtype).split(".")[1], HQ, HKV, D, PAGE)
     gpu = device.type == "cuda"
     runners = {"tvm_paged (default)": tvm_paged_runner(cfg, q, k, v, tables, seq_lens, knobs={})}
-    tuned = schedules.lookup(cfg, target_of(device))
+    tuned = tuned_knobs.lookup(cfg, target_of(device))
     if tuned is not None:
         runners["tvm_paged (tuned)"] = tvm_paged_runner(cfg, q, k, v, tables, seq_lens, knobs=tuned.knobs)
     runners["torch gather + SDPA"] = torch_runner(q, k, v, tables, seq_lens)

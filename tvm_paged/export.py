@@ -3,7 +3,7 @@
     tvm-paged export --target nvidia/jetson-orin-nano --num-qo-heads 32 --num-kv-heads 8 --head-dim 128 \\
         --page-size 16 --dtype float16 -o DIR
 
-Every kernel of the configuration (decode, prefill, write_kv, copy_pages) is built by ``build.prim_func`` (the
+Every kernel of the configuration (decode, prefill, write_kv, copy_pages) is built by ``build.tuned_prim_func`` (the
 committed tuned schedule when there is one, else the default) into one IRModule, compiled once for the target
 (host included) and written as ``DIR/tvm_paged_<config>_<target key>.so``. The manifest records the
 configuration, each kernel's symbol and signature, the target, the TVM/ffi versions, the schedules, the
@@ -352,11 +352,11 @@ def _normalize_arch(arch: str) -> str:
 def _export_target(target):
     """The target the library is compiled for: a CUDA target keeps its tag's host (Jetson: aarch64) or gets a
     generic host for this machine's architecture (no ``mcpu``: the library runs on any CPU of that family)."""
-    from . import build  # noqa: PLC0415
+    from . import targets  # noqa: PLC0415
     from . import tvm_compat as tc  # noqa: PLC0415
 
-    if build.target_kind(target) == "cuda" and target.host is None:
-        return tc.Target(target, build.resolve_target({"kind": "llvm"}))
+    if targets.target_kind(target) == "cuda" and target.host is None:
+        return tc.Target(target, targets.resolve_target({"kind": "llvm"}))
     return target
 
 
@@ -387,11 +387,11 @@ def build_library(funcs: dict, target, path) -> dict:
     CUDA: device code is compiled by nvcc to a fatbin for the target's SM only; needs TVM's CUDA plugin loaded in
     this process (a real ``libcuda.so.1`` or the stub, see :func:`run_python_with_cuda_stub`). Returns
     ``{"cross_compiler": ..., "nvcc": ...}``."""
-    from . import build  # noqa: PLC0415
+    from . import targets  # noqa: PLC0415
     from . import tvm_compat as tc  # noqa: PLC0415
 
     target = _export_target(target)
-    kind = build.target_kind(target)
+    kind = targets.target_kind(target)
     cross_cc = _cross_compiler(target)
     record: dict = {"cross_compiler": cross_cc}
     if kind == "cuda":
@@ -487,13 +487,13 @@ def export(cfg_or_kwargs, target="local", out_dir=".", *, _reexec: bool = True) 
     A kernel whose builder module does not exist yet is left out and listed under ``"missing"``.
     Raises ValueError for a bad configuration or target, :class:`ExportError` for a missing toolchain.
     """
-    from . import __version__, build, schedules  # noqa: PLC0415
+    from . import __version__, build, targets, tuned_knobs  # noqa: PLC0415
     from . import tvm_compat as tc  # noqa: PLC0415
 
     base = _as_config(cfg_or_kwargs)
     spec = _target_spec(target)
-    tgt = build.resolve_target(target)
-    kind = build.target_kind(tgt)
+    tgt = targets.resolve_target(target)
+    kind = targets.target_kind(tgt)
     out = Path(out_dir)
     if kind == "cuda":
         if shutil.which("nvcc") is None:
@@ -509,20 +509,20 @@ def export(cfg_or_kwargs, target="local", out_dir=".", *, _reexec: bool = True) 
     for k in KERNELS:
         kcfg = base.with_kernel(k)
         try:
-            func = build.prim_func(kcfg, tgt)
+            func = build.tuned_prim_func(kcfg, tgt)
         except ModuleNotFoundError as exc:
             if not (exc.name or "").startswith("tvm_paged.kernels."):
                 raise
             missing[k] = f"no kernel builder for this target yet ({exc.name} is not present)"
             continue
-        tuned = schedules.lookup(kcfg, tgt)
+        tuned = tuned_knobs.lookup(kcfg, tgt)
         schedule = {"tuned": True, "source": tuned.source, "knobs": tuned.knobs} if tuned else {"tuned": False}
         funcs[kcfg.name] = func
         kernels[k] = {"symbol": kcfg.name, "params": _signature(k, func), "schedule": schedule}
     if not funcs:
-        raise ExportError(f"no kernel could be built for {build.target_key(tgt)}: {missing}")
+        raise ExportError(f"no kernel could be built for {targets.target_key(tgt)}: {missing}")
 
-    lib_name = f"tvm_paged_{config_id(base)}_{build.target_key(tgt)}.so"
+    lib_name = f"tvm_paged_{config_id(base)}_{targets.target_key(tgt)}.so"
     lib_path = out / lib_name
     record = build_library(funcs, tgt, lib_path)
     contents = inspect_library(lib_path)
@@ -533,7 +533,7 @@ def export(cfg_or_kwargs, target="local", out_dir=".", *, _reexec: bool = True) 
         "format": FORMAT,
         "config": {"name": config_id(base), "dtype": base.dtype, "num_qo_heads": base.num_qo_heads,
                    "num_kv_heads": base.num_kv_heads, "head_dim": base.head_dim, "page_size": base.page_size},
-        "target": {"spec": spec, "str": str(final_target), "key": build.target_key(tgt), "kind": kind,
+        "target": {"spec": spec, "str": str(final_target), "key": targets.target_key(tgt), "kind": kind,
                    "host_machine": _host_arch(final_target),
                    **({"arch": str(tgt.attrs.get("arch"))} if kind == "cuda" else {})},
         "versions": {"tvm": tc.TVM_VERSION, "tvm_ffi": tc.FFI_VERSION, "tvm_paged": __version__,

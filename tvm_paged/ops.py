@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import build
+from . import build, targets
 from . import validate as V
 from .config import KernelConfig
 
@@ -69,9 +69,9 @@ def _kernel(cfg: KernelConfig, device: torch.device, plan: AttentionPlan | None 
     if provider is not None:
         return provider(cfg, device)
     if plan is None:
-        return build.get_kernel(cfg, build.target_for_device(device))
+        return build.get_kernel(cfg, targets.target_for_device(device))
     # Attention kernels take the schedule tuned for the bucket nearest this batch.
-    return build.get_kernel(cfg, build.target_for_device(device), batch=plan.batch,
+    return build.get_kernel(cfg, targets.target_for_device(device), batch=plan.batch,
                             max_pages=int(plan.block_table.shape[1]))
 
 

@@ -69,7 +69,7 @@ def _tracker(text: str | None) -> tuple[str, int] | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .build import resolve_target  # noqa: PLC0415
+    from .targets import resolve_target  # noqa: PLC0415
     from .config import KernelConfig  # noqa: PLC0415
     from .tuning.search import TuneError, TuneOptions, format_summary, tune  # noqa: PLC0415
     from .tuning.workload import parse_buckets  # noqa: PLC0415
@@ -113,13 +113,13 @@ def _run_block_form(cfg, target, buckets, opts, target_name: str, space_name: st
     from .tuning.records import TuningLog  # noqa: PLC0415
     from .tuning.search import summarize, work_dir_for  # noqa: PLC0415
     from .tuning.space import KnobSpace  # noqa: PLC0415
-    from . import schedules  # noqa: PLC0415
+    from . import tuned_knobs  # noqa: PLC0415
 
     check_request(cfg, target, opts, space_name)
     work_dir = work_dir_for(cfg, target, opts)
     knob_best = {}
     if (work_dir / "trials.jsonl").exists():
-        space = KnobSpace(schedules.knob_space(cfg, target))
+        space = KnobSpace(tuned_knobs.knob_space(cfg, target))
         for b in summarize(cfg, target, TuningLog(work_dir), space, opts):
             knob_best[f"{b['batch']}x{b['max_pages']}"] = b
     print(f"{cfg.name} on {target_name}, MetaSchedule's search over --space {space_name} ({SPACES[space_name]}):")

@@ -7,5 +7,5 @@
 - ``records``: the tuning log (``JSONDatabase`` + a side table of knobs and GB/s per record) and resuming from it.
 - ``search``: the loop that ties them together (:func:`~tvm_paged.tuning.search.tune`).
 
-``tvm_paged.tune`` is the command line over it; ``tvm_paged.schedules`` reads what it writes.
+``tvm_paged.tune`` is the command line over it; ``tvm_paged.tuned_knobs`` reads what it writes.
 """

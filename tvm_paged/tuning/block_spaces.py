@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 from .. import tvm_compat as tc
-from ..build import cpu_vector_lanes, target_kind, with_host
+from ..targets import cpu_vector_lanes, target_kind, with_host
 from ..config import KernelConfig
 from ..kernels.decode_generic import build_decode_generic
 from ..kernels.prefill_blocks import build_prefill_blocks

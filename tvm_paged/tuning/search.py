@@ -15,9 +15,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import schedules
+from .. import tuned_knobs
 from .. import tvm_compat as tc
-from ..build import target_key, target_kind, with_host
+from ..targets import target_key, target_kind, with_host
 from ..config import KernelConfig
 from ..kernels import build_kernel
 from .records import TuningLog, default_root, median_secs, workload_hash
@@ -44,7 +44,7 @@ class TuneOptions:
     seed: int = 0
     strategy: str = "xgb"
     work_dir: Path | None = None  # default: tuning_logs/<target_key>/<cfg.name>
-    schedules_root: Path | None = None  # default: schedules.schedules_dir()
+    schedules_root: Path | None = None  # default: tuned_knobs.schedules_dir()
     rpc_tracker: tuple[str, int] | None = None
     rpc_key: str | None = None
     pool_mb: float = 512
@@ -123,7 +123,7 @@ def tune(cfg: KernelConfig, target, buckets: list[Bucket], opts: TuneOptions | N
     if opts.trials < 1:
         raise TuneError("--trials must be at least 1")
     device_type = _check_device(target, opts)
-    space = KnobSpace(schedules.knob_space(cfg, target))
+    space = KnobSpace(tuned_knobs.knob_space(cfg, target))
     log = TuningLog(work_dir_for(cfg, target, opts))
     ms = tc.meta_schedule()
     if target_kind(target) == "cuda" and not tc.cuda_codegen_available():
@@ -318,7 +318,7 @@ def write_schedule(cfg: KernelConfig, target, log: TuningLog, space: KnobSpace, 
         database = str(log.dir.resolve().relative_to(Path.cwd().resolve()))
     except ValueError:
         database = str(log.dir)
-    path = schedules.write(cfg, target, buckets, root=opts.schedules_root, database=database,
+    path = tuned_knobs.write(cfg, target, buckets, root=opts.schedules_root, database=database,
                            tvmscript=header + func.script())
     summary["schedule"] = str(path)
     return summary

@@ -20,6 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .kernels import knob_space as kernel_knob_space
+from .targets import target_key
+
 FORMAT = 1
 SUFFIX = ".json"
 SCRIPT_SUFFIX = ".tvmscript"
@@ -52,16 +55,13 @@ def schedules_dir() -> Path:
 
 def schedule_path(cfg, target, root: Path | str | None = None) -> Path:
     """``<root>/<target_key>/<cfg.name>.json``."""
-    from .build import target_key  # noqa: PLC0415
 
     return Path(root if root is not None else schedules_dir()) / target_key(target) / f"{cfg.name}{SUFFIX}"
 
 
 def knob_space(cfg, target) -> dict[str, list]:
     """The kernel's tunable knobs on ``target`` (name -> candidate values, first = default); ``{}`` if none."""
-    from .kernels import knob_space as space  # noqa: PLC0415
-
-    return {str(k): list(v) for k, v in space(cfg, target).items()}
+    return {str(k): list(v) for k, v in kernel_knob_space(cfg, target).items()}
 
 
 def default_knobs(space: dict[str, list]) -> dict:
@@ -93,7 +93,6 @@ def _positive_int(value: Any, what: str) -> int:
 
 def _validate(doc: Any, cfg, target, space: dict[str, list]) -> dict:
     """The parsed schedule ``doc`` if it belongs to (``cfg``, ``target``) and fits ``space``, else ``ValueError``."""
-    from .build import target_key  # noqa: PLC0415
 
     if not isinstance(doc, dict):
         raise ValueError("not a JSON object")
@@ -179,7 +178,6 @@ def write(cfg, target, buckets: list[dict], *, root: Path | str | None = None, d
     ``buckets``: ``{"batch", "max_pages", "knobs", "gbps", ...}`` per tuned bucket; the file's default knobs are
     those of the bucket with the most K+V traffic (batch x max_pages). Written to a temporary file then renamed.
     """
-    from .build import target_key  # noqa: PLC0415
 
     if not buckets:
         raise ValueError("no tuned buckets to write")
