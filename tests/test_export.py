@@ -21,6 +21,7 @@ import torch
 
 import tvm_paged as tp
 from tvm_paged import export as E
+from tvm_paged.spec import SPECS
 from tvm_paged.loader import AbiMismatchError, IntegrityError, LoadError, load
 from paged_data import make_pool, random_q
 
@@ -61,7 +62,7 @@ def test_manifest_describes_the_library(local_export):
     assert m["contents"] == {"elf_machine": E.host_machine(), "modules": [], "device_code": []}
     for name, info in m["kernels"].items():
         assert info["symbol"] == tp.KernelConfig("decode", **CFG).with_kernel(name).name
-        assert [p["name"] for p in info["params"]] == list(E.KERNEL_PARAMS[name])
+        assert [p["name"] for p in info["params"]] == list(SPECS[name].names)
         assert info["schedule"]["tuned"] in (True, False)
     q = m["kernels"]["decode"]["params"][0]
     assert q["shape"][1:] == [4, 64] and isinstance(q["shape"][0], str) and q["dtype"] == "float32"

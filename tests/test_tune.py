@@ -22,7 +22,7 @@ from tvm_paged.kernels import build_kernel
 from tvm_paged.tuning.records import TuningLog
 from tvm_paged.tuning.search import TuneOptions, tune
 from tvm_paged.tuning.space import KnobSpace, knob_key
-from tvm_paged.tuning.workload import ROLES, Bucket, make_workload
+from tvm_paged.tuning.workload import Bucket, make_workload, tensor_params
 from paged_data import ATOL, LSE_ATOL, assert_close, make_pool, random_q
 
 CFG = KernelConfig("decode", "float32", 4, 2, 64, 8)
@@ -302,7 +302,7 @@ def test_output_check_fails_a_wrong_variant(kernel):
     def args(out):
         given = dict(q=q, k_cache=k, v_cache=v, block_table=table, seq_lens=sl, out=out, lse=empty, o_part=empty,
                      lse_part=empty, **extra)
-        return [given[role] for role in ROLES[kernel]]
+        return [given[role] for role in tensor_params(kernel)]
 
     check = OutputCheck(kernel, scale)
     check(args(ref.float()))
@@ -322,7 +322,7 @@ def test_measurement_inputs_are_valid(target):
     args_info = [info.as_json() for info in tc.meta_schedule().arg_info.ArgInfo.from_entry_func(mod)]
     sets = wl.inputs()(tc.cpu_device(), args_info, 2)
     assert len(sets) == 2
-    roles = ROLES["decode"]
+    roles = tensor_params("decode")
     pages = []
     for args in sets:
         a = dict(zip(roles, (x.numpy() for x in args)))

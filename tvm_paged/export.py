@@ -35,18 +35,10 @@ import tempfile
 from pathlib import Path
 
 from .config import KERNELS, KernelConfig
+from .spec import SPECS
 
 MANIFEST = "manifest.json"
 FORMAT = "tvm_paged-export/1"
-
-# The positional arguments ops.py passes to each kernel: the ABI between the functional API and a library.
-KERNEL_PARAMS = {
-    "decode": ("q", "k_cache", "v_cache", "block_table", "seq_lens", "out", "lse", "o_part", "lse_part", "scale"),
-    "prefill": ("q", "k_cache", "v_cache", "block_table", "seq_lens", "cu_seqlens_q", "tiles", "out", "lse",
-                "scale", "causal"),
-    "write_kv": ("k", "v", "k_cache", "v_cache", "slot_mapping"),
-    "copy_pages": ("k_cache", "v_cache", "src_pages", "dst_pages"),
-}
 
 LIBRARY_BIN_SYMBOL = "__tvm_ffi__library_bin"
 
@@ -467,15 +459,17 @@ def _target_spec(target) -> str:
     return str(target)
 
 
-def _signature(kernel: str, func) -> list[dict]:
+def _signature(cfg: KernelConfig, func) -> list[dict]:
+    """The manifest's parameter list: the family's spec (names, roles, shapes), checked against the compiled
+    function's own parameters (count and dtypes), so a builder that drifted from its spec never ships."""
     from . import tvm_compat as tc  # noqa: PLC0415
 
-    params = tc.buffer_signature(func)
-    names = KERNEL_PARAMS[kernel]
-    if len(params) != len(names):
-        raise ExportError(f"{kernel}: the kernel takes {len(params)} arguments but ops.py passes {len(names)} "
-                          f"({', '.join(names)})")
-    return [{"name": n, **p} for n, p in zip(names, params)]
+    built = tc.buffer_signature(func)
+    spec = SPECS[cfg.kernel].signature(cfg)
+    if len(built) != len(spec) or any(b["dtype"] != s["dtype"] for b, s in zip(built, spec)):
+        raise ExportError(f"{cfg.kernel}: the kernel takes ({', '.join(b['dtype'] for b in built)}) but its spec "
+                          f"says ({', '.join(s['name'] + ': ' + s['dtype'] for s in spec)})")
+    return spec
 
 
 def export(cfg_or_kwargs, target="local", out_dir=".", *, _reexec: bool = True) -> dict:
@@ -518,7 +512,7 @@ def export(cfg_or_kwargs, target="local", out_dir=".", *, _reexec: bool = True) 
         tuned = tuned_knobs.lookup(kcfg, tgt)
         schedule = {"tuned": True, "source": tuned.source, "knobs": tuned.knobs} if tuned else {"tuned": False}
         funcs[kcfg.name] = func
-        kernels[k] = {"symbol": kcfg.name, "params": _signature(k, func), "schedule": schedule}
+        kernels[k] = {"symbol": kcfg.name, "params": _signature(kcfg, func), "schedule": schedule}
     if not funcs:
         raise ExportError(f"no kernel could be built for {targets.target_key(tgt)}: {missing}")
 

@@ -25,7 +25,8 @@ from pathlib import Path
 from . import ops
 from . import tvm_compat as tc
 from .config import ATTENTION_KERNELS, KernelConfig
-from .export import FORMAT, KERNEL_PARAMS, MANIFEST, _Elf, host_machine, sha256_file
+from .export import FORMAT, MANIFEST, _Elf, host_machine, sha256_file
+from .spec import SPECS
 
 
 class LoadError(ValueError):
@@ -83,7 +84,7 @@ def load(path, *, verify: bool = True) -> "PagedLibrary":
                                    f"{key} {mine}; re-export with this TVM (the runtime ABI is not stable)")
     for name, info in kernels.items():
         params = tuple(p.get("name") for p in info.get("params", ()))
-        if name not in KERNEL_PARAMS or params != KERNEL_PARAMS[name]:
+        if name not in SPECS or params != SPECS[name].names:
             raise LoadError(f"{manifest_path}: kernel {name} takes ({', '.join(map(str, params))}); this tvm_paged "
                             "passes a different argument list: re-export with this version")
     with open(lib_path, "rb") as f:

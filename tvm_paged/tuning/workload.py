@@ -30,17 +30,15 @@ import numpy as np
 
 from .. import tvm_compat as tc
 from ..config import KernelConfig
+from ..spec import prefill_tiles, spec_for
 
-# Parameter order of the specialized kernels (scalars bound): role names used to fill each argument.
-ROLES = {
-    "decode": ("q", "k_cache", "v_cache", "block_table", "seq_lens", "out", "lse", "o_part", "lse_part"),
-    "prefill": ("q", "k_cache", "v_cache", "block_table", "seq_lens", "cu_seqlens_q", "tiles", "out", "lse"),
-    # The block-form decode MetaSchedule tunes over the generic and paged spaces (tuning.block_spaces): no split
-    # scratch, no lse.
-    "decode_generic": ("q", "k_cache", "v_cache", "block_table", "seq_lens", "out"),
-    # The block-form prefill of the paged space: q_len rows per sequence, q / out [batch * q_len, heads, dim].
-    "prefill_blocks": ("q", "k_cache", "v_cache", "block_table", "seq_lens", "out"),
-}
+
+
+def tensor_params(kernel: str) -> tuple[str, ...]:
+    """Parameter order of a specialized kernel (scalars bound), from its spec: the names each argument is filled
+    by. ``kernel``: a shipped family (``decode``, ``prefill``) or a block form (``decode_generic``,
+    ``prefill_blocks``)."""
+    return spec_for(kernel).tensor_names
 ENTRY = "main"
 
 
@@ -185,8 +183,7 @@ def make_workload(cfg: KernelConfig, bucket: Bucket, *, device_kind: str = "cpu"
         splits = ops.choose_num_splits(lens, S, torch.device(device_kind))
         return Workload(num_splits=int(splits), **common)
     q_lens = tuple(int(min(n, q_len)) if q_len > 0 else int(n) for n in lens)
-    tile = ops.PREFILL_Q_TILE
-    tiles = tuple((b, r, min(r + tile, n)) for b, n in enumerate(q_lens) for r in range(0, n, tile))
+    tiles = tuple(prefill_tiles(q_lens))
     return Workload(q_lens=q_lens, tiles=tiles, **common)
 
 
@@ -269,7 +266,7 @@ class PagedInputs:
         return repeated
 
     def _alloc(self, device, args_info, repeat: int, session):
-        roles = ROLES[self.kernel]
+        roles = tensor_params(self.kernel)
         if len(args_info) != len(roles):
             raise ValueError(f"PagedInputs: {len(args_info)} arguments, a {self.kernel} kernel takes {roles}")
         spec = {role: (str(info[1]), tuple(int(s) for s in info[2])) for role, info in zip(roles, args_info)}
@@ -371,7 +368,7 @@ class OutputCheck:
     MetaSchedule's generic space can produce wrong programs (TVM 0.27 decomposes a reduction whose write-back was
     moved under a consumer's reduction loop outside that loop, so the sum is accumulated again on every pass:
     seen on the block-form decode kernel), and a wrong program is often the fastest. A check in the runner makes
-    such a trial fail instead of becoming the bucket's best. ``kernel``: a key of ``ROLES``.
+    such a trial fail instead of becoming the bucket's best. ``kernel``: a name :func:`tensor_params` knows.
     """
 
     kernel: str
@@ -383,7 +380,7 @@ class OutputCheck:
 
         from .. import reference  # noqa: PLC0415
 
-        roles = ROLES[self.kernel]
+        roles = tensor_params(self.kernel)
         # On the host (no-op on CPU; a local GPU runner's arrays are copied: the reference runs on the CPU).
         t = {role: torch.from_dlpack(a).cpu() for role, a in zip(roles, args)}
         if self.kernel in ("prefill", "prefill_blocks"):  # the first and last sequences (a whole bucket's float64
