@@ -322,6 +322,7 @@ def test_paged_space_cuda_samples_correct_kernels(emulate, tmp_path, heads, head
     conversions). One candidate also compiles to an sm_90a cubin."""
     from tvm_paged import tvm_compat as tc
     from tvm_paged.kernels.decode_generic import build_decode_generic
+    from tvm_paged.tuning.ms_glue import apply_postprocs
     from tvm_paged.tuning.paged_space import SOFTMAX_THREADS, decisions, decode_space_cuda
 
     target = targets.with_host(Target(H100))
@@ -348,7 +349,7 @@ def test_paged_space_cuda_samples_correct_kernels(emulate, tmp_path, heads, head
     seen: set = set()
     cubin_done = shutil.which("nvcc") is None
     for seed in range(1, 80):
-        sch = tc.schedule(mod, seed)
+        sch = tc.Schedule(mod, seed=seed)
         decode_space_cuda(cfg, max_pages)(sch)
         dec = decisions(sch.trace, "decode_cuda")
         dec["score_tokens"] = dec["score_tokens"][1]  # (pages' slot steps, warps): the warps
@@ -356,7 +357,7 @@ def test_paged_space_cuda_samples_correct_kernels(emulate, tmp_path, heads, head
         if not new:
             continue
         seen |= new
-        assert tc.apply_postprocs(sch, target) == [], dec
+        assert apply_postprocs(sch, target) == [], dec
         func = sch.mod["main"]
         out = torch.full_like(q, 777.0)
         Emulated(func, target, str(tmp_path))({"Q": q, "K": k, "V": v, "BT": table, "SL": seq_lens, "O": out}, {})

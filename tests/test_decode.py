@@ -64,7 +64,7 @@ def test_decode_long_context_uses_splits():
     seq = [16384 + 3]
     plan = tp.plan_decode(torch.zeros(1, 1026, dtype=torch.int32), torch.tensor(seq, dtype=torch.int32),
                           page_size=16, num_pages=1026)
-    if tp.ops._num_threads() > 1 and DEVICE.type == "cpu":
+    if tp.plan._num_threads() > 1 and DEVICE.type == "cpu":
         assert plan.num_splits > 1
     _check("float16", 32, 8, 128, 16, seq, seed=3)
 

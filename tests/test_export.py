@@ -20,7 +20,9 @@ import pytest
 import torch
 
 import tvm_paged as tp
+from tvm_paged import binary as B
 from tvm_paged import export as E
+from tvm_paged import toolchain as T
 from tvm_paged.spec import SPECS
 from tvm_paged.loader import AbiMismatchError, IntegrityError, LoadError, load
 from paged_data import make_pool, random_q
@@ -28,7 +30,6 @@ from paged_data import make_pool, random_q
 ROOT = Path(__file__).resolve().parents[1]
 CFG = {"dtype": "float32", "num_qo_heads": 4, "num_kv_heads": 2, "head_dim": 64, "page_size": 5}
 CLI_CFG = ["--dtype", "float32", "--num-qo-heads", "4", "--num-kv-heads", "2", "--head-dim", "64", "--page-size", "5"]
-HAS_CUDA_KERNELS = (ROOT / "tvm_paged" / "kernels" / "decode_cuda.py").exists()
 
 
 def _cli_export(target: str, out: Path) -> dict:
@@ -55,11 +56,11 @@ def test_manifest_describes_the_library(local_export):
     out, m = local_export
     lib = out / m["library"]["file"]
     assert sorted(p.name for p in out.iterdir()) == sorted([E.MANIFEST, lib.name])
-    assert m["library"]["sha256"] == E.sha256_file(lib)
+    assert m["library"]["sha256"] == B.sha256_file(lib)
     assert m["config"] == {"name": "f32_h4x2_d64_p5", **CFG}
     assert m["target"]["kind"] == "cpu" and m["target"]["spec"] == "local"
     assert m["versions"]["tvm"] and m["versions"]["tvm_ffi"]
-    assert m["contents"] == {"elf_machine": E.host_machine(), "modules": [], "device_code": []}
+    assert m["contents"] == {"elf_machine": B.host_machine(), "modules": [], "device_code": []}
     for name, info in m["kernels"].items():
         assert info["symbol"] == tp.KernelConfig("decode", **CFG).with_kernel(name).name
         assert [p["name"] for p in info["params"]] == list(SPECS[name].names)
@@ -67,7 +68,7 @@ def test_manifest_describes_the_library(local_export):
     q = m["kernels"]["decode"]["params"][0]
     assert q["shape"][1:] == [4, 64] and isinstance(q["shape"][0], str) and q["dtype"] == "float32"
     assert {"decode", "write_kv", "copy_pages"} <= set(m["kernels"])
-    assert set(m["kernels"]) | set(m["missing"]) == {"decode", "prefill", "write_kv", "copy_pages"}
+    assert set(m["kernels"]) == {"decode", "prefill", "write_kv", "copy_pages"}
 
 
 # ------------------------------------------------------------------------------- round trip, fresh process
@@ -171,11 +172,11 @@ def loaded_results(local_export, tmp_path_factory):
     proc = subprocess.run([sys.executable, "-c", _NO_COMPILER + _RUN_LOADED, str(out), str(tmp / "data.pt"),
                            str(tmp / "res.pt")], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return d, torch.load(tmp / "res.pt"), m["missing"].get("prefill")
+    return d, torch.load(tmp / "res.pt")
 
 
 def test_loaded_library_matches_in_process_kernels(loaded_results):
-    d, got, _ = loaded_results
+    d, got = loaded_results
     want = _in_process(d, with_prefill=False)
     _same(got["decode"], want["decode"], "paged_decode (out, lse)")
     _same(got["run_decode"], want["run_decode"], "plan_decode + run_decode")
@@ -184,9 +185,7 @@ def test_loaded_library_matches_in_process_kernels(loaded_results):
 
 
 def test_loaded_prefill_matches_in_process(loaded_results):
-    d, got, prefill_missing = loaded_results
-    if prefill_missing:
-        pytest.skip(f"the export holds no prefill kernel: {prefill_missing}")
+    d, got = loaded_results
     want = _in_process(d, with_prefill=True)
     _same(got["prefill"], want["prefill"], "paged_prefill (out, lse)")
 
@@ -223,6 +222,27 @@ def test_manifest_from_another_abi_refused(local_export, tmp_path, key):
         load(dst)
 
 
+@pytest.mark.parametrize("change", ["role", "dtype", "order", "kernel"])
+def test_manifest_with_another_calling_convention_refused(local_export, tmp_path, change):
+    """The loader binds arguments by the specs of this version: a library whose recorded parameters differ in
+    role, dtype or order, or that lacks a kernel, is refused at load, before any call."""
+    out, _ = local_export
+    dst = _copy(out, tmp_path)
+    manifest = json.loads((dst / E.MANIFEST).read_text())
+    params = manifest["kernels"]["decode"]["params"]
+    if change == "role":
+        params[-2]["role"] = "output"  # lse_part: scratch
+    elif change == "dtype":
+        params[3]["dtype"] = "int64"  # block_table
+    elif change == "order":
+        params[1], params[2] = params[2], params[1]
+    else:
+        del manifest["kernels"]["copy_pages"]
+    (dst / E.MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(LoadError, match="re-export" if change != "kernel" else "holds kernels"):
+        load(dst, verify=False)
+
+
 @pytest.fixture(scope="module")
 def lib(local_export):
     return load(local_export[0])
@@ -248,7 +268,7 @@ def test_decode_outside_the_exported_config_rejected(lib, kwargs, pattern):
 def test_page_ops_outside_the_exported_config_rejected(lib):
     k, v, _, _ = make_pool([7], page_size=5, num_kv_heads=2, head_dim=64, dtype="float16")
     with pytest.raises(ValueError, match=r"^k_cache: dtype float16"):
-        lib.write_kv(k[0], v[0], k, v, torch.arange(5, dtype=torch.int32))
+        lib.write_kv(k[0].clone(), v[0].clone(), k, v, torch.arange(5, dtype=torch.int32))
     k, v, _, _ = make_pool([7], page_size=5, num_kv_heads=2, head_dim=32)
     with pytest.raises(ValueError, match=r"^k_cache: head_dim 32"):
         lib.copy_pages(k, v, torch.tensor([0], dtype=torch.int32), torch.tensor([1], dtype=torch.int32))
@@ -267,7 +287,7 @@ def test_shared_validation_still_applies(lib):
 def test_in_process_api_unaffected_by_a_loaded_library(lib):
     """use_kernels is scoped: after a library call, tp.* is back on compile-on-demand kernels."""
     lib.paged_decode(*_decode_args())
-    assert tp.ops._KERNEL_PROVIDER.get() is None
+    assert tp.plan._KERNEL_PROVIDER.get() is None
 
 
 # ------------------------------------------------------------------------------------------- inspector
@@ -278,17 +298,17 @@ def test_inspector_reads_device_code_formats():
         struct.pack_into("<HHIQ", entry, 0, kind, 0, 32, 0)
         struct.pack_into("<I", entry, 28, sm)
         fat += entry
-    info = E.classify_device_code(bytes(fat))
+    info = B.classify_device_code(bytes(fat))
     assert info["format"] == "fatbin" and info["sm"] == [87, 90]
     assert [e["kind"] for e in info["entries"]] == ["cubin", "ptx"]
     elf = bytearray(64)
     elf[:6] = b"\x7fELF\x02\x01"
     struct.pack_into("<H", elf, 18, 190)
     struct.pack_into("<I", elf, 48, 0x06005704)
-    assert E.classify_device_code(bytes(elf)) == {"format": "cubin", "sm": [87]}
+    assert B.classify_device_code(bytes(elf)) == {"format": "cubin", "sm": [87]}
     ptx = b"//\n.version 8.0\n.target sm_90a\n.address_size 64\n"
-    assert E.classify_device_code(ptx) == {"format": "ptx", "sm": [90]}
-    assert E.classify_device_code(b'extern "C" __global__ void k() {}')["format"] == "cuda-source"
+    assert B.classify_device_code(ptx) == {"format": "ptx", "sm": [90]}
+    assert B.classify_device_code(b'extern "C" __global__ void k() {}')["format"] == "cuda-source"
 
 
 def test_export_rejects_bad_config(tmp_path):
@@ -300,8 +320,6 @@ def test_export_rejects_bad_config(tmp_path):
 
 # ------------------------------------------------------------------------------------------- CUDA exports
 def _cuda_skip(cross: str | None = None):
-    if not HAS_CUDA_KERNELS:
-        pytest.skip("tvm_paged/kernels/decode_cuda.py is missing: no CUDA kernels to export yet")
     if shutil.which("nvcc") is None:
         pytest.skip("nvcc is not on the PATH: CUDA device code can't be compiled")
     if shutil.which("gcc") is None:
@@ -327,7 +345,7 @@ def orin_export(tmp_path_factory):
 def _check_cuda_export(out: Path, m: dict, machine: str, sm: int):
     lib = out / m["library"]["file"]
     assert sorted(p.name for p in out.iterdir()) == sorted([E.MANIFEST, lib.name]), "only library + manifest"
-    info = E.inspect_library(lib)  # read again, independent of the manifest
+    info = B.inspect_library(lib)  # read again, independent of the manifest
     assert info == m["contents"]
     assert info["elf_machine"] == machine and info["modules"] == ["_lib", "cuda"]
     (code,) = info["device_code"]
@@ -348,7 +366,7 @@ def test_jetson_export_is_aarch64_with_sm87_device_code(orin_export):
     out, m = orin_export
     assert m["target"]["arch"] == "sm_87" and m["target"]["host_machine"] == "aarch64"
     _check_cuda_export(out, m, "aarch64", 87)
-    if E.host_machine() != "aarch64":
+    if B.host_machine() != "aarch64":
         with pytest.raises(LoadError, match="built for aarch64"):
             load(out)
 
@@ -374,7 +392,7 @@ except ValueError as exc:
 '''
     # A stub libcuda lets TVM's CUDA runtime load (and the library deserialize) on a machine with no GPU; the
     # refusal must come before any kernel is launched.
-    proc = E.run_python_with_cuda_stub(script, [out], timeout=300)
+    proc = T.run_python_with_cuda_stub(script, [out], timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "decode refused: q: tensors on cpu" in proc.stdout
     assert "copy_pages refused: k_cache: tensors on cpu" in proc.stdout

@@ -53,13 +53,13 @@ def _check(cfg, kv_lens, q_lens, *, causal=True, seed=0, scale=None, q_scale=1.0
 
 
 def test_q_tile_matches_planner():
-    from tvm_paged.kernels.prefill_cpu import PREFILL_Q_TILE
+    from tvm_paged.spec import PREFILL
 
-    assert PREFILL_Q_TILE == tp.ops.PREFILL_Q_TILE
+    tile = PREFILL.constants["q_tile"]
     plan = tp.plan_prefill(torch.zeros(2, 8, dtype=torch.int32), torch.tensor([100, 40], dtype=torch.int32),
                            _cu([100, 33]), 133, page_size=16, num_pages=8)
     tiles = plan.tiles.numpy()
-    assert (tiles[:, 2] - tiles[:, 1]).max() <= PREFILL_Q_TILE
+    assert (tiles[:, 2] - tiles[:, 1]).max() == tile  # the 100-row sequence gets full tiles of q_tile rows
 
 
 # (kv_lens, q_lens) on the small config (page size 16): full prefill, chunked prefill, exact-page and page+1
@@ -131,7 +131,9 @@ def test_prefill_tile_reads_stop_at_its_last_position():
     n = 40
     q, k, v, bt, sl, cu = _case(cfg, [n], [n], seed=50)
     ref_out, ref_lse = reference.prefill(q, k, v, bt, sl, cu, causal=True)
-    tile = tp.ops.PREFILL_Q_TILE
+    from tvm_paged.spec import PREFILL
+
+    tile = PREFILL.constants["q_tile"]
     for pos in range(tile, n):
         page, slot = int(bt[0, pos // p]), pos % p
         k[page, slot] = float("nan")

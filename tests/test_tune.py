@@ -1,8 +1,12 @@
-"""Tuning: a real (tiny) MetaSchedule tuning run and its resume, valid measurement inputs, applying a committed
-schedule through paged_decode, corrupt or foreign schedule files, a CUDA target with no GPU, and tuning through
-an RPC tracker and server on loopback.
+"""Tuning tests: knob-space runs and their resume, schedule files, measurement inputs, MetaSchedule's spaces.
 
-One small config (decode f32 h4x2 d64 p8, bucket 2x8) keeps each tuning run to a few builds.
+A real (tiny) MetaSchedule tuning run and its resume, valid measurement inputs, applying a committed schedule
+through paged_decode, corrupt or foreign schedule files, a CUDA target with no GPU, tuning through an RPC tracker
+and server on loopback, and MetaSchedule's own search over the block-form spaces.
+
+One small config (decode f32 h4x2 d64 p8, bucket 2x8) keeps each tuning run to a few builds. One module (about
+590 lines) on purpose: ``pytest tests/test_tune.py`` is the whole tuning check (the README names tests
+in it), and its tests share that config, ``_opts``, the target fixture and one module-scoped tuning run.
 """
 
 from __future__ import annotations
@@ -19,8 +23,9 @@ from tvm_paged import build, targets, reference, tuned_knobs
 from tvm_paged import tvm_compat as tc
 from tvm_paged.config import KernelConfig
 from tvm_paged.kernels import build_kernel
+from tvm_paged.tuning.measure import OutputCheck, PagedInputs, WrongOutput
 from tvm_paged.tuning.records import TuningLog
-from tvm_paged.tuning.search import TuneOptions, tune
+from tvm_paged.tuning.search import TuneOptions, start_rpc_server, start_rpc_tracker, tune
 from tvm_paged.tuning.space import KnobSpace, knob_key
 from tvm_paged.tuning.workload import Bucket, make_workload, tensor_params
 from paged_data import ATOL, LSE_ATOL, assert_close, make_pool, random_q
@@ -143,10 +148,11 @@ def test_tune_interrupt_then_resume_without_remeasuring(tuned, target, monkeypat
 
 def test_rpc_loopback_tune(tmp_path, target):
     base = random.Random().randrange(20000, 40000, 200)
-    tracker = tc.rpc_tracker("127.0.0.1", port=base, port_end=base + 99)
+    tracker = start_rpc_tracker("127.0.0.1", port=base, port_end=base + 99)
     server = None
     try:
-        server = tc.rpc_server("127.0.0.1", tracker.port, "tvm-paged-test", port=base + 100, port_end=base + 199)
+        server = start_rpc_server("127.0.0.1", tracker.port, "tvm-paged-test", port=base + 100,
+                                  port_end=base + 199)
         summary = tune(CFG, target, [BUCKET], _opts(tmp_path, trials=2, per_round=2,
                                                     rpc_tracker=("127.0.0.1", tracker.port),
                                                     rpc_key="tvm-paged-test"))
@@ -280,8 +286,6 @@ def test_output_check_fails_a_wrong_variant(kernel):
     """The runner's output check passes the reference's own result and rejects a slightly wrong or NaN one."""
     import torch
 
-    from tvm_paged.tuning.workload import OutputCheck, WrongOutput
-
     seq_lens = [13, 5, 9]
     k, v, table, sl = make_pool(seq_lens, page_size=4, num_kv_heads=2, head_dim=16, seed=3)
     scale = 0.3
@@ -320,7 +324,7 @@ def test_measurement_inputs_are_valid(target):
     wl = make_workload(CFG, Bucket(3, 5), pool_mb=1, pool_factor=4, tables=2, seed=7)
     mod = wl.shaped(build_kernel(CFG, target))
     args_info = [info.as_json() for info in tc.meta_schedule().arg_info.ArgInfo.from_entry_func(mod)]
-    sets = wl.inputs()(tc.cpu_device(), args_info, 2)
+    sets = PagedInputs.of(wl)(tc.cpu_device(), args_info, 2)
     assert len(sets) == 2
     roles = tensor_params("decode")
     pages = []
@@ -444,8 +448,9 @@ def test_paged_space_cuda_search_builds_device_code(tmp_path, monkeypatch):
     import hashlib
     import shutil
 
-    from tvm_paged.tuning import search
+    from tvm_paged.tuning import block_spaces
     from tvm_paged.tuning.block_spaces import tune_block_form
+    from tvm_paged.tuning.ms_glue import python_runner
     from tvm_paged.tuning.paged_space import DECISIONS
 
     if shutil.which("nvcc") is None:
@@ -461,8 +466,8 @@ def test_paged_space_cuda_search_builds_device_code(tmp_path, monkeypatch):
         built.append(path)
         return [1e-4 * (1 + int(hashlib.sha1(data).hexdigest()[:4], 16) % 97)]
 
-    monkeypatch.setattr(search, "_check_device", lambda target, opts: "cuda")
-    monkeypatch.setattr(search, "_runner", lambda wl, device_type, opts, inputs=None: tc.python_runner(measure))
+    monkeypatch.setattr(block_spaces, "check_device", lambda target, opts: "cuda")
+    monkeypatch.setattr(block_spaces, "make_runner", lambda wl, device_type, opts, inputs=None: python_runner(measure))
     cfg = KernelConfig("decode", "float16", 8, 2, 128, 16)
     opts = _opts(tmp_path, pool_mb=1, per_round=1, population=32, rpc_tracker=("127.0.0.1", 9190),
                  rpc_key="h100")  # two rounds of two
@@ -505,7 +510,7 @@ def test_paged_space_samples_correct_kernels(target, heads, dtypes):
         want = {("kv_splits", s) for s in (1, 2, 4)} | {("lanes", n) for n in LANES}
         seen: set = set()
         for seed in range(1, 60):
-            sch = tc.schedule(mod, seed)
+            sch = tc.Schedule(mod, seed=seed)
             decode_space(cfg, max_pages)(sch)
             dec = decisions(sch.trace)
             new = {("kv_splits", dec["kv_splits"]), ("lanes", dec["lanes"])} - seen
@@ -547,7 +552,7 @@ def test_paged_space_samples_correct_prefill_kernels(target):
     want = {("q_tile", n) for n in (1, 2, 3, 6)} | {("lanes", n) for n in LANES}
     seen: set = set()
     for seed in range(1, 80):
-        sch = tc.schedule(mod, seed)
+        sch = tc.Schedule(mod, seed=seed)
         prefill_space(cfg, q_len)(sch)
         dec = decisions(sch.trace, "prefill")
         new = {("q_tile", dec["q_tile"][1]), ("lanes", dec["lanes"])} - seen

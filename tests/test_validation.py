@@ -101,3 +101,82 @@ def test_non_tensor_argument(batch):
     q, k, v, bt, sl = batch
     with pytest.raises(ValueError, match="q"):
         tp.paged_decode(q.tolist(), k, v, bt, sl)
+
+
+# ----------------------------------------------------------------------------- arguments that are written
+def test_write_kv_refuses_aliased_or_read_only_outputs(batch):
+    """The caches are written in place: they must be writable and share memory with no other argument (the spec's
+    roles), checked before any write, so the caches stay untouched."""
+    _, k, v, _, _ = batch
+    k0, v0 = k.clone(), v.clone()
+    new = torch.randn(3, 2, 64)
+    slots = torch.tensor([0, 1, 2])
+    with pytest.raises(ValueError, match="^v_cache: shares memory with k_cache"):
+        tp.write_kv(new, new, k, k, slots)
+    with pytest.raises(ValueError, match="^k_cache: shares memory with k"):
+        tp.write_kv(k[0, :3], new, k, v, slots)  # the new keys are a view of the cache itself
+    with pytest.raises(ValueError, match="^v_cache: shares memory with v"):
+        tp.write_kv(new, v.view(-1, 2, 64)[5:8], k, v, slots)
+    ro = v.numpy().copy()
+    ro.flags.writeable = False
+    with pytest.raises(ValueError, match="^v_cache: the array is read-only"):
+        tp.write_kv(new.numpy(), new.numpy(), k.numpy().copy(), ro, slots.numpy())
+    assert torch.equal(k.nan_to_num(3), k0.nan_to_num(3)) and torch.equal(v.nan_to_num(3), v0.nan_to_num(3))
+
+
+def test_copy_pages_refuses_aliased_caches(batch):
+    _, k, v, _, _ = batch
+    src, dst = torch.tensor([0], dtype=torch.int32), torch.tensor([1], dtype=torch.int32)
+    with pytest.raises(ValueError, match="^v_cache: shares memory with k_cache"):
+        tp.copy_pages(k, k, src, dst)
+    ro = k.numpy().copy()
+    ro.flags.writeable = False
+    with pytest.raises(ValueError, match="^k_cache: the array is read-only"):
+        tp.copy_pages(ro, v.numpy(), src.numpy(), dst.numpy())
+
+
+def test_read_only_inputs_are_accepted(batch):
+    """Read-only arrays are fine where the kernel only reads them (decode's caches and query)."""
+    q, k, v, bt, sl = batch
+    arrays = [x.numpy().copy() for x in (q, k, v, bt, sl)]
+    for a in arrays:
+        a.flags.writeable = False
+    out = tp.paged_decode(*arrays)
+    assert np.array_equal(np.nan_to_num(out), np.nan_to_num(tp.paged_decode(q, k, v, bt, sl).numpy()))
+
+
+def test_out_argument(batch):
+    q, k, v, bt, sl = batch
+    want = tp.paged_decode(q, k, v, bt, sl)
+    out = torch.full_like(q, float("nan"))
+    got = tp.paged_decode(q, k, v, bt, sl, out=out)
+    assert got is out and torch.equal(out, want)
+    for bad, match in [(q, "^out: shares memory with q"), (torch.empty(3, 4, 32), "^out: expected"),
+                       (torch.empty(3, 4, 64, dtype=torch.float16), "^out: expected"),
+                       (torch.empty(3, 64, 4).transpose(1, 2), "^out: expected")]:
+        with pytest.raises(ValueError, match=match):
+            tp.paged_decode(q, k, v, bt, sl, out=bad)
+    ro = np.empty((3, 4, 64), np.float32)
+    ro.flags.writeable = False
+    with pytest.raises(ValueError, match="^out: the array is read-only"):
+        tp.paged_decode(q.numpy(), k.numpy(), v.numpy(), bt.numpy(), sl.numpy(), out=ro)
+
+
+def test_plan_binds_once_and_checks_what_changes_per_layer(batch):
+    """A plan run over several layers' caches reuses one binding and stays correct; what its key does not pin
+    (the caches' contiguity) is still checked on every run."""
+    from tvm_paged import reference
+
+    q, k, v, bt, sl = batch
+    plan = tp.plan_decode(bt, sl, page_size=5, num_pages=k.shape[0])
+    layers = [(k, v), (torch.randn_like(k), torch.randn_like(v)), (v, k)]
+    for kc, vc in layers:
+        ref, _ = reference.decode(q, kc, vc, bt, sl)
+        assert (tp.run_decode(plan, q, kc, vc) - ref).abs().max() < 1e-5
+    assert len(plan.bindings) == 1
+    strided = torch.empty(k.shape[0], k.shape[2], k.shape[1], k.shape[3]).transpose(1, 2)
+    strided.copy_(k)
+    with pytest.raises(ValueError, match="^k_cache: the cache must be contiguous"):
+        tp.run_decode(plan, q, strided, v)
+    outs = [tp.run_decode(plan, q, kc, vc) for kc, vc in layers[:2]]
+    assert outs[0].data_ptr() != outs[1].data_ptr()  # each run's output is its own, not a reused buffer

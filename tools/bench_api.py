@@ -18,6 +18,7 @@ import torch
 
 import tvm_paged as tp
 from tvm_paged import ops
+from tvm_paged.plan import kernel_for
 from tvm_paged.config import KernelConfig
 
 HQ, HKV, D, PAGE = 32, 8, 128, 16
@@ -52,7 +53,7 @@ def main() -> None:
 
     plan = ops.plan_decode(block_table, seq_lens, page_size=PAGE, num_pages=num_pages)
     cfg = KernelConfig("decode", "float32", HQ, HKV, D, PAGE)
-    kernel = ops._kernel(cfg, q.device, plan)
+    kernel = kernel_for(cfg, q.device, plan)
     out, lse = torch.empty_like(q), torch.empty(batch, HQ)
     o_part = torch.empty(batch, plan.num_splits, HQ, D)
     lse_part = torch.empty(batch, plan.num_splits, HQ)

@@ -6,8 +6,9 @@ Cache layout: ``k_cache``, ``v_cache`` ``[num_pages, page_size, num_kv_heads, he
 from .allocator import OutOfPages, PageAllocator
 from .cache import PagedKVCache
 from .config import KernelConfig
-from .ops import AttentionPlan, copy_pages, paged_decode, paged_prefill, plan_decode, plan_prefill, run_decode, \
-    run_prefill, write_kv
+from .loader import PagedLibrary, load
+from .ops import copy_pages, paged_decode, paged_prefill, run_decode, run_prefill, write_kv
+from .plan import AttentionPlan, plan_decode, plan_prefill
 
 __version__ = "0.1.0"
 
@@ -25,8 +26,6 @@ __all__ = [
     "PageAllocator",
     "OutOfPages",
     "PagedKVCache",
+    "load",
+    "PagedLibrary",
 ]
-
-from .loader import PagedLibrary, load  # noqa: E402
-
-__all__ += ["load", "PagedLibrary"]

@@ -24,8 +24,8 @@ from pathlib import Path
 
 from . import ops
 from . import tvm_compat as tc
+from .binary import FORMAT, MANIFEST, ElfFile, host_machine, sha256_file
 from .config import ATTENTION_KERNELS, KernelConfig
-from .export import FORMAT, MANIFEST, _Elf, host_machine, sha256_file
 from .spec import SPECS
 
 
@@ -82,14 +82,17 @@ def load(path, *, verify: bool = True) -> "PagedLibrary":
         if versions.get(key) != mine:
             raise AbiMismatchError(f"{manifest_path}: exported with {key} {versions.get(key)}, this process runs "
                                    f"{key} {mine}; re-export with this TVM (the runtime ABI is not stable)")
+    if set(kernels) != set(SPECS):
+        raise LoadError(f"{manifest_path}: the library holds kernels {sorted(kernels)}, not {sorted(SPECS)}")
     for name, info in kernels.items():
-        params = tuple(p.get("name") for p in info.get("params", ()))
-        if name not in SPECS or params != SPECS[name].names:
-            raise LoadError(f"{manifest_path}: kernel {name} takes ({', '.join(map(str, params))}); this tvm_paged "
-                            "passes a different argument list: re-export with this version")
+        # The whole calling convention (names, roles, dtypes, shapes) must be the one this version binds.
+        if info.get("params") != SPECS[name].signature(config.with_kernel(name)):
+            params = tuple(p.get("name") for p in info.get("params", ()) if isinstance(p, dict))
+            raise LoadError(f"{manifest_path}: kernel {name} takes ({', '.join(map(str, params))}) as exported; "
+                            "this tvm_paged passes a different argument list: re-export with this version")
     with open(lib_path, "rb") as f:
         try:
-            machine = _Elf(f.read()).machine
+            machine = ElfFile(f.read()).machine
         except ValueError as exc:
             raise LoadError(f"{lib_path}: {exc}") from exc
     if machine != host_machine():
@@ -153,11 +156,7 @@ class PagedLibrary:
             if got != expected:
                 raise ValueError(f"{name}: {field} {got} does not match the exported configuration "
                                  f"{self.manifest['config']['name']} ({field} {expected})")
-        fn = self._functions.get(cfg.kernel)
-        if fn is None:
-            why = self.manifest.get("missing", {}).get(cfg.kernel, "not exported")
-            raise LoadError(f"this library has no {cfg.kernel} kernel: {why}")
-        return fn
+        return self._functions[cfg.kernel]
 
     def _page_size(self, page_size):
         if page_size is not None and page_size != self.config.page_size:

@@ -1,126 +1,28 @@
-"""The functional API: validate, plan, then call the compiled kernel.
+"""The functional API: validate, then call the compiled kernel through a plan's bound arguments.
 
 Cache layout, one for the whole project: ``k_cache``, ``v_cache`` ``[num_pages, page_size, num_kv_heads,
 head_dim]``. Arguments may be torch tensors (zero copy) or numpy arrays; results come back in the type of ``q``.
-Attention is split FlashInfer-style into a plan (built once per batch: checks the page table and lengths,
-picks the KV split) and a run (once per layer). ``paged_decode`` / ``paged_prefill`` do both.
+Attention is split FlashInfer-style into a plan (``tvm_paged.plan``: built once per batch, it checks the page
+table and lengths, picks the KV split and, at its first run, binds the kernel and its scratch) and a run (once per
+layer). ``paged_decode`` / ``paged_prefill`` do both. Which arguments are read, written in place or written, and
+in what order the kernel takes them, is each family's spec (``tvm_paged.spec``).
 """
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import math
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from . import build, targets
 from . import validate as V
 from .config import KernelConfig
+from .spec import COPY_PAGES, WRITE_KV
+from .plan import AttentionPlan, BoundKernel, bind, choose_num_splits, kernel_for, operand_key, plan_decode, \
+    plan_prefill, use_kernels
 
-# Split-KV: a task never gets fewer than this many pages' worth of tokens (merging has a cost).
-_MIN_SPLIT_TOKENS = 256
-# Rows of queries one prefill task handles (the CPU kernel's tile; see kernels/prefill_cpu.py).
-PREFILL_Q_TILE = 16
-
-
-@dataclass(frozen=True)
-class AttentionPlan:
-    """A validated batch: page table, lengths and the work split, reusable across layers.
-
-    ``block_table`` [batch, max_pages_per_seq] int32, ``seq_lens`` [batch] int32 (contiguous, on the caches'
-    device). Decode: ``num_splits`` KV splits per sequence. Prefill: ``cu_seqlens_q`` [batch + 1] int32 and
-    ``tiles`` [num_tiles, 3] int32 rows of (sequence, first query row, end query row) relative to the sequence.
-    """
-
-    block_table: torch.Tensor
-    seq_lens: torch.Tensor
-    page_size: int
-    num_pages: int
-    num_splits: int = 1
-    cu_seqlens_q: torch.Tensor | None = None
-    tiles: torch.Tensor | None = None
-
-    @property
-    def batch(self) -> int:
-        return int(self.block_table.shape[0])
-
-
-# Where run_* / write_kv / copy_pages get their compiled kernel: ``provider(cfg, device) -> callable``. None (the
-# default) compiles on demand through build.get_kernel; tvm_paged.loader installs a library's kernels instead.
-_KERNEL_PROVIDER: contextvars.ContextVar = contextvars.ContextVar("tvm_paged_kernel_provider", default=None)
-
-
-@contextlib.contextmanager
-def use_kernels(provider):
-    """Within the block (this thread/context only), kernels come from ``provider(cfg, device)`` instead of
-    being compiled; validation is unchanged."""
-    token = _KERNEL_PROVIDER.set(provider)
-    try:
-        yield
-    finally:
-        _KERNEL_PROVIDER.reset(token)
-
-
-def _kernel(cfg: KernelConfig, device: torch.device, plan: AttentionPlan | None = None):
-    provider = _KERNEL_PROVIDER.get()
-    if provider is not None:
-        return provider(cfg, device)
-    if plan is None:
-        return build.get_kernel(cfg, targets.target_for_device(device))
-    # Attention kernels take the schedule tuned for the bucket nearest this batch.
-    return build.get_kernel(cfg, targets.target_for_device(device), batch=plan.batch,
-                            max_pages=int(plan.block_table.shape[1]))
-
-
-def _num_threads() -> int:
-    import os
-
-    try:
-        return max(1, int(os.environ.get("TVM_NUM_THREADS", "0")))
-    except ValueError:
-        return 1
-
-
-def choose_num_splits(seq_lens: np.ndarray, page_size: int, device: torch.device) -> int:
-    """Enough (sequence, split) tasks to keep every core busy, none shorter than ``_MIN_SPLIT_TOKENS``."""
-    if device.type != "cpu":
-        workers = 132  # streaming multiprocessors of a large GPU; over-splitting a small one is harmless
-    else:
-        workers = _num_threads()
-    batch = len(seq_lens)
-    want = math.ceil(2 * workers / batch) if batch < 2 * workers else 1
-    longest = int(seq_lens.max())
-    cap = max(1, longest // max(_MIN_SPLIT_TOKENS, page_size))
-    return int(max(1, min(want, cap)))
-
-
-def plan_decode(block_table, seq_lens, *, page_size: int, num_pages: int, device=None) -> AttentionPlan:
-    """Validate a decode batch against a pool of ``num_pages`` pages of ``page_size`` tokens."""
-    bt = V.index_array(block_table, "block_table", 2, "[batch, max_pages_per_seq]")
-    sl = V.index_array(seq_lens, "seq_lens", 1, "[batch]")
-    V.check_block_table(bt, sl, page_size, num_pages)
-    device = torch.device(device) if device is not None else bt.device
-    splits = choose_num_splits(sl.cpu().numpy(), page_size, device)
-    return AttentionPlan(bt.to(device), sl.to(device), page_size, num_pages, num_splits=splits)
-
-
-def plan_prefill(block_table, seq_lens, cu_seqlens_q, total_q: int, *, page_size: int, num_pages: int,
-                 device=None) -> AttentionPlan:
-    """Validate a (chunked) prefill batch; ``total_q`` is the number of query rows."""
-    bt = V.index_array(block_table, "block_table", 2, "[batch, max_pages_per_seq]")
-    sl = V.index_array(seq_lens, "seq_lens", 1, "[batch]")
-    cu = V.index_array(cu_seqlens_q, "cu_seqlens_q", 1, "[batch + 1]")
-    V.check_block_table(bt, sl, page_size, num_pages)
-    q_lens = V.check_cu_seqlens(cu, bt.shape[0], total_q, sl)
-    tiles = [(b, r, min(r + PREFILL_Q_TILE, n)) for b, n in enumerate(q_lens) for r in range(0, n, PREFILL_Q_TILE)]
-    # An empty tensor built from an empty array gets zero strides, which TVM rejects: build it directly.
-    tiles_t = torch.tensor(tiles, dtype=torch.int32) if tiles else torch.zeros((0, 3), dtype=torch.int32)
-    device = torch.device(device) if device is not None else bt.device
-    return AttentionPlan(bt.to(device), sl.to(device), page_size, num_pages,
-                         cu_seqlens_q=cu.to(device), tiles=tiles_t.to(device))
+__all__ = ["AttentionPlan", "plan_decode", "plan_prefill", "run_decode", "run_prefill", "paged_decode",
+           "paged_prefill", "write_kv", "copy_pages", "use_kernels", "choose_num_splits"]
 
 
 def _check_q(q: torch.Tensor, k_cache: torch.Tensor, rows: int | None, rows_name: str):
@@ -158,9 +60,18 @@ def _config(kernel: str, q: torch.Tensor, k_cache: torch.Tensor) -> KernelConfig
                         int(page_size))
 
 
-def _scale(scale, head_dim: int) -> float:
+def _check_written(spec, given: dict, tensors: dict) -> None:
+    """The spec's in-place and output arguments are writable and share memory with no other argument (a read-only
+    numpy array would be written through its pointer; ``k_cache is v_cache`` would let V overwrite K)."""
+    written = {p.name: tensors[p.name] for p in spec.with_role("inplace", "output")}
+    for name in written:
+        V.check_writable(given[name], name)
+    V.check_disjoint(written, {n: t for n, t in tensors.items() if n not in written})
+
+
+def _scale(scale, bound: BoundKernel) -> float:
     if scale is None:
-        return head_dim ** -0.5
+        return bound.default_scale
     scale = float(scale)
     if not math.isfinite(scale):
         raise ValueError(f"scale: must be finite, got {scale}")
@@ -175,42 +86,77 @@ def _output(result: torch.Tensor, like) -> torch.Tensor | np.ndarray:
     return result
 
 
-def run_decode(plan: AttentionPlan, q, k_cache, v_cache, *, scale=None, return_lse=False):
+def _binding(plan: AttentionPlan, kernel: str, q, k_cache, v_cache, rows_of) -> tuple:
+    """(q, k_cache, v_cache, bound kernel) for a run of ``plan``: the plan's binding for operands of this kind,
+    made (after full validation) the first time. ``rows_of(plan)``: q's expected row count."""
+    q, kc, vc = V.as_tensor(q, "q"), V.as_tensor(k_cache, "k_cache"), V.as_tensor(v_cache, "v_cache")
+    key = operand_key(q, kc, vc)
+    bound = plan.bindings.get(key)
+    if bound is None:
+        def validate() -> KernelConfig:
+            _operands(plan, q, kc, vc, rows_of(plan), "total_q" if kernel == "prefill" else "batch")
+            return _config(kernel, q, kc)
+
+        bound = bind(plan, key, validate)
+    elif not (kc.is_contiguous() and vc.is_contiguous()):  # the only property the key does not pin
+        V.check_cache_pair(kc, vc)
+    return q.contiguous(), kc, vc, bound
+
+
+def _result(q: torch.Tensor, out, bound: BoundKernel, inputs: dict) -> torch.Tensor:
+    """The output tensor of a run: ``out`` if the caller gave one (checked: q's shape, dtype and device,
+    contiguous, writable, sharing memory with no input), else a new one."""
+    if out is None:
+        return torch.empty_like(q)
+    V.check_writable(out, "out")
+    t = V.as_tensor(out, "out")
+    if t.shape != q.shape or t.dtype != q.dtype or t.device != q.device or not t.is_contiguous():
+        raise ValueError(f"out: expected a contiguous {tuple(q.shape)} {q.dtype} tensor on {q.device}, got "
+                         f"{tuple(t.shape)} {t.dtype} on {t.device}{'' if t.is_contiguous() else ' (strided)'}")
+    V.check_disjoint({"out": t}, inputs)
+    return t
+
+
+def _finish(out: torch.Tensor, lse: torch.Tensor, q_in, return_lse: bool):
+    out = _output(out, q_in)
+    return (out, _output(lse, q_in)) if return_lse else out
+
+
+def run_decode(plan: AttentionPlan, q, k_cache, v_cache, *, scale=None, return_lse=False, out=None):
     """Decode attention for a planned batch. ``q`` [batch, num_qo_heads, head_dim] -> out, same shape and dtype
-    (and ``lse`` [batch, num_qo_heads] float32 when ``return_lse``)."""
+    (and ``lse`` [batch, num_qo_heads] float32 when ``return_lse``). ``out``: write the result there instead of a
+    new tensor (a serving loop or a CUDA graph reuses one buffer)."""
     q_in = q
-    q, kc, vc, head_dim = _operands(plan, q, k_cache, v_cache, plan.batch, "batch")
-    cfg = _config("decode", q, kc)
-    fn = _kernel(cfg, q.device, plan)
-    q = q.contiguous()
-    batch, hq, _ = q.shape
-    out = torch.empty_like(q)
-    lse = torch.empty(batch, hq, dtype=torch.float32, device=q.device)
-    o_part = torch.empty(batch, plan.num_splits, hq, head_dim, dtype=torch.float32, device=q.device)
-    lse_part = torch.empty(batch, plan.num_splits, hq, dtype=torch.float32, device=q.device)
-    fn(q, kc, vc, plan.block_table, plan.seq_lens, out, lse, o_part, lse_part, _scale(scale, head_dim))
-    out = _output(out, q_in)
-    return (out, _output(lse, q_in)) if return_lse else out
+    q, kc, vc, bound = _binding(plan, "decode", q, k_cache, v_cache, _batch_rows)
+    out = _result(q, out, bound, {"q": q, "k_cache": kc, "v_cache": vc})
+    lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device) if return_lse else bound.lse
+    bound.fn(*bound.binder(q=q, k_cache=kc, v_cache=vc, out=out, lse=lse, scale=_scale(scale, bound)))
+    return _finish(out, lse, q_in, return_lse)
 
 
-def run_prefill(plan: AttentionPlan, q, k_cache, v_cache, *, scale=None, causal=True, return_lse=False):
-    """Prefill attention for a planned batch. ``q`` [total_q, num_qo_heads, head_dim] -> out, same shape."""
-    q_in = q
-    if plan.cu_seqlens_q is None:
+def run_prefill(plan: AttentionPlan, q, k_cache, v_cache, *, scale=None, causal=True, return_lse=False, out=None):
+    """Prefill attention for a planned batch. ``q`` [total_q, num_qo_heads, head_dim] -> out, same shape (and
+    ``lse`` [total_q, num_qo_heads] float32 when ``return_lse``); ``out`` as in :func:`run_decode`."""
+    if not plan.is_prefill:
         raise ValueError("plan: a decode plan was given to run_prefill (use plan_prefill)")
-    q, kc, vc, head_dim = _operands(plan, q, k_cache, v_cache, int(plan.cu_seqlens_q[-1]), "total_q")
-    cfg = _config("prefill", q, kc)
-    fn = _kernel(cfg, q.device, plan)
-    q = q.contiguous()
-    out = torch.empty_like(q)
-    lse = torch.empty(q.shape[0], q.shape[1], dtype=torch.float32, device=q.device)
-    fn(q, kc, vc, plan.block_table, plan.seq_lens, plan.cu_seqlens_q, plan.tiles, out, lse,
-       _scale(scale, head_dim), int(bool(causal)))
-    out = _output(out, q_in)
-    return (out, _output(lse, q_in)) if return_lse else out
+    q_in = q
+    q, kc, vc, bound = _binding(plan, "prefill", q, k_cache, v_cache, _query_rows)
+    out = _result(q, out, bound, {"q": q, "k_cache": kc, "v_cache": vc})
+    lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device) if return_lse else bound.lse
+    bound.fn(*bound.binder(q=q, k_cache=kc, v_cache=vc, out=out, lse=lse, scale=_scale(scale, bound),
+                           causal=int(bool(causal))))
+    return _finish(out, lse, q_in, return_lse)
 
 
-def paged_decode(q, k_cache, v_cache, block_table, seq_lens, *, scale=None, return_lse=False):
+def _batch_rows(plan: AttentionPlan) -> int:
+    return plan.batch
+
+
+def _query_rows(plan: AttentionPlan) -> int:
+    return plan.dims["TQ"]
+
+
+def paged_decode(q, k_cache, v_cache, block_table, seq_lens, *, scale=None, return_lse=False, out=None):
     """Decode attention over a paged KV cache: one query token per sequence.
 
     Args:
@@ -221,17 +167,18 @@ def paged_decode(q, k_cache, v_cache, block_table, seq_lens, *, scale=None, retu
         scale: softmax scale, default ``head_dim ** -0.5``.
         return_lse: also return ``lse`` ``[batch, num_qo_heads]`` float32 (natural log of the softmax
             denominator, max folded in).
+        out: optional ``[batch, num_qo_heads, head_dim]`` tensor to write the result into.
     Returns:
         ``out`` ``[batch, num_qo_heads, head_dim]`` in q's dtype, or ``(out, lse)``.
     """
     kc = V.as_tensor(k_cache, "k_cache")
     num_pages, page_size, _, _ = V.check_cache_pair(kc, V.as_tensor(v_cache, "v_cache"))
     plan = plan_decode(block_table, seq_lens, page_size=page_size, num_pages=num_pages, device=kc.device)
-    return run_decode(plan, q, k_cache, v_cache, scale=scale, return_lse=return_lse)
+    return run_decode(plan, q, k_cache, v_cache, scale=scale, return_lse=return_lse, out=out)
 
 
 def paged_prefill(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, *, scale=None, causal=True,
-                  return_lse=False):
+                  return_lse=False, out=None):
     """Prefill (or chunked prefill) attention over a paged KV cache.
 
     Args:
@@ -249,7 +196,7 @@ def paged_prefill(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, *, s
     V.check_rank(qt, 3, "q", "[total_q, num_qo_heads, head_dim]")
     plan = plan_prefill(block_table, seq_lens, cu_seqlens_q, int(qt.shape[0]), page_size=page_size,
                         num_pages=num_pages, device=kc.device)
-    return run_prefill(plan, q, k_cache, v_cache, scale=scale, causal=causal, return_lse=return_lse)
+    return run_prefill(plan, q, k_cache, v_cache, scale=scale, causal=causal, return_lse=return_lse, out=out)
 
 
 def write_kv(k, v, k_cache, v_cache, slot_mapping) -> None:
@@ -264,6 +211,9 @@ def write_kv(k, v, k_cache, v_cache, slot_mapping) -> None:
     kt, vt = V.as_tensor(k, "k"), V.as_tensor(v, "v")
     kc, vc = V.as_tensor(k_cache, "k_cache"), V.as_tensor(v_cache, "v_cache")
     num_pages, page_size, num_kv_heads, head_dim = V.check_cache_pair(kc, vc)
+    slots = V.as_tensor(slot_mapping, "slot_mapping")
+    _check_written(WRITE_KV, dict(k=k, v=v, k_cache=k_cache, v_cache=v_cache, slot_mapping=slot_mapping),
+                   dict(k=kt, v=vt, k_cache=kc, v_cache=vc, slot_mapping=slots))
     for t, name in ((kt, "k"), (vt, "v")):
         V.check_rank(t, 3, name, "[num_tokens, num_kv_heads, head_dim]")
         if tuple(t.shape[1:]) != (num_kv_heads, head_dim):
@@ -275,7 +225,6 @@ def write_kv(k, v, k_cache, v_cache, slot_mapping) -> None:
             raise ValueError(f"{name}: device {t.device} differs from the caches' {kc.device}")
     if kt.shape[0] != vt.shape[0]:
         raise ValueError(f"v: {vt.shape[0]} tokens, k has {kt.shape[0]}")
-    slots = V.as_tensor(slot_mapping, "slot_mapping")
     V.check_rank(slots, 1, "slot_mapping", "[num_tokens]")
     if slots.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"slot_mapping: expected int32 or int64, got {slots.dtype}")
@@ -293,7 +242,7 @@ def write_kv(k, v, k_cache, v_cache, slot_mapping) -> None:
     if kt.shape[0] == 0:
         return
     cfg = KernelConfig.for_pages("write_kv", V.dtype_name(kc, "k_cache"), num_kv_heads, head_dim, page_size)
-    fn = _kernel(cfg, kc.device)
+    fn = kernel_for(cfg, kc.device)
     fn(kt.contiguous(), vt.contiguous(), kc, vc, slots.to(device=kc.device, dtype=torch.int64).contiguous())
 
 
@@ -307,6 +256,8 @@ def copy_pages(k_cache, v_cache, src_pages, dst_pages) -> None:
     num_pages, page_size, num_kv_heads, head_dim = V.check_cache_pair(kc, vc)
     src = V.index_array(src_pages, "src_pages", 1, "[num_copies]")
     dst = V.index_array(dst_pages, "dst_pages", 1, "[num_copies]")
+    _check_written(COPY_PAGES, dict(k_cache=k_cache, v_cache=v_cache, src_pages=src_pages, dst_pages=dst_pages),
+                   dict(k_cache=kc, v_cache=vc, src_pages=src, dst_pages=dst))
     if src.shape != dst.shape:
         raise ValueError(f"dst_pages: {dst.shape[0]} entries, src_pages has {src.shape[0]}")
     s, d = src.cpu().numpy(), dst.cpu().numpy()
@@ -322,5 +273,5 @@ def copy_pages(k_cache, v_cache, src_pages, dst_pages) -> None:
     if len(s) == 0:
         return
     cfg = KernelConfig.for_pages("copy_pages", V.dtype_name(kc, "k_cache"), num_kv_heads, head_dim, page_size)
-    fn = _kernel(cfg, kc.device)
+    fn = kernel_for(cfg, kc.device)
     fn(kc, vc, src.to(kc.device), dst.to(kc.device))

@@ -15,6 +15,14 @@ import argparse
 import sys
 from pathlib import Path
 
+from . import tuned_knobs
+from .config import KernelConfig
+from .targets import resolve_target
+
+# The tuning package (tvm_paged.tuning: MetaSchedule's glue, the search, its workers' pieces) is imported in the
+# functions below, only when `tvm-paged tune` runs: `tvm-paged --help` and the other subcommands import this module
+# to list its arguments and never need it.
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", default="local",
@@ -69,8 +77,6 @@ def _tracker(text: str | None) -> tuple[str, int] | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .targets import resolve_target  # noqa: PLC0415
-    from .config import KernelConfig  # noqa: PLC0415
     from .tuning.search import TuneError, TuneOptions, format_summary, tune  # noqa: PLC0415
     from .tuning.workload import parse_buckets  # noqa: PLC0415
 
@@ -113,7 +119,6 @@ def _run_block_form(cfg, target, buckets, opts, target_name: str, space_name: st
     from .tuning.records import TuningLog  # noqa: PLC0415
     from .tuning.search import summarize, work_dir_for  # noqa: PLC0415
     from .tuning.space import KnobSpace  # noqa: PLC0415
-    from . import tuned_knobs  # noqa: PLC0415
 
     check_request(cfg, target, opts, space_name)
     work_dir = work_dir_for(cfg, target, opts)

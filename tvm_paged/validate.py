@@ -3,6 +3,8 @@ naming the offending argument, so bad input never reaches compiled code (no cras
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 
@@ -19,6 +21,10 @@ def as_tensor(x, name: str) -> torch.Tensor:
         if x.dtype.name == "bfloat16":  # ml_dtypes: reinterpret the bits
             return torch.from_numpy(x.view(np.uint16)).view(torch.bfloat16)
         try:
+            if not x.flags.writeable:  # an input may be read-only; check_writable refuses it where it is written
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", UserWarning)
+                    return torch.from_numpy(x)
             return torch.from_numpy(x)
         except (TypeError, ValueError) as exc:
             raise ValueError(f"{name}: unsupported array ({exc})") from exc
@@ -74,26 +80,29 @@ def index_array(x, name: str, rank: int, shape_doc: str, dtypes=(torch.int32,)) 
     return t.contiguous()
 
 
-def check_block_table(block_table: torch.Tensor, seq_lens: torch.Tensor, page_size: int, num_pages: int) -> None:
+def check_block_table(block_table: torch.Tensor, seq_lens: torch.Tensor, page_size: int, num_pages: int) -> np.ndarray:
     """Lengths positive and within the table; every page a sequence uses inside ``[0, num_pages)``.
-    Entries past a sequence's last page are ignored (they may be -1)."""
+    Entries past a sequence's last page are ignored (they may be -1). Returns the lengths (int64 numpy)."""
     batch, max_pages = block_table.shape
     if seq_lens.shape[0] != batch:
         raise ValueError(f"seq_lens: length {seq_lens.shape[0]} does not match block_table's batch {batch}")
-    lens = seq_lens.cpu().numpy().astype(np.int64)
     if batch == 0:
         raise ValueError("block_table: batch must be at least 1")
-    if (lens <= 0).any():
+    lens = seq_lens.cpu().numpy().astype(np.int64)
+    lo, hi = int(lens.min()), int(lens.max())
+    if lo <= 0:
         b = int(np.argmax(lens <= 0))
         raise ValueError(f"seq_lens: every length must be positive, seq_lens[{b}] = {lens[b]}")
     capacity = max_pages * page_size
-    if (lens > capacity).any():
+    if hi > capacity:
         b = int(np.argmax(lens > capacity))
         raise ValueError(
             f"seq_lens: seq_lens[{b}] = {lens[b]} exceeds what block_table holds "
             f"({max_pages} pages x page_size {page_size} = {capacity})"
         )
     table = block_table.cpu().numpy()
+    if 0 <= table.min() and table.max() < num_pages:  # every entry valid, used or not: nothing to mask
+        return lens
     used = np.arange(max_pages)[None, :] < ((lens + page_size - 1) // page_size)[:, None]
     bad = used & ((table < 0) | (table >= num_pages))
     if bad.any():
@@ -102,6 +111,7 @@ def check_block_table(block_table: torch.Tensor, seq_lens: torch.Tensor, page_si
             f"block_table: block_table[{b}, {p}] = {table[b, p]} is outside [0, num_pages = {num_pages}) "
             f"and sequence {b} uses it"
         )
+    return lens
 
 
 def check_cu_seqlens(cu_seqlens_q: torch.Tensor, batch: int, total_q: int, seq_lens: torch.Tensor) -> np.ndarray:
@@ -125,3 +135,42 @@ def check_cu_seqlens(cu_seqlens_q: torch.Tensor, batch: int, total_q: int, seq_l
             "(queries are part of the cached length)"
         )
     return q_lens
+
+
+def check_writable(x, name: str) -> None:
+    """An argument the kernel writes must be writable: a read-only numpy array (a view of a file, a broadcast,
+    ``flags.writeable = False``) would be written anyway through its data pointer."""
+    if isinstance(x, np.ndarray) and not x.flags.writeable:
+        raise ValueError(f"{name}: the array is read-only, and it is written in place")
+
+
+def _span(t: torch.Tensor) -> tuple[int, int] | None:
+    """The byte range [first, last + 1) a tensor's elements occupy, None when it has none."""
+    if t.numel() == 0:
+        return None
+    lo = hi = 0
+    for size, stride in zip(t.shape, t.stride()):
+        reach = (size - 1) * stride
+        if reach < 0:
+            lo += reach
+        else:
+            hi += reach
+    start, item = t.data_ptr(), t.element_size()
+    return start + lo * item, start + (hi + 1) * item
+
+
+def check_disjoint(written: dict, others: dict) -> None:
+    """No tensor in ``written`` (name -> tensor the kernel writes) shares memory with another written one or with
+    any tensor in ``others`` (name -> tensor it reads). Overlap is judged on the byte ranges, so it also catches a
+    view of the same storage (``k_cache`` and ``k_cache[:]``) and interleaved views (conservatively)."""
+    items = list(written.items())
+    spans = {n: (t.device, _span(t)) for n, t in (*items, *others.items()) if t is not None}
+    for i, (name, _) in enumerate(items):
+        dev, span = spans[name]
+        if span is None:
+            continue
+        for other in [n for n, _ in items[:i]] + [n for n in others if n not in written]:
+            odev, ospan = spans.get(other, (None, None))
+            if ospan is not None and odev == dev and span[0] < ospan[1] and ospan[0] < span[1]:
+                raise ValueError(f"{name}: shares memory with {other}; an argument that is written may not "
+                                 "alias another argument")

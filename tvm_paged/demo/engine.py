@@ -10,6 +10,7 @@ import time
 from collections import Counter
 
 import torch
+from tqdm import tqdm
 
 from ..cache import PagedKVCache
 from .model import ModelConfig, TinyLlama, contiguous_logits
@@ -202,8 +203,6 @@ class Engine:
         return time.perf_counter() - t0
 
     def run(self) -> dict:
-        from tqdm import tqdm  # noqa: PLC0415
-
         compile_s = self.warm_up()
         pending = sorted(self.requests, key=lambda r: r.arrival)
         total = sum(r.n * r.max_new_tokens for r in self.requests)

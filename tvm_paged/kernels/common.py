@@ -1,5 +1,8 @@
-"""TVMScript helpers shared by the kernel builders: a vectorizable exp2, dtype helpers, shuffle-tree row sums
-(CPU) and the CUDA kernels' per-thread online-softmax update and warp reduction (``T.macro``)."""
+"""Helpers shared by the kernel builders: planning arithmetic, exp2, float32 casts, row sums, CUDA macros.
+
+Planning: the cache-line size and divisor / power-of-two arithmetic the builders size their tiles with.
+TVMScript: a vectorizable exp2, the float32 widening and narrowing of loads and stores, shuffle-tree row sums
+(CPU), and the CUDA kernels' per-thread online-softmax update and warp reduction (``T.macro``)."""
 
 from __future__ import annotations
 
@@ -9,6 +12,20 @@ from ..tvm_compat import T
 
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
+CACHE_LINE_BYTES = 64  # the CPU kernels' software-prefetch granularity
+
+
+def largest_divisor_at_most(n: int, cap: int) -> int:
+    """The largest divisor of ``n`` that is at most ``cap`` (1 when ``cap < 1``)."""
+    for d in range(max(1, min(n, cap)), 0, -1):
+        if n % d == 0:
+            return d
+    return 1
+
+
+def is_pow2(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
 
 # Cephes exp2f minimax polynomial for 2**f on [-0.5, 0.5]: relative error about 2e-7.
 _EXP2_P = (
@@ -44,6 +61,7 @@ def to_f32(value, dtype: str):
 
 
 def from_f32(value, dtype: str):
+    """Narrow a float32 value to the storage dtype (no-op for float32)."""
     return value if dtype == "float32" else T.Cast(dtype, value)
 
 

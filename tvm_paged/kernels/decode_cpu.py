@@ -6,19 +6,10 @@ contiguously and every query head of a group reuses each K/V row from L1. The so
 per page, started from a true minus infinity. Partial states of the splits are merged by their log-sum-exp in a
 second parallel loop of the same function, so one long sequence still uses every core.
 
-Signature (all arrays C-contiguous; batch ``B``, ``num_pages``, ``max_pages_per_seq`` and ``num_splits``
-are symbolic):
-
-    q           [B, num_qo_heads, head_dim]                      dtype
-    k_cache     [num_pages, page_size, num_kv_heads, head_dim]   dtype
-    v_cache     [num_pages, page_size, num_kv_heads, head_dim]   dtype
-    block_table [B, max_pages_per_seq]                           int32
-    seq_lens    [B]                                              int32 (>= 1, validated by the caller)
-    out         [B, num_qo_heads, head_dim]                      dtype        (written)
-    lse         [B, num_qo_heads]                                float32, natural log (written)
-    o_part      [B, num_splits, num_qo_heads, head_dim]          float32 scratch
-    lse_part    [B, num_splits, num_qo_heads]                    float32 scratch (log2 domain)
-    scale       float32 scalar: softmax scale
+The builder's macros are the algorithm's phases: ``init_state`` (scaled q, empty softmax state), then per page
+``page_scores`` (q.k: ``prefetch_rows`` and ``tile_scores``), ``softmax_rescale`` (the online-softmax update) and
+``page_pv`` (P.V accumulation, with ``prefetch_next_k``); ``store_split`` writes a split's partial state and
+``merge_splits`` combines the splits.
 """
 
 from __future__ import annotations
@@ -26,10 +17,8 @@ from __future__ import annotations
 from ..config import KernelConfig
 from ..tvm_compat import T
 from ..tvm_compat import prefetch as prefetch_line
-from .common import LN2, LOG2E, exp2, from_f32, lanes_at, row_chunk, row_sums, to_f32
+from .common import CACHE_LINE_BYTES, LN2, LOG2E, exp2, from_f32, lanes_at, row_chunk, row_sums, to_f32
 from .signatures import decode_args
-
-_CACHE_LINE = 64
 
 
 def _group_tiles(group_size: int) -> list[int]:
@@ -56,12 +45,19 @@ def build_decode_cpu(cfg: KernelConfig, *, lanes: int = 8, group_tile: int | Non
                      qk_tokens: int = 1, pv_vecs: int = 2):
     """Return the decode PrimFunc for ``cfg`` (kernel ``decode``) on an LLVM CPU target.
 
+    Its parameters are :data:`tvm_paged.spec.DECODE`'s (C-contiguous; ``B``, ``P``, ``M``, ``NS`` symbolic;
+    ``dtype`` = ``cfg.dtype``; ``seq_lens >= 1``, validated by the caller):
+
+        q [B, Hq, D], k_cache / v_cache [P, S, Hkv, D]: dtype     block_table [B, M], seq_lens [B]: int32
+        out [B, Hq, D]: dtype, lse [B, Hq]: float32 (natural log)  (written)
+        o_part [B, NS, Hq, D], lse_part [B, NS, Hq]: float32 scratch (log2 domain)    scale: float32
+
     ``lanes`` float32 lanes per vector (8 for AVX2, 16 for AVX-512); ``group_tile`` query heads accumulated
     together (default: the divisor of the group size nearest to 4, see ``_group_tiles``); ``prefetch`` "v+k",
-    "v", "kv" or "none";
-    ``qk_tokens`` tokens scored together (sharing q loads) and ``pv_vecs`` head_dim vectors per P.V register
-    tile. The q.k tile keeps one accumulator per (token, head): its GT heads are the independent FMA chains (a
-    split of each chain would be merged back by LLVM under the target's fast-math reassociation anyway).
+    "v", "kv" or "none"; ``qk_tokens`` tokens scored together (sharing q loads) and ``pv_vecs`` head_dim vectors
+    per P.V register tile. The q.k tile keeps one accumulator per (token, head): its GT heads are the independent
+    FMA chains (a split of each chain would be merged back by LLVM under the target's fast-math reassociation
+    anyway).
     """
     if cfg.kernel != "decode":
         raise ValueError(f"build_decode_cpu needs a decode config, got {cfg.name}")
@@ -81,7 +77,7 @@ def build_decode_cpu(cfg: KernelConfig, *, lanes: int = 8, group_tile: int | Non
     if prefetch not in ("v", "v+k", "kv", "none"):
         raise ValueError(f"prefetch must be 'v', 'v+k', 'kv' or 'none', got {prefetch!r}")
     # Elements per cache line, and cache lines per head slice of a token row ([head_dim]).
-    line = max(1, _CACHE_LINE // E)
+    line = max(1, CACHE_LINE_BYTES // E)
     lines_per_head = (D + line - 1) // line
     pf_k = prefetch == "kv"
     pf_v = prefetch in ("kv", "v", "v+k")
@@ -100,6 +96,149 @@ def build_decode_cpu(cfg: KernelConfig, *, lanes: int = 8, group_tile: int | Non
 
     a = decode_args(cfg)
     B, NS = a.B, a.NS
+
+    @T.macro
+    def init_state(qf, acc, m, lsum, Q, b, scale):
+        """Sequence ``b``'s q in float32 with the softmax scale and log2(e) folded in (scores come out in the
+        log2 domain), and an empty online-softmax state: zero accumulator, max -inf, sum 0."""
+        for h, d in T.grid(Hq, D):
+            qf[h, d] = to_f32(Q[b, h, d], dt) * (scale * T.float32(LOG2E))
+            acc[h, d] = T.float32(0)
+        for h in range(Hq):
+            m[h] = neg_inf
+            lsum[h] = T.float32(0)
+
+    @T.macro
+    def prefetch_rows(K, V, page, nxt, n, tt, kvh):
+        """Prefetch KV head ``kvh``'s slice of the V rows of tokens ``tt * TT ...`` (and, with "kv", the next
+        page's K rows): P.V walks the page's V in head_dim-tile order, which the hardware prefetcher cannot
+        follow. One head's slice per call, during the scores, so the requests never queue up."""
+        for u in range(TT):
+            if pf_v:
+                for c in range(lines_per_head):
+                    prefetch_line(T.address_of(V[page, T.min(tt * TT + u, n - 1), kvh, c * line]))
+            if pf_k:
+                for c in range(lines_per_head):
+                    prefetch_line(T.address_of(K[nxt, T.min(tt * TT + u, n - 1), kvh, c * line]))
+
+    @T.macro
+    def tile_scores(sc, qk, qf, K, page, n, tt, kvh, gt):
+        """``sc[t, h]`` = q.k of the TT tokens ``t`` from ``tt * TT`` (those below ``n``) and the GT heads ``h``
+        of head tile ``gt`` of KV head ``kvh``, accumulated in the register tile ``qk``."""
+        for u, g, l in T.grid(TT, GT, L):
+            qk[u, g, l] = T.float32(0)
+        # TT tokens at once share each q load; a short last step re-reads token n - 1 (inside the sequence) and
+        # drops the duplicate score below.
+        for dc in T.unroll(NDC):
+            for g in T.unroll(GT):
+                for u in T.unroll(TT):
+                    for l in T.vectorized(L):
+                        qk[u, g, l] = qk[u, g, l] + qf[
+                            kvh * G + gt * GT + g, dc * L + l
+                        ] * to_f32(K[page, T.min(tt * TT + u, n - 1), kvh, dc * L + l], dt)
+        # Horizontal sums over head_dim by a shuffle tree, CH heads per vector store.
+        for u in T.unroll(TT):
+            for ch in T.unroll(GT // CH):
+                if tt * TT + u < n:
+                    sc[tt * TT + u, lanes_at(kvh * G + gt * GT + ch * CH, CH)] = score_rows(qk, u, ch * CH)
+
+    @T.macro
+    def page_scores(sc, qk, qf, K, V, page, nxt, n):
+        """``sc[0:n, :]``: the scores of the page's ``n`` tokens (only those are read), tokens outer and heads
+        inner: the page is read contiguously and each K row is shared by the GT heads of a tile."""
+        for tt in range((n + TT - 1) // TT):
+            for kvh in range(Hkv):
+                prefetch_rows(K, V, page, nxt, n, tt, kvh)
+                for gt in range(NGT):
+                    tile_scores(sc, qk, qf, K, page, n, tt, kvh, gt)
+
+    @T.macro
+    def softmax_rescale(sc, m, mnew, lsum, alpha, n):
+        """The online-softmax update of one page, vectorized over heads: ``m`` the new running max, ``alpha``
+        the factor that rescales the old state to it, ``sc[0:n, :]`` replaced by the weights and ``lsum``
+        rescaled and increased by them."""
+        for h in range(Hq):
+            mnew[h] = m[h]
+        for t in range(n):
+            for h in range(Hq):
+                mnew[h] = T.max(mnew[h], sc[t, h])
+        for h in range(Hq):
+            alpha[h] = exp2(m[h] - mnew[h])
+            m[h] = mnew[h]
+            lsum[h] = lsum[h] * alpha[h]
+        for t in range(n):
+            for h in range(Hq):
+                sc[t, h] = exp2(sc[t, h] - mnew[h])
+                lsum[h] = lsum[h] + sc[t, h]
+
+    @T.macro
+    def prefetch_next_k(K, nxt, kvh, gt, dv):
+        """Prefetch P.V tile ``(kvh, gt, dv)``'s share of the next page's K while P.V works from cache: the
+        memory system fetches it during compute instead of stalling the next page's q.k."""
+        for c in range(k_lines_per_tile):
+            elem: T.let[T.int32] = (((kvh * NGT + gt) * (NDC // PVV) + dv) * k_lines_per_tile + c) * line
+            if elem < S * Hkv * D:
+                prefetch_line(T.address_of(K[nxt, elem // (Hkv * D), elem // D % Hkv, elem % D]))
+
+    @T.macro
+    def page_pv(acc, ov, sc, alpha, K, V, page, nxt, n, has_next):
+        """``acc = acc * alpha + P . V`` over the page's ``n`` tokens, each GT heads x PVV vectors tile of the
+        accumulator held in registers (``ov``) across the page; ``has_next``: a next page to prefetch."""
+        for kvh in range(Hkv):
+            for gt in range(NGT):
+                for dv in range(NDC // PVV):
+                    if pf_k_pv:
+                        if has_next:
+                            prefetch_next_k(K, nxt, kvh, gt, dv)
+                    for g in T.unroll(GT):
+                        for c in T.unroll(PVV):
+                            for l in T.vectorized(L):
+                                ov[g, c, l] = acc[kvh * G + gt * GT + g, (dv * PVV + c) * L + l] * alpha[
+                                    kvh * G + gt * GT + g
+                                ]
+                    for t in range(n):
+                        for g in T.unroll(GT):
+                            for c in T.unroll(PVV):
+                                for l in T.vectorized(L):
+                                    ov[g, c, l] = ov[g, c, l] + sc[t, kvh * G + gt * GT + g] * to_f32(
+                                        V[page, t, kvh, (dv * PVV + c) * L + l], dt
+                                    )
+                    for g in T.unroll(GT):
+                        for c in T.unroll(PVV):
+                            for l in T.vectorized(L):
+                                acc[kvh * G + gt * GT + g, (dv * PVV + c) * L + l] = ov[g, c, l]
+
+    @T.macro
+    def store_split(OP, LP, acc, m, lsum, b, s):
+        """Split ``s``'s normalized output and log2-sum-exp into the scratch (zeros and -inf when empty)."""
+        for h in range(Hq):
+            if lsum[h] > T.float32(0):
+                LP[b, s, h] = m[h] + T.log2(lsum[h])
+                for d in range(D):
+                    OP[b, s, h, d] = acc[h, d] / lsum[h]
+            else:  # an empty split (more splits than pages)
+                LP[b, s, h] = neg_inf
+                for d in range(D):
+                    OP[b, s, h, d] = T.float32(0)
+
+    @T.macro
+    def merge_splits(O, LSE, OP, LP, mx, tot, w, o, b, h):
+        """``out[b, h]`` and ``lse[b, h]`` from the NS partial states, weighted by their log-sum-exp."""
+        mx[0] = neg_inf
+        for s in range(NS):
+            mx[0] = T.max(mx[0], LP[b, s, h])
+        tot[0] = T.float32(0)
+        for s in range(NS):
+            w[s] = T.exp2(LP[b, s, h] - mx[0])
+            tot[0] = tot[0] + w[s]
+        for d in range(D):
+            o[d] = T.float32(0)
+        for s in range(NS):
+            for d in range(D):
+                o[d] = o[d] + OP[b, s, h, d] * (w[s] / tot[0])
+        for d in range(D):
+            O[b, h, d] = from_f32(o[d], dt)
+        LSE[b, h] = (mx[0] + T.log2(tot[0])) * T.float32(LN2)
 
     @T.prim_func
     def decode(
@@ -125,107 +264,17 @@ def build_decode_cpu(cfg: KernelConfig, *, lanes: int = 8, group_tile: int | Non
             n_pages: T.let[T.int64] = (seq_len + S - 1) // S
             chunk: T.let[T.int64] = (n_pages + NS - 1) // NS
             p_begin: T.let[T.int64] = T.min(s * chunk, n_pages)
-            p_end: T.let[T.int64] = T.min(p_begin + chunk, n_pages)
-            # Fold the softmax scale and log2(e) into q once: scores come out in the log2 domain.
-            for h, d in T.grid(Hq, D):
-                qf[h, d] = to_f32(Q[b, h, d], dt) * (scale * T.float32(LOG2E))
-                acc[h, d] = T.float32(0)
-            for h in range(Hq):
-                m[h] = neg_inf
-                lsum[h] = T.float32(0)
+            p_end: T.let[T.int64] = T.min(p_begin + chunk, n_pages)  # split s: pages [p_begin, p_end)
+            init_state(qf, acc, m, lsum, Q, b, scale)
             for pi in range(p_end - p_begin):
+                # The page, the next one (prefetched; the page itself on the last) and its tokens in use.
                 page: T.let[T.int64] = T.Cast("int64", BT[b, p_begin + pi])
                 nxt: T.let[T.int64] = T.Cast("int64", BT[b, T.min(p_begin + pi + 1, p_end - 1)])
                 n: T.let[T.int64] = T.min(T.int64(S), seq_len - (p_begin + pi) * S)
-                # Scores of this page, tokens outer and heads inner: the page is read contiguously and each K
-                # row is shared by the GT heads of a tile. Only the n tokens in use are read.
-                for tt in range((n + TT - 1) // TT):
-                    for kvh in range(Hkv):
-                        # P.V below walks this page's V in head_dim-tile order, which the hardware prefetcher
-                        # cannot follow: ask for each V row (and, with "kv", the next page's K row) while the
-                        # scores are computed, one head's slice per iteration so the requests never queue up.
-                        for u in range(TT):
-                            if pf_v:
-                                for c in range(lines_per_head):
-                                    prefetch_line(T.address_of(V[page, T.min(tt * TT + u, n - 1), kvh, c * line]))
-                            if pf_k:
-                                for c in range(lines_per_head):
-                                    prefetch_line(T.address_of(K[nxt, T.min(tt * TT + u, n - 1), kvh, c * line]))
-                        for gt in range(NGT):
-                            for u, g, l in T.grid(TT, GT, L):
-                                qk[u, g, l] = T.float32(0)
-                            # TT tokens at once share each q load; a short last step re-reads token n - 1
-                            # (inside the sequence) and drops the duplicate score below.
-                            for dc in T.unroll(NDC):
-                                for g in T.unroll(GT):
-                                    for u in T.unroll(TT):
-                                        for l in T.vectorized(L):
-                                            qk[u, g, l] = qk[u, g, l] + qf[
-                                                kvh * G + gt * GT + g, dc * L + l
-                                            ] * to_f32(K[page, T.min(tt * TT + u, n - 1), kvh, dc * L + l], dt)
-                            # Horizontal sums over head_dim by a shuffle tree, CH heads per vector store.
-                            for u in T.unroll(TT):
-                                for ch in T.unroll(GT // CH):
-                                    if tt * TT + u < n:
-                                        sc[tt * TT + u, lanes_at(kvh * G + gt * GT + ch * CH, CH)] = score_rows(
-                                            qk, u, ch * CH
-                                        )
-                # Online softmax, one rescale per page, vectorized over heads.
-                for h in range(Hq):
-                    mnew[h] = m[h]
-                for t in range(n):
-                    for h in range(Hq):
-                        mnew[h] = T.max(mnew[h], sc[t, h])
-                for h in range(Hq):
-                    alpha[h] = exp2(m[h] - mnew[h])
-                    m[h] = mnew[h]
-                    lsum[h] = lsum[h] * alpha[h]
-                for t in range(n):
-                    for h in range(Hq):
-                        sc[t, h] = exp2(sc[t, h] - mnew[h])
-                        lsum[h] = lsum[h] + sc[t, h]
-                # P.V with the accumulator tile in registers across the page's tokens.
-                for kvh in range(Hkv):
-                    for gt in range(NGT):
-                        for dv in range(NDC // PVV):
-                            if pf_k_pv:
-                                # The next page's K, one slice per tile while P.V works from cache: the memory
-                                # system fetches it during compute instead of stalling the next page's q.k.
-                                if pi + 1 < p_end - p_begin:
-                                    for c in range(k_lines_per_tile):
-                                        elem: T.let[T.int32] = (
-                                            ((kvh * NGT + gt) * (NDC // PVV) + dv) * k_lines_per_tile + c
-                                        ) * line
-                                        if elem < S * Hkv * D:
-                                            prefetch_line(T.address_of(
-                                                K[nxt, elem // (Hkv * D), elem // D % Hkv, elem % D]
-                                            ))
-                            for g in T.unroll(GT):
-                                for c in T.unroll(PVV):
-                                    for l in T.vectorized(L):
-                                        ov[g, c, l] = acc[kvh * G + gt * GT + g, (dv * PVV + c) * L + l] * alpha[
-                                            kvh * G + gt * GT + g
-                                        ]
-                            for t in range(n):
-                                for g in T.unroll(GT):
-                                    for c in T.unroll(PVV):
-                                        for l in T.vectorized(L):
-                                            ov[g, c, l] = ov[g, c, l] + sc[t, kvh * G + gt * GT + g] * to_f32(
-                                                V[page, t, kvh, (dv * PVV + c) * L + l], dt
-                                            )
-                            for g in T.unroll(GT):
-                                for c in T.unroll(PVV):
-                                    for l in T.vectorized(L):
-                                        acc[kvh * G + gt * GT + g, (dv * PVV + c) * L + l] = ov[g, c, l]
-            for h in range(Hq):
-                if lsum[h] > T.float32(0):
-                    LP[b, s, h] = m[h] + T.log2(lsum[h])
-                    for d in range(D):
-                        OP[b, s, h, d] = acc[h, d] / lsum[h]
-                else:  # an empty split (more splits than pages)
-                    LP[b, s, h] = neg_inf
-                    for d in range(D):
-                        OP[b, s, h, d] = T.float32(0)
+                page_scores(sc, qk, qf, K, V, page, nxt, n)
+                softmax_rescale(sc, m, mnew, lsum, alpha, n)
+                page_pv(acc, ov, sc, alpha, K, V, page, nxt, n, pi + 1 < p_end - p_begin)
+            store_split(OP, LP, acc, m, lsum, b, s)
 
         # Merge the splits of each (sequence, head) by their log-sum-exp.
         for bh in T.parallel(B * Hq):
@@ -235,20 +284,6 @@ def build_decode_cpu(cfg: KernelConfig, *, lanes: int = 8, group_tile: int | Non
             o = T.alloc_buffer((D,), "float32")
             b: T.let[T.int64] = bh // Hq
             h: T.let[T.int64] = bh % Hq
-            mx[0] = neg_inf
-            for s in range(NS):
-                mx[0] = T.max(mx[0], LP[b, s, h])
-            tot[0] = T.float32(0)
-            for s in range(NS):
-                w[s] = T.exp2(LP[b, s, h] - mx[0])
-                tot[0] = tot[0] + w[s]
-            for d in range(D):
-                o[d] = T.float32(0)
-            for s in range(NS):
-                for d in range(D):
-                    o[d] = o[d] + OP[b, s, h, d] * (w[s] / tot[0])
-            for d in range(D):
-                O[b, h, d] = from_f32(o[d], dt)
-            LSE[b, h] = (mx[0] + T.log2(tot[0])) * T.float32(LN2)
+            merge_splits(O, LSE, OP, LP, mx, tot, w, o, b, h)
 
     return decode

@@ -1,8 +1,8 @@
 """Paged decode attention for CUDA GPUs (one query token per sequence), as a thread-bound TVMScript program.
 
-Same signature and semantics as :mod:`tvm_paged.kernels.decode_cpu` (see its docstring): split-KV over
-``num_splits`` splits of each sequence's pages (``chunk = ceil(n_pages / num_splits)``, empty splits allowed),
-online softmax from a true minus infinity in the log2 domain, splits merged by their log-sum-exp.
+Same parameters (:data:`tvm_paged.spec.DECODE`'s) and semantics as :mod:`tvm_paged.kernels.decode_cpu`:
+split-KV over ``num_splits`` splits of each sequence's pages (``chunk = ceil(n_pages / num_splits)``, empty splits
+allowed), online softmax from a true minus infinity in the log2 domain, splits merged by their log-sum-exp.
 
 Kernel 1 (attention), one thread block per (sequence, split, KV head, query-head group), the block index fused
 into ``blockIdx.x`` with the head group fastest, so the blocks that share a K/V row run side by side:
@@ -28,9 +28,13 @@ pointers (CUDA allocations are; every supported head_dim keeps rows 16-byte alig
 
 from __future__ import annotations
 
+import itertools
+
 from ..config import KernelConfig
 from ..tvm_compat import T
-from .common import LN2, LOG2E, online_softmax_update, warp_allreduce_sum
+from .common import (
+    LN2, LOG2E, from_f32, is_pow2, largest_divisor_at_most, online_softmax_update, to_f32, warp_allreduce_sum,
+)
 from .signatures import decode_args
 
 _NEG_INF = float("-inf")
@@ -39,17 +43,6 @@ _NEG_INF = float("-inf")
 # --------------------------------------------------------------------------------------------- shared helpers
 def _pow2_ceil(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
-
-
-def _is_pow2(n: int) -> bool:
-    return n > 0 and n & (n - 1) == 0
-
-
-def _largest_divisor_at_most(n: int, cap: int) -> int:
-    for d in range(max(1, min(n, cap)), 0, -1):
-        if n % d == 0:
-            return d
-    return 1
 
 
 def target_limits(target) -> dict:
@@ -81,7 +74,7 @@ def head_dim_lanes(head_dim: int, itemsize: int, vec: int | None, warp: int) -> 
             vec //= 2
         while _pow2_ceil(head_dim // vec) > warp and head_dim % (vec * 2) == 0:
             vec *= 2
-    if not _is_pow2(vec) or head_dim % vec:
+    if not is_pow2(vec) or head_dim % vec:
         raise ValueError(f"vec ({vec}) must be a power of two dividing head_dim ({head_dim})")
     active = head_dim // vec
     bdx = _pow2_ceil(active)
@@ -111,13 +104,13 @@ def decode_plan(cfg: KernelConfig, target=None, *, vec: int | None = None, num_t
     D, G, E = cfg.head_dim, cfg.group_size, cfg.itemsize
     vec, lanes, bdx, active = head_dim_lanes(D, E, vec, lim["warp"])
     if heads_per_block is None:
-        heads_per_block = _largest_divisor_at_most(G, max(1, 32 // vec))
+        heads_per_block = largest_divisor_at_most(G, max(1, 32 // vec))
     if G % heads_per_block:
         raise ValueError(f"heads_per_block ({heads_per_block}) must divide the group size ({G})")
     gq = heads_per_block
     if num_threads is None:
         num_threads = max(min(128, lim["max_threads"]), bdx, lim["warp"])
-    if not _is_pow2(num_threads) or num_threads % lim["warp"] or num_threads < bdx:
+    if not is_pow2(num_threads) or num_threads % lim["warp"] or num_threads < bdx:
         raise ValueError(f"num_threads ({num_threads}) must be a power of two, a multiple of the warp "
                          f"({lim['warp']}) and >= {bdx} lanes")
     if num_threads > lim["max_threads"]:
@@ -137,7 +130,7 @@ def decode_plan(cfg: KernelConfig, target=None, *, vec: int | None = None, num_t
     mdx = D // mvec
     if mdx > lim["max_threads"]:
         raise ValueError(f"head_dim {D} is too large for the merge kernel")
-    mdy = _largest_divisor_at_most(cfg.num_qo_heads, max(1, merge_threads // mdx))
+    mdy = largest_divisor_at_most(cfg.num_qo_heads, max(1, merge_threads // mdx))
     return {
         "vec": vec, "lanes": lanes, "bdx": bdx, "active": active, "bdy": bdy, "tile": tokens_per_iter,
         "gq": gq, "head_groups": G // gq, "shared_bytes": shared, "mvec": mvec, "mdx": mdx, "mdy": mdy,
@@ -148,8 +141,6 @@ def decode_plan(cfg: KernelConfig, target=None, *, vec: int | None = None, num_t
 def feasible_space(space: dict[str, list], check) -> dict[str, list]:
     """Drop candidate values (never a list's first, the default) until every combination passes ``check``
     (which raises ValueError for an infeasible knob dict): a tuner may pick any point of the product."""
-    import itertools  # noqa: PLC0415
-
     space = {k: list(dict.fromkeys(v)) for k, v in space.items()}
     while True:
         bad: dict[tuple[str, object], int] = {}
@@ -184,7 +175,13 @@ def knob_space(cfg: KernelConfig, target=None) -> dict[str, list]:
 
 # --------------------------------------------------------------------------------------------- builder
 def build_decode_cuda(cfg: KernelConfig, target=None, **knobs):
-    """Return the decode PrimFunc for ``cfg`` on a CUDA target (knobs: see :func:`decode_plan`)."""
+    """Return the decode PrimFunc for ``cfg`` on a CUDA target (knobs: see :func:`decode_plan`).
+
+    Its parameters are :data:`tvm_paged.spec.DECODE`'s, as on the CPU (``dtype`` = ``cfg.dtype``; ``B``, ``P``,
+    ``M``, ``NS`` symbolic): q [B, Hq, D], k_cache / v_cache [P, S, Hkv, D] dtype; block_table [B, M], seq_lens
+    [B] int32; out [B, Hq, D] dtype and lse [B, Hq] float32 (written); o_part [B, NS, Hq, D] and lse_part
+    [B, NS, Hq] float32 scratch (unused when NS == 1); scale float32.
+    """
     plan = decode_plan(cfg, target, **knobs)
     Hq, Hkv, D, S, G = cfg.num_qo_heads, cfg.num_kv_heads, cfg.head_dim, cfg.page_size, cfg.group_size
     dt = cfg.dtype
@@ -198,14 +195,7 @@ def build_decode_cuda(cfg: KernelConfig, target=None, **knobs):
     STEP = BDY * TILE  # tokens per block per iteration
     MVEC, MDX, MDY = plan["mvec"], plan["mdx"], plan["mdy"]
     BLOCKS_PER_SPLIT = Hkv * HG
-    is_f32 = dt == "float32"
     neg_inf = T.float32(_NEG_INF)
-
-    def f32(x):
-        return x if is_f32 else T.Cast("float32", x)
-
-    def store(x):
-        return x if is_f32 else T.Cast(dt, x)
 
     a = decode_args(cfg)
     B, NS = a.B, a.NS
@@ -257,7 +247,7 @@ def build_decode_cuda(cfg: KernelConfig, target=None, **knobs):
                                     for v in T.vectorized(LANES):
                                         qs[c * LANES + v] = Q[b, h0 + g, tx * VEC + c * LANES + v]
                                 for v in T.unroll(VEC):
-                                    qf[g, v] = f32(qs[v]) * (scale * T.float32(LOG2E))
+                                    qf[g, v] = to_f32(qs[v], dt) * (scale * T.float32(LOG2E))
                             else:
                                 for v in T.unroll(VEC):
                                     qf[g, v] = T.float32(0)
@@ -293,7 +283,7 @@ def build_decode_cuda(cfg: KernelConfig, target=None, **knobs):
                                 for g in T.unroll(GQ):
                                     red[0] = T.float32(0)
                                     for v in T.unroll(VEC):
-                                        red[0] = red[0] + qf[g, v] * f32(kr[j, v])
+                                        red[0] = red[0] + qf[g, v] * to_f32(kr[j, v], dt)
                                     warp_allreduce_sum(red, tx, BDX, LOG_BDX)
                                     sc[g, j] = T.if_then_else(base + j < tok_end, red[0], neg_inf)
                             # Online softmax, one rescale per tile, then this tile's weighted V rows.
@@ -301,7 +291,7 @@ def build_decode_cuda(cfg: KernelConfig, target=None, **knobs):
                                 online_softmax_update(m, lsum, acc, sc, tmp, g, TILE, VEC)
                                 for j in T.unroll(TILE):
                                     for v in T.unroll(VEC):
-                                        acc[g, v] = acc[g, v] + sc[g, j] * f32(vr[j, v])
+                                        acc[g, v] = acc[g, v] + sc[g, j] * to_f32(vr[j, v], dt)
 
                         # Tree merge of the token groups' states through shared memory.
                         for k in T.unroll(LOG_BDY):
@@ -341,7 +331,7 @@ def build_decode_cuda(cfg: KernelConfig, target=None, **knobs):
                                 if NS == T.int64(1):
                                     if tx < ACT:
                                         for v in T.unroll(VEC):
-                                            os[v] = store(acc[g, v] * tmp[0])
+                                            os[v] = from_f32(acc[g, v] * tmp[0], dt)
                                         for c in T.unroll(NCH):
                                             for v in T.vectorized(LANES):
                                                 O[b, h0 + g, tx * VEC + c * LANES + v] = os[c * LANES + v]
@@ -384,7 +374,7 @@ def build_decode_cuda(cfg: KernelConfig, target=None, **knobs):
                                 o[v] = o[v] + ov[v] * w[3]
                         w[3] = T.if_then_else(w[2] > T.float32(0), T.float32(1) / w[2], T.float32(0))
                         for v in T.unroll(MVEC):
-                            os2[v] = store(o[v] * w[3])
+                            os2[v] = from_f32(o[v] * w[3], dt)
                         for v in T.vectorized(MVEC):
                             O[mbat, mh, mx * MVEC + v] = os2[v]
                         if mx == 0:

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 from ..config import KernelConfig
 from ..tvm_compat import T
-from .decode_cuda import _is_pow2, target_limits
+from .common import is_pow2
+from .decode_cuda import target_limits
 from .signatures import copy_pages_args, write_kv_args
 
 
@@ -26,7 +27,7 @@ def page_ops_plan(cfg: KernelConfig, target=None, *, vec_bytes: int = 16, num_th
     lim = target_limits(target)
     row_bytes = cfg.num_kv_heads * cfg.head_dim * cfg.itemsize
     unit = 4 if row_bytes % 4 == 0 else 2
-    if not _is_pow2(vec_bytes) or vec_bytes < unit or vec_bytes > 16:
+    if not is_pow2(vec_bytes) or vec_bytes < unit or vec_bytes > 16:
         raise ValueError(f"vec_bytes ({vec_bytes}) must be a power of two in [{unit}, 16]")
     vec = vec_bytes // unit
     while vec > 1 and (row_bytes // unit) % vec:
@@ -38,6 +39,11 @@ def page_ops_plan(cfg: KernelConfig, target=None, *, vec_bytes: int = 16, num_th
 
 
 def build_write_kv_cuda(cfg: KernelConfig, target=None, **knobs):
+    """Return the write_kv PrimFunc for ``cfg`` on a CUDA target (knobs: see :func:`page_ops_plan`).
+
+    Its parameters are :data:`tvm_paged.spec.WRITE_KV`'s (``dtype`` = ``cfg.dtype``; ``N``, ``P`` symbolic):
+    k, v [N, Hkv, D] dtype; k_cache, v_cache [P, S, Hkv, D] dtype (written in place); slot_mapping [N] int64.
+    """
     if cfg.kernel != "write_kv":
         raise ValueError(f"write_kv kernel needs a write_kv config, got {cfg.name}")
     plan = page_ops_plan(cfg, target, **knobs)
@@ -73,6 +79,11 @@ def build_write_kv_cuda(cfg: KernelConfig, target=None, **knobs):
 
 
 def build_copy_pages_cuda(cfg: KernelConfig, target=None, **knobs):
+    """Return the copy_pages PrimFunc for ``cfg`` on a CUDA target (knobs: see :func:`page_ops_plan`).
+
+    Its parameters are :data:`tvm_paged.spec.COPY_PAGES`'s (``dtype`` = ``cfg.dtype``; ``P``, ``C`` symbolic):
+    k_cache, v_cache [P, S, Hkv, D] dtype (written in place); src_pages, dst_pages [C] int32.
+    """
     if cfg.kernel != "copy_pages":
         raise ValueError(f"copy_pages kernel needs a copy_pages config, got {cfg.name}")
     plan = page_ops_plan(cfg, target, **knobs)

@@ -1,23 +1,13 @@
 """Paged (chunked) prefill attention for CUDA GPUs, as a thread-bound TVMScript program.
 
-Signature (``B``, ``num_pages``, ``max_pages_per_seq``, ``total_q`` and ``num_tiles`` are symbolic):
-
-    q            [total_q, num_qo_heads, head_dim]                dtype
-    k_cache      [num_pages, page_size, num_kv_heads, head_dim]   dtype
-    v_cache      [num_pages, page_size, num_kv_heads, head_dim]   dtype
-    block_table  [B, max_pages_per_seq]                           int32
-    seq_lens     [B]                                              int32
-    cu_seqlens_q [B + 1]                                          int32
-    tiles        [num_tiles, 3]                                   int32 rows (b, row_start, row_end), relative
-    out          [total_q, num_qo_heads, head_dim]                dtype (written)
-    lse          [total_q, num_qo_heads]                          float32, natural log (written)
-    scale        float32; causal int32
+The parameters are :data:`tvm_paged.spec.PREFILL`'s (see :func:`build_prefill_cuda`), as on the CPU.
 
 Query ``i`` of sequence ``b`` (row ``cu_seqlens_q[b] + i``) sits at position ``seq_lens[b] - q_len_b + i``; causal:
 key ``j`` visible iff ``j <= position``; otherwise all ``seq_lens[b]`` keys.
 
-One thread block per (tile, KV head, query-head group); the tile's rows are taken 16 at a time (any tile height
-works). The block's queries are (row, head) pairs, ``queries_per_group`` of them per lane group:
+One thread block per (tile, KV head, query-head group); the tile's rows are taken ``q_tile`` at a time
+(``tvm_paged.spec.PREFILL.constants["q_tile"]``, the planner's tile height; a taller tile takes several passes).
+The block's queries are (row, head) pairs, ``queries_per_group`` of them per lane group:
 
 * ``threadIdx.x`` (``bdx`` lanes): each lane owns a ``vec``-element slice of head_dim (as in the decode kernel).
 * ``threadIdx.y``: lane groups; group ``ty`` holds its queries' q slices and output accumulators in registers.
@@ -33,14 +23,11 @@ and correct for every head_dim / group size; not a peak-FLOP prefill.
 from __future__ import annotations
 
 from ..config import KernelConfig
+from ..spec import PREFILL
 from ..tvm_compat import T
-from .common import LN2, LOG2E, online_softmax_update, warp_allreduce_sum
+from .common import LN2, LOG2E, from_f32, online_softmax_update, to_f32, warp_allreduce_sum
 from .decode_cuda import feasible_space, head_dim_lanes, target_limits
 from .signatures import prefill_args
-
-# Rows of a tile handled per pass (the planner's tiles are at most ops.PREFILL_Q_TILE = 16 rows; taller tiles are
-# walked in passes of Q_ROWS).
-Q_ROWS = 16
 
 
 def _floor_pow2(n: int) -> int:
@@ -56,8 +43,8 @@ def prefill_plan(cfg: KernelConfig, target=None, *, vec: int | None = None, head
       ``vec``               head_dim elements per lane (power of two dividing head_dim; default one 16-byte load)
       ``heads_per_block``   query heads of a group per block, a divisor of the group size (default: the most
                             that fit ``max_threads`` with ``queries_per_group`` <= 32 / vec)
-      ``queries_per_group`` (row, head) pairs per lane group, a divisor of 16 * heads_per_block (their q slices
-                            and accumulators live in registers)
+      ``queries_per_group`` (row, head) pairs per lane group, a divisor of q_tile * heads_per_block (their q
+                            slices and accumulators live in registers)
       ``kv_tile``           tokens staged in shared memory per step (default: 64, or what 32 KiB holds)
       ``tokens_per_step``   tokens per online-softmax rescale, divides kv_tile (default 4)
       ``max_threads``       cap on threads per block used by the defaults (default 256)
@@ -66,6 +53,7 @@ def prefill_plan(cfg: KernelConfig, target=None, *, vec: int | None = None, head
         raise ValueError(f"prefill kernel needs a prefill config, got {cfg.name}")
     lim = target_limits(target)
     D, G, E = cfg.head_dim, cfg.group_size, cfg.itemsize
+    QR = PREFILL.constants["q_tile"]  # query rows per pass
     vec, lanes, bdx, active = head_dim_lanes(D, E, vec, lim["warp"])
     if max_threads < lim["warp"]:
         raise ValueError(f"max_threads ({max_threads}) must be at least a warp ({lim['warp']})")
@@ -73,7 +61,7 @@ def prefill_plan(cfg: KernelConfig, target=None, *, vec: int | None = None, head
     nq_cap = max(1, 32 // vec)
 
     def group_count(gq, nq):
-        qn = Q_ROWS * gq
+        qn = QR * gq
         if qn % nq:
             return None
         bdy = qn // nq
@@ -83,18 +71,17 @@ def prefill_plan(cfg: KernelConfig, target=None, *, vec: int | None = None, head
         return bdy
 
     if heads_per_block is None:
-        # The largest divisor of the group whose 16 rows fit one block with nq_cap queries per lane group.
+        # The largest divisor of the group whose QR rows fit one block with nq_cap queries per lane group.
         heads_per_block = 1
         for gq in range(G, 0, -1):
-            if G % gq == 0 and Q_ROWS * gq * bdx <= max_threads * nq_cap:
+            if G % gq == 0 and QR * gq * bdx <= max_threads * nq_cap:
                 heads_per_block = gq
                 break
     if G % heads_per_block:
         raise ValueError(f"heads_per_block ({heads_per_block}) must divide the group size ({G})")
     gq = heads_per_block
-    qn = Q_ROWS * gq
+    qn = QR * gq
     if queries_per_group is None:
-        queries_per_group = None
         for nq in range(min(nq_cap, qn), 0, -1):
             bdy = group_count(gq, nq)
             if bdy is not None and bdx * bdy <= max_threads:
@@ -136,7 +123,13 @@ def knob_space(cfg: KernelConfig, target=None) -> dict[str, list]:
 
 
 def build_prefill_cuda(cfg: KernelConfig, target=None, **knobs):
-    """Return the prefill PrimFunc for ``cfg`` on a CUDA target (knobs: see :func:`prefill_plan`)."""
+    """Return the prefill PrimFunc for ``cfg`` on a CUDA target (knobs: see :func:`prefill_plan`).
+
+    Its parameters are :data:`tvm_paged.spec.PREFILL`'s, as on the CPU (``dtype`` = ``cfg.dtype``; ``TQ``,
+    ``P``, ``B``, ``M``, ``NT`` symbolic): q [TQ, Hq, D], k_cache / v_cache [P, S, Hkv, D] dtype; block_table
+    [B, M], seq_lens [B], cu_seqlens_q [B + 1], tiles [NT, 3] (b, row_start, row_end) int32; out [TQ, Hq, D]
+    dtype and lse [TQ, Hq] float32 (written); scale float32, causal int32.
+    """
     plan = prefill_plan(cfg, target, **knobs)
     Hkv, D, S, G = cfg.num_kv_heads, cfg.head_dim, cfg.page_size, cfg.group_size
     dt = cfg.dtype
@@ -144,17 +137,10 @@ def build_prefill_cuda(cfg: KernelConfig, target=None, **knobs):
     GQ, HG, NQ, KT, C = plan["gq"], plan["head_groups"], plan["nq"], plan["kv_tile"], plan["step"]
     NCH = VEC // LANES
     LOG_BDX = BDX.bit_length() - 1
-    QR = Q_ROWS
+    QR = PREFILL.constants["q_tile"]
     ROWS_PER_PASS = (KT + BDY - 1) // BDY  # staged rows each lane group loads
     BLOCKS_PER_TILE = Hkv * HG
-    is_f32 = dt == "float32"
     neg_inf = T.float32(float("-inf"))
-
-    def f32(x):
-        return x if is_f32 else T.Cast("float32", x)
-
-    def store(x):
-        return x if is_f32 else T.Cast(dt, x)
 
     a = prefill_args(cfg)
     NT = a.NT
@@ -208,7 +194,7 @@ def build_prefill_cuda(cfg: KernelConfig, target=None, **knobs):
                                                 tx * VEC + c * LANES + v,
                                             ]
                                     for v in T.unroll(VEC):
-                                        qf[i, v] = f32(stage[v]) * (scale * T.float32(LOG2E))
+                                        qf[i, v] = to_f32(stage[v], dt) * (scale * T.float32(LOG2E))
                                 else:
                                     for v in T.unroll(VEC):
                                         qf[i, v] = T.float32(0)
@@ -246,7 +232,7 @@ def build_prefill_cuda(cfg: KernelConfig, target=None, **knobs):
                                     for j in T.unroll(C):
                                         if tx < ACT:
                                             for v in T.unroll(VEC):
-                                                kf[v] = f32(Ks[js * C + j, tx * VEC + v])
+                                                kf[v] = to_f32(Ks[js * C + j, tx * VEC + v], dt)
                                         else:
                                             for v in T.unroll(VEC):
                                                 kf[v] = T.float32(0)
@@ -272,7 +258,7 @@ def build_prefill_cuda(cfg: KernelConfig, target=None, **knobs):
                                     if tx < ACT:
                                         for j in T.unroll(C):
                                             for v in T.unroll(VEC):
-                                                kf[v] = f32(Vs[js * C + j, tx * VEC + v])
+                                                kf[v] = to_f32(Vs[js * C + j, tx * VEC + v], dt)
                                             for i in T.unroll(NQ):
                                                 for v in T.unroll(VEC):
                                                     acc[i, v] = acc[i, v] + sc[i, j] * kf[v]
@@ -285,7 +271,7 @@ def build_prefill_cuda(cfg: KernelConfig, target=None, **knobs):
                                     )
                                     if tx < ACT:
                                         for v in T.unroll(VEC):
-                                            stage[v] = store(acc[i, v] * tmp[0])
+                                            stage[v] = from_f32(acc[i, v] * tmp[0], dt)
                                         for c in T.unroll(NCH):
                                             for v in T.vectorized(LANES):
                                                 O[

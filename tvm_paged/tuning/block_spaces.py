@@ -28,14 +28,19 @@ import sys
 import time
 from pathlib import Path
 
+from tqdm import tqdm
+
 from .. import tvm_compat as tc
-from ..targets import cpu_vector_lanes, target_kind, with_host
 from ..config import KernelConfig
 from ..kernels.decode_generic import build_decode_generic
 from ..kernels.prefill_blocks import build_prefill_blocks
+from ..targets import cpu_vector_lanes, target_kind, with_host
+from .measure import PagedInputs
+from .ms_glue import evolutionary_search, measure_callbacks, meta_schedule_logging
 from .paged_space import decisions, decode_space, decode_space_cuda, prefill_space
 from .records import median_secs
-from .workload import ENTRY, Bucket, PagedInputs, build_cuda_library, build_module, make_workload, pass_path
+from .search import TuneError, check_device, close_runner, make_runner
+from .workload import ENTRY, Bucket, build_cuda_library, build_module, make_workload, pass_path
 
 SPACES = {
     "generic": "MetaSchedule post-order-apply, default rules for the target",
@@ -95,8 +100,6 @@ def _cost_model(trials: int) -> str:
 
 def check_request(cfg: KernelConfig, target, opts, space: str) -> None:
     """Raise ``TuneError`` when ``space`` cannot tune ``cfg`` on ``target`` with ``opts`` (before any work)."""
-    from .search import TuneError  # noqa: PLC0415
-
     _check_space(space)
     if cfg.kernel != "decode" and space == "generic":
         raise TuneError("--space generic: only the decode kernel has a generic block-form version")
@@ -118,10 +121,8 @@ def tune_block_form(cfg: KernelConfig, target, bucket: Bucket, work_dir: Path, *
 
     ``opts``: the :class:`~tvm_paged.tuning.search.TuneOptions` of the run (pool, tables, repeat, seed).
     """
-    from .search import TuneError, _check_device, _close, _runner  # noqa: PLC0415
-
     check_request(cfg, target, opts, space)
-    device_type = _check_device(target, opts)  # a CUDA target needs this machine's GPU or an RPC tracker
+    device_type = check_device(target, opts)  # a CUDA target needs this machine's GPU or an RPC tracker
     ms = tc.meta_schedule()
     wl = _workload(cfg, bucket, opts, device_type)
     if len(set(wl.q_lens)) > 1:
@@ -132,8 +133,6 @@ def tune_block_form(cfg: KernelConfig, target, bucket: Bucket, work_dir: Path, *
     inputs = PagedInputs(kernel="prefill_blocks" if cfg.kernel == "prefill" else "decode_generic",
                          page_size=cfg.page_size, seq_lens=wl.seq_lens,
                          tables=opts.tables, seed=opts.seed)
-    from tqdm import tqdm  # noqa: PLC0415
-
     # The bar shows trials done and the best rate so far (GB/s of K+V for decode, GFLOP/s for prefill); with it,
     # MetaSchedule's own console log (a task table per round) is dropped: its log files keep it.
     bar = tqdm(total=trials, desc=f"{cfg.name} {bucket.name} {space}", unit="trial", disable=not opts.progress,
@@ -152,8 +151,8 @@ def tune_block_form(cfg: KernelConfig, target, bucket: Bucket, work_dir: Path, *
         bar.update(len(run_secs))
 
     t0 = time.perf_counter()
-    with tc.meta_schedule_logging(quiet=opts.progress):
-        runner = _runner(wl, device_type, opts, inputs)
+    with meta_schedule_logging(quiet=opts.progress):
+        runner = make_runner(wl, device_type, opts, inputs)
         if device_type == "cuda" and not tc.cuda_codegen_available():
             # No CUDA driver here (measured through RPC): device code built by nvcc in a child process.
             f_build, f_export = build_cuda_library, pass_path
@@ -165,13 +164,13 @@ def tune_block_form(cfg: KernelConfig, target, bucket: Bucket, work_dir: Path, *
             database = ms.tune_tir(mod, with_host(target), str(ms_dir), max_trials_global=trials,
                                    num_trials_per_iter=max(1, min(trials, opts.per_round * 2)), builder=builder,
                                    runner=runner, cost_model=_cost_model(trials),
-                                   strategy=tc.evolutionary_search(opts.population),
+                                   strategy=evolutionary_search(opts.population),
                                    space=_space_generator(cfg, bucket, target, space, wl),
-                                   measure_callbacks=tc.measure_callbacks(on_results),
+                                   measure_callbacks=measure_callbacks(on_results),
                                    num_tuning_cores=tc.allowed_cores(), seed=opts.seed)
         finally:
             bar.close()
-            _close(runner)
+            close_runner(runner)
     wall = time.perf_counter() - t0
     records = database.get_all_tuning_records()
     timed = [(median_secs([float(s) for s in r.run_secs]), r) for r in records if r.run_secs]

@@ -16,10 +16,12 @@ run leaves both valid; at worst one trial is in the database without its side ro
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import math
 import os
+import struct
 import time
 from pathlib import Path
 
@@ -64,12 +66,9 @@ class TuningLog:
                 out.append(row)
         return out
 
-    def num_records(self) -> int:
-        return len(self.db)
-
     def compact(self) -> None:
-        """Shrink the database's workload file for committing (see ``tvm_compat.compact_workload_file``)."""
-        tc.compact_workload_file(self.dir / "database_workload.json")
+        """Shrink the database's workload file for committing (see :func:`compact_workload_file`)."""
+        compact_workload_file(self.dir / "database_workload.json")
 
     def commit_workload(self, mod):
         return self.db.commit_workload(mod)
@@ -79,9 +78,9 @@ class TuningLog:
         ms = self._ms
         secs = run_secs if run_secs else [FAILED_SECS]
         record = ms.database.TuningRecord(
-            trace=tc.empty_trace(),
+            trace=tc.Trace([], {}),  # no instructions: the variant is measured as its builder wrote it
             workload=workload,
-            run_secs=[tc.float_imm(s) for s in secs],
+            run_secs=[tc.tirx.FloatImm("float64", float(s)) for s in secs],
             target=target,
             args_info=ms.arg_info.ArgInfo.from_entry_func(mod),
         )
@@ -102,3 +101,26 @@ def median_secs(run_secs: list[float] | None) -> float | None:
     mid = len(vals) // 2
     m = vals[mid] if len(vals) % 2 else 0.5 * (vals[mid - 1] + vals[mid])
     return m if math.isfinite(m) and 0 < m < FAILED_SECS else None
+
+
+def compact_workload_file(path) -> None:
+    """Rewrite a MetaSchedule ``database_workload.json`` without the indentation TVM serializes each module
+    with (about half its size; the tuning logs are committed). Each line is ``[hash, base64(8-byte little-endian
+    length + JSON)]``; a line in another format is kept as it is. Written to a temporary file, then renamed."""
+    path = Path(path)
+    if not path.exists():
+        return
+    lines = []
+    for line in path.read_text().splitlines():
+        try:
+            key, blob = json.loads(line)
+            raw = base64.b64decode(blob)
+            (size,) = struct.unpack("<Q", raw[:8])
+            body = json.dumps(json.loads(raw[8:8 + size]), separators=(",", ":")).encode()
+            line = json.dumps([key, base64.b64encode(struct.pack("<Q", len(body)) + body).decode()])
+        except (ValueError, TypeError, struct.error):
+            pass
+        lines.append(line)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(ln + "\n" for ln in lines))
+    os.replace(tmp, path)

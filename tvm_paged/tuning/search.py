@@ -15,14 +15,17 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from tqdm import tqdm
+
 from .. import tuned_knobs
 from .. import tvm_compat as tc
-from ..targets import target_key, target_kind, with_host
 from ..config import KernelConfig
 from ..kernels import build_kernel
+from ..targets import target_key, target_kind, with_host
+from .measure import OutputCheck, PagedInputs, RotatingTimer
 from .records import TuningLog, default_root, median_secs, workload_hash
 from .space import KnobSpace, Proposer, knob_key
-from .workload import Bucket, OutputCheck, RotatingTimer, build_cuda_library, build_module, make_workload, pass_path
+from .workload import Bucket, build_cuda_library, build_module, make_workload, pass_path
 
 
 # A tuned point replaces the default only when it measured at least this much faster: timings of one knob dict
@@ -65,7 +68,7 @@ def work_dir_for(cfg: KernelConfig, target, opts: TuneOptions) -> Path:
     return default_root() / target_key(target) / cfg.name
 
 
-def _check_device(target, opts: TuneOptions) -> str:
+def check_device(target, opts: TuneOptions) -> str:
     """The runtime device type measurements run on; refuses a CUDA target with no GPU here and no RPC."""
     kind = target_kind(target)
     if opts.rpc_tracker is not None:
@@ -80,11 +83,11 @@ def _check_device(target, opts: TuneOptions) -> str:
     return "cpu"
 
 
-def _runner(workload, device_type: str, opts: TuneOptions, inputs=None):
+def make_runner(workload, device_type: str, opts: TuneOptions, inputs=None):
     """MetaSchedule's runner for ``workload``'s valid inputs (``inputs``: another argument maker, e.g. for the
     block-form kernel). A local runner also checks each variant's output against the float64 reference."""
     ms = tc.meta_schedule()
-    inputs = inputs or workload.inputs()
+    inputs = inputs or PagedInputs.of(workload)
     check = OutputCheck(inputs.kernel, workload.scale)
     evaluator = ms.runner.EvaluatorConfig(number=1, repeat=opts.repeat, min_repeat_ms=opts.min_repeat_ms)
     if opts.rpc_tracker is not None:
@@ -99,13 +102,28 @@ def _runner(workload, device_type: str, opts: TuneOptions, inputs=None):
                                  f_run_evaluator=RotatingTimer(check))
 
 
-def _close(runner) -> None:
+def close_runner(runner) -> None:
+    """Shut down a runner's worker pool (a local runner's worker process)."""
     pool = getattr(runner, "pool", None)
     if pool is not None:
         try:
             pool.shutdown()
         except Exception:  # noqa: BLE001  (best effort: a worker that already died)
             pass
+
+
+def start_rpc_tracker(host: str = "127.0.0.1", port: int = 9190, port_end: int = 9199, silent: bool = True):
+    """Start TVM's RPC tracker in a subprocess (``.host``, ``.port``, ``.terminate()``), what ``--rpc-tracker``
+    points at; needs ``tornado``."""
+    return tc.Tracker(host, port=port, port_end=port_end, silent=silent)
+
+
+def start_rpc_server(tracker_host: str, tracker_port: int, key: str, host: str = "127.0.0.1", port: int = 9091,
+                     port_end: int = 9199, silent: bool = True):
+    """Start TVM's RPC server in a subprocess, registered with a tracker under ``key`` (``--rpc-key``); the
+    device it serves is this machine's (``.terminate()``)."""
+    return tc.Server(host, port=port, port_end=port_end, tracker_addr=(tracker_host, tracker_port), key=key,
+                     silent=silent)
 
 
 def _short(msg: str | None) -> str | None:
@@ -122,7 +140,7 @@ def tune(cfg: KernelConfig, target, buckets: list[Bucket], opts: TuneOptions | N
     opts = opts or TuneOptions()
     if opts.trials < 1:
         raise TuneError("--trials must be at least 1")
-    device_type = _check_device(target, opts)
+    device_type = check_device(target, opts)
     space = KnobSpace(tuned_knobs.knob_space(cfg, target))
     log = TuningLog(work_dir_for(cfg, target, opts))
     ms = tc.meta_schedule()
@@ -135,8 +153,6 @@ def tune(cfg: KernelConfig, target, buckets: list[Bucket], opts: TuneOptions | N
                                       timeout_sec=opts.build_timeout, f_build=f_build, f_export=f_export)
     rows = log.rows()
     total = opts.trials * len(buckets)
-    from tqdm import tqdm  # noqa: PLC0415
-
     bar = tqdm(total=total, desc=cfg.name, unit="trial", disable=not opts.progress, file=sys.stderr)
     try:
         for bucket in buckets:
@@ -178,7 +194,7 @@ def _tune_bucket(cfg, target, build_target, bucket: Bucket, space: KnobSpace, lo
     proposer = Proposer(space, opts.strategy, seed=[opts.seed, bucket.batch, bucket.pages, len(measured)])
     # Starting the runner's worker (a process that imports TVM) overlaps the first round's builds.
     starter = ThreadPoolExecutor(max_workers=1)
-    pending = starter.submit(_runner, wl, device_type, opts)
+    pending = starter.submit(make_runner, wl, device_type, opts)
     state = {"runner": None, "best": best}
 
     def measure(picks: list[int], recheck: bool = False) -> None:
@@ -255,7 +271,7 @@ def _tune_bucket(cfg, target, build_target, bucket: Bucket, space: KnobSpace, lo
         runner = state["runner"]
         if runner is None and pending.done() and pending.exception() is None:
             runner = pending.result()
-        _close(runner)
+        close_runner(runner)
 
 
 def summarize(cfg: KernelConfig, target, log: TuningLog, space: KnobSpace, opts: TuneOptions) -> list[dict]:
@@ -339,4 +355,5 @@ def format_summary(summary: dict) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["TuneError", "TuneOptions", "tune", "summarize", "write_schedule", "format_summary"]
+__all__ = ["MIN_GAIN", "TuneError", "TuneOptions", "work_dir_for", "check_device", "make_runner", "close_runner",
+           "start_rpc_tracker", "start_rpc_server", "tune", "summarize", "write_schedule", "format_summary"]

@@ -1,0 +1,222 @@
+"""Plans: a validated batch (page table, lengths, work split) and the kernels bound to it with their scratch.
+
+FlashInfer's plan/run split: a plan is built once per batch and run once per layer. The first run with a given
+kind of operands (shapes, dtypes, device, kernel source) resolves the compiled function for that configuration and
+allocates the scratch it needs (split partials, and the ``lse`` when the caller does not ask for it); every later
+run with the same kind of operands is one dictionary hit, a few checks that differ per layer, and one call. That
+a step's kernels and scratch are fixed at plan time is also what lets a CUDA graph capture a step. Scratch comes
+from a per-thread workspace shared by plans of the same shapes (see ``workspace_tensor``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import contextvars
+import os
+import threading
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+
+from . import targets
+from . import validate as V
+from .config import KernelConfig
+from .spec import DECODE, PREFILL, Binder, decode_splits, prefill_tiles
+
+# Where kernels come from: ``provider(cfg, device) -> callable``. None (the default) compiles on demand through
+# build.get_kernel; tvm_paged.loader installs a library's kernels instead.
+_KERNEL_PROVIDER: contextvars.ContextVar = contextvars.ContextVar("tvm_paged_kernel_provider", default=None)
+# Bindings one plan keeps (a plan normally sees one kind of operands for every layer).
+_MAX_BINDINGS = 16
+
+
+@contextlib.contextmanager
+def use_kernels(provider):
+    """Within the block (this thread/context only), kernels come from ``provider(cfg, device)`` instead of
+    being compiled; validation is unchanged."""
+    token = _KERNEL_PROVIDER.set(provider)
+    try:
+        yield
+    finally:
+        _KERNEL_PROVIDER.reset(token)
+
+
+def kernel_for(cfg: KernelConfig, device: torch.device, plan: "AttentionPlan | None" = None) -> Callable:
+    """The compiled function for ``cfg`` on ``device``: the installed provider's, else built (attention kernels
+    with the knobs tuned for the bucket nearest the plan's batch)."""
+    provider = _KERNEL_PROVIDER.get()
+    if provider is not None:
+        return provider(cfg, device)
+    # Imported at the first kernel compiled here, never when a prebuilt library's kernels run: a device that only
+    # loads exports does not need the compile path (kernel builders, TVMScript, LLVM codegen).
+    from . import build  # noqa: PLC0415
+
+    target = targets.target_for_device(device)
+    if plan is None:
+        return build.get_kernel(cfg, target)
+    return build.get_kernel(cfg, target, batch=plan.batch, max_pages=int(plan.block_table.shape[1]))
+
+
+@dataclass(frozen=True, eq=False)
+class AttentionPlan:
+    """A validated batch: page table, lengths and the work split, reusable across layers.
+
+    ``block_table`` [batch, max_pages_per_seq] int32, ``seq_lens`` [batch] int32 (contiguous, on the caches'
+    device). Decode: ``num_splits`` KV splits per sequence. Prefill: ``cu_seqlens_q`` [batch + 1] int32 and
+    ``tiles`` [num_tiles, 3] int32 rows of (sequence, first query row, end query row) relative to the sequence.
+    """
+
+    block_table: torch.Tensor
+    seq_lens: torch.Tensor
+    page_size: int
+    num_pages: int
+    num_splits: int = 1
+    cu_seqlens_q: torch.Tensor | None = None
+    tiles: torch.Tensor | None = None
+    # The kernel's symbolic dimensions for this batch (spec names: B, M, P, and NS or TQ, NT).
+    dims: dict = field(default_factory=dict, repr=False)
+    # (kernel source, operand shapes and dtypes, device) -> BoundKernel: the kernels bound to this plan.
+    bindings: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def batch(self) -> int:
+        return int(self.block_table.shape[0])
+
+    @property
+    def is_prefill(self) -> bool:
+        return self.cu_seqlens_q is not None
+
+
+class BoundKernel:
+    """One compiled function bound to a plan: its argument order with the plan's tables and scratch filled in.
+    ``lse`` is the workspace's, used when a caller does not ask for the LSE."""
+
+    __slots__ = ("cfg", "fn", "binder", "default_scale", "lse")
+
+    def __init__(self, cfg: KernelConfig, fn: Callable, binder: Binder, default_scale: float, lse: torch.Tensor):
+        self.cfg, self.fn, self.binder, self.default_scale, self.lse = cfg, fn, binder, default_scale, lse
+
+
+def operand_key(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple:
+    """What a binding depends on: the kernel source and the operands' shapes, dtypes and device."""
+    return (_KERNEL_PROVIDER.get(), q.shape, q.dtype, q.device, k_cache.shape, k_cache.dtype, v_cache.shape,
+            v_cache.dtype, v_cache.device)
+
+
+def bind(plan: AttentionPlan, key: tuple, validate: Callable[[], KernelConfig]) -> BoundKernel:
+    """The kernel for operands of kind ``key`` bound to ``plan``, with scratch from this thread's workspace.
+
+    ``validate()`` checks the operands against the plan and returns their configuration. It runs once per kind of
+    operands and plan shape in a thread: a later plan of the same shape (a serving loop's next step) reuses the
+    checked configuration, the resolved kernel and the scratch, and only binds its own tables."""
+    spec = PREFILL if plan.is_prefill else DECODE
+    dims = plan.dims
+    shared_key = (key, plan.page_size, plan.block_table.device, tuple(dims.values()))
+    shared = _thread_workspace().bound
+    entry = shared.get(shared_key)
+    if entry is None:
+        cfg = validate()
+        device = plan.block_table.device
+        fn = kernel_for(cfg, device, plan)
+        scratch = {p.name: workspace_tensor(spec, p.name, cfg, dims, device) for p in spec.with_role("scratch")}
+        entry = (cfg, fn, scratch, workspace_tensor(spec, "lse", cfg, dims, device))
+        if len(shared) >= _MAX_WORKSPACE_TENSORS:
+            shared.clear()
+        shared[shared_key] = entry
+    cfg, fn, scratch, lse = entry
+    tables = {"block_table": plan.block_table, "seq_lens": plan.seq_lens}
+    if plan.is_prefill:
+        tables.update(cu_seqlens_q=plan.cu_seqlens_q, tiles=plan.tiles)
+    bound = BoundKernel(cfg, fn, spec.binder({**tables, **scratch}), cfg.head_dim ** -0.5, lse)
+    if len(plan.bindings) >= _MAX_BINDINGS:
+        plan.bindings.clear()
+    plan.bindings[key] = bound
+    return bound
+
+
+_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+                 "int32": torch.int32, "int64": torch.int64}
+
+
+# Scratch per thread, shared by every plan whose kernels need the same buffer: a serving loop builds a plan per
+# step, and a fresh split-partials buffer per step (hundreds of KB: the allocator maps and zero-fills new pages)
+# cost more than a short kernel. Kernels of one thread run one after another (on CUDA, in stream order), so
+# sharing is safe; two threads never share.
+_WORKSPACES = threading.local()
+_MAX_WORKSPACE_TENSORS = 64
+
+
+def _thread_workspace():
+    ws = _WORKSPACES
+    if not hasattr(ws, "tensors"):
+        ws.tensors, ws.bound = {}, {}
+    return ws
+
+
+def workspace_tensor(spec, name: str, cfg: KernelConfig, dims: dict, device) -> torch.Tensor:
+    """This thread's scratch tensor for parameter ``name`` of ``spec`` at the given dimensions (uninitialized)."""
+    shape, dtype = spec.shape_of(name, cfg, dims), _TORCH_DTYPES[spec.dtype_of(name, cfg)]
+    pool = _thread_workspace().tensors
+    key = (spec.family, name, shape, dtype, torch.device(device))
+    t = pool.get(key)
+    if t is None:
+        if len(pool) >= _MAX_WORKSPACE_TENSORS:
+            pool.clear()
+        t = pool[key] = torch.empty(shape, dtype=dtype, device=device)
+    return t
+
+
+# ===================================================================================== planning
+@functools.lru_cache(maxsize=1)
+def _num_threads() -> int:
+    """Workers of TVM's CPU pool: tvm_compat sets ``TVM_NUM_THREADS`` before the pool starts, once."""
+    try:
+        return max(1, int(os.environ.get("TVM_NUM_THREADS", "0")))
+    except ValueError:
+        return 1
+
+
+def choose_num_splits(seq_lens: np.ndarray, page_size: int, device: torch.device) -> int:
+    """Enough (sequence, split) tasks to keep every core busy, none shorter than the spec's minimum split."""
+    # A GPU: the streaming multiprocessors of a large one (over-splitting a small one is harmless).
+    workers = 132 if device.type != "cpu" else _num_threads()
+    return decode_splits(int(seq_lens.max()), len(seq_lens), page_size, workers)
+
+
+def plan_decode(block_table, seq_lens, *, page_size: int, num_pages: int, device=None) -> AttentionPlan:
+    """Validate a decode batch against a pool of ``num_pages`` pages of ``page_size`` tokens.
+
+    ``block_table`` [batch, max_pages_per_seq] int32 (int64 accepted), ``seq_lens`` [batch] int32; ``device``:
+    where the kernels run (default: the table's device)."""
+    bt = V.index_array(block_table, "block_table", 2, "[batch, max_pages_per_seq]")
+    sl = V.index_array(seq_lens, "seq_lens", 1, "[batch]")
+    lens = V.check_block_table(bt, sl, page_size, num_pages)
+    device = torch.device(device) if device is not None else bt.device
+    splits = choose_num_splits(lens, page_size, device)
+    dims = {"B": int(bt.shape[0]), "P": int(num_pages), "M": int(bt.shape[1]), "NS": splits}
+    return AttentionPlan(_on(bt, device), _on(sl, device), page_size, num_pages, num_splits=splits, dims=dims)
+
+
+def _on(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    return t if t.device == device else t.to(device)
+
+
+def plan_prefill(block_table, seq_lens, cu_seqlens_q, total_q: int, *, page_size: int, num_pages: int,
+                 device=None) -> AttentionPlan:
+    """Validate a (chunked) prefill batch; ``total_q`` is the number of query rows, ``cu_seqlens_q`` [batch + 1]
+    int32 their offsets per sequence."""
+    bt = V.index_array(block_table, "block_table", 2, "[batch, max_pages_per_seq]")
+    sl = V.index_array(seq_lens, "seq_lens", 1, "[batch]")
+    cu = V.index_array(cu_seqlens_q, "cu_seqlens_q", 1, "[batch + 1]")
+    V.check_block_table(bt, sl, page_size, num_pages)
+    q_lens = V.check_cu_seqlens(cu, bt.shape[0], total_q, sl)
+    tiles = prefill_tiles(q_lens)
+    # An empty tensor built from an empty array gets zero strides, which TVM rejects: build it directly.
+    tiles_t = torch.tensor(tiles, dtype=torch.int32) if tiles else torch.zeros((0, 3), dtype=torch.int32)
+    device = torch.device(device) if device is not None else bt.device
+    dims = {"TQ": int(total_q), "B": int(bt.shape[0]), "P": int(num_pages), "M": int(bt.shape[1]), "NT": len(tiles)}
+    return AttentionPlan(_on(bt, device), _on(sl, device), page_size, num_pages, cu_seqlens_q=_on(cu, device),
+                         tiles=tiles_t.to(device), dims=dims)
