@@ -3,6 +3,8 @@
 The state machine also simulates the KV cache itself (one token value per slot): copies from
 pop_copies are applied, then the pending slot writes, and every live sequence must then read its
 own tokens back through pages_of. That catches copy-on-write and prefix-cache bugs end to end.
+One module (about 500 lines) on purpose: the scripted cases and the state machine check the same small class and
+share its helpers; split, each half would repeat them.
 """
 import pickle
 from collections import Counter

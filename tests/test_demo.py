@@ -10,7 +10,7 @@ from tvm_paged import cache as cache_mod
 from tvm_paged import cli
 from tvm_paged.demo import engine, serve
 
-TINY = ["--num-layers", "2", "--hidden", "64", "--num-qo-heads", "4", "--num-kv-heads", "2", "--head-dim", "16",
+TINY = ["--model", "synthetic", "--num-layers", "2", "--hidden", "64", "--num-qo-heads", "4", "--num-kv-heads", "2", "--head-dim", "16",
         "--intermediate", "128", "--vocab", "100", "--page-size", "4", "--num-pages", "20", "--requests", "10",
         "--max-prompt", "24", "--max-new-tokens", "10", "--max-tokens-per-step", "16", "--parallel-frac", "0.5",
         "--check-every", "2", "--no-progress"]
@@ -38,7 +38,7 @@ def serve_args(argv):
 
     p = argparse.ArgumentParser()
     serve.add_arguments(p)
-    return p.parse_args(argv)
+    return serve.fill_defaults(p.parse_args(argv))
 
 
 def test_demo_through_cli_is_deterministic(tmp_path):

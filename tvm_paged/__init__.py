@@ -3,6 +3,8 @@
 Cache layout: ``k_cache``, ``v_cache`` ``[num_pages, page_size, num_kv_heads, head_dim]``.
 """
 
+import importlib
+
 from .allocator import OutOfPages, PageAllocator
 from .cache import PagedKVCache
 from .config import KernelConfig
@@ -11,6 +13,19 @@ from .ops import copy_pages, paged_decode, paged_prefill, run_decode, run_prefil
 from .plan import AttentionPlan, plan_decode, plan_prefill
 
 __version__ = "0.1.0"
+
+# Serving a GGUF model needs the ``serve`` extra (gguf, tokenizers, jinja2): imported on first use, so that a
+# device that only loads exported kernels imports none of it.
+_LAZY = {"LLM": "tvm_paged.llm", "SamplingParams": "tvm_paged.sampling", "RequestOutput": "tvm_paged.llm",
+         "CompletionOutput": "tvm_paged.llm"}
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'tvm_paged' has no attribute {name!r}")
+    value = globals()[name] = getattr(importlib.import_module(_LAZY[name]), name)
+    return value
+
 
 __all__ = [
     "KernelConfig",
@@ -28,4 +43,8 @@ __all__ = [
     "PagedKVCache",
     "load",
     "PagedLibrary",
+    "LLM",
+    "SamplingParams",
+    "RequestOutput",
+    "CompletionOutput",
 ]

@@ -158,6 +158,12 @@ class PagedLibrary:
                                  f"{self.manifest['config']['name']} ({field} {expected})")
         return self._functions[cfg.kernel]
 
+    def activate(self):
+        """A context manager: within it, this thread's functional API (and so :class:`~tvm_paged.PagedKVCache`)
+        runs this library's kernels instead of compiling its own; every call still checks its tensors against the
+        exported configuration."""
+        return ops.use_kernels(self._kernel)
+
     def _page_size(self, page_size):
         if page_size is not None and page_size != self.config.page_size:
             raise ValueError(f"page_size: {page_size} does not match the exported configuration "

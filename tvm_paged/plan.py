@@ -111,22 +111,24 @@ def bind(plan: AttentionPlan, key: tuple, validate: Callable[[], KernelConfig]) 
 
     ``validate()`` checks the operands against the plan and returns their configuration. It runs once per kind of
     operands and plan shape in a thread: a later plan of the same shape (a serving loop's next step) reuses the
-    checked configuration, the resolved kernel and the scratch, and only binds its own tables."""
+    checked configuration and the scratch, and only looks up its kernel and binds its own tables."""
     spec = PREFILL if plan.is_prefill else DECODE
     dims = plan.dims
     shared_key = (key, plan.page_size, plan.block_table.device, tuple(dims.values()))
     shared = _thread_workspace().bound
     entry = shared.get(shared_key)
+    device = plan.block_table.device
     if entry is None:
         cfg = validate()
-        device = plan.block_table.device
-        fn = kernel_for(cfg, device, plan)
         scratch = {p.name: workspace_tensor(spec, p.name, cfg, dims, device) for p in spec.with_role("scratch")}
-        entry = (cfg, fn, scratch, workspace_tensor(spec, "lse", cfg, dims, device))
+        entry = (cfg, scratch, workspace_tensor(spec, "lse", cfg, dims, device))
         if len(shared) >= _MAX_WORKSPACE_TENSORS:
             shared.clear()
         shared[shared_key] = entry
-    cfg, fn, scratch, lse = entry
+    cfg, scratch, lse = entry
+    # Asked of the kernel source every time (a dictionary hit in build's cache), so clearing that cache or
+    # committing new tuned knobs takes effect for the next plan.
+    fn = kernel_for(cfg, device, plan)
     tables = {"block_table": plan.block_table, "seq_lens": plan.seq_lens}
     if plan.is_prefill:
         tables.update(cu_seqlens_q=plan.cu_seqlens_q, tiles=plan.tiles)

@@ -27,7 +27,6 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 ROLES = ("input", "inplace", "output", "scratch", "scalar")
-WRITTEN = ("inplace", "output", "scratch")
 # The configuration's constant dimensions, by the attribute of KernelConfig that holds them.
 CONFIG_DIMS = {"Hq": "num_qo_heads", "Hkv": "num_kv_heads", "D": "head_dim", "S": "page_size"}
 _ITEMSIZE = {"int32": 4, "int64": 8, "float32": 4, "float16": 2, "bfloat16": 2}
@@ -78,9 +77,6 @@ class KernelSpec:
     names: tuple[str, ...] = field(init=False, repr=False, compare=False)
     tensor_names: tuple[str, ...] = field(init=False, repr=False, compare=False)
     _by_name: dict = field(init=False, repr=False, compare=False)
-
-    def param(self, name: str) -> Param:
-        return self._by_name[name]
 
     def with_role(self, *roles: str) -> tuple[Param, ...]:
         return tuple(p for p in self.params if p.role in roles)

@@ -64,10 +64,6 @@ def knob_space(cfg, target) -> dict[str, list]:
     return {str(k): list(v) for k, v in kernel_knob_space(cfg, target).items()}
 
 
-def default_knobs(space: dict[str, list]) -> dict:
-    return {name: values[0] for name, values in space.items()}
-
-
 def same_value(a: Any, b: Any) -> bool:
     """Equal and of the same type (JSON keeps ``true`` and ``1`` apart; Python's ``True == 1`` does not)."""
     return type(a) is type(b) and a == b

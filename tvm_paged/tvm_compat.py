@@ -32,7 +32,10 @@ import tvm_ffi  # noqa: E402
 from tvm import tirx  # noqa: E402
 from tvm.script import tirx as T  # noqa: E402  (TVMScript: T.prim_func, T.parallel, ...)
 from tvm.target import Target  # noqa: E402
+from tvm.support import cc as _cc  # noqa: E402
+from tvm.support import nvcc as _nvcc  # noqa: E402
 from tvm.target import codegen as _codegen  # noqa: E402
+from tvm.tirx.build import codegen_build, split_host_device_mods  # noqa: E402
 
 TVM_VERSION: str = tvm.__version__
 FFI_VERSION: str = getattr(tvm_ffi, "__version__", "unknown")
@@ -121,8 +124,6 @@ def buffer_signature(func) -> list[dict]:
 def export_library(executable, path: str, cross_cc: str | None = None) -> None:
     """Write a compiled executable as one shared library; ``cross_cc`` (``aarch64-linux-gnu-gcc``) links
     the host code for another architecture."""
-    from tvm.support import cc as _cc  # noqa: PLC0415
-
     fcompile = _cc.cross_compiler(cross_cc) if cross_cc else None
     executable.export_library(path, fcompile=fcompile)
 
@@ -170,8 +171,6 @@ def compile_cuda_with_nvcc(source: str, target, arch, target_format: str = "cubi
     or an explicit nvcc flag list (``["-gencode", "arch=compute_90a,code=sm_90a"]``). 0.27's wrapper needs a CUDA
     target in scope: ``target`` is entered here, or None when the caller is already inside ``with target:``
     (TVM's compile callback)."""
-    from tvm.support import nvcc as _nvcc  # noqa: PLC0415
-
     arch = arch if isinstance(arch, str) else list(arch)
     with target if target is not None else contextlib.nullcontext():
         return bytes(_nvcc.compile_cuda(source, target_format=target_format, arch=arch, compiler="nvcc"))
@@ -274,8 +273,6 @@ def load_json(text: str):
 def lower_for_inspection(func, target):
     """(host TIR as TVMScript text, CUDA source) of ``func`` built for a CUDA target, host left uncompiled.
     Lets tests read the launches and emulate the device code without a GPU."""
-    from tvm.tirx.build import codegen_build, split_host_device_mods  # noqa: PLC0415
-
     mod = tvm.tirx.transform.BindTarget(target)(tvm.IRModule.from_expr(func))
     pipeline, _, finalize_device = tvm.tirx.get_default_tir_pipeline(target)
     host, devices = split_host_device_mods(pipeline(mod))

@@ -13,9 +13,11 @@ import torch
 from tqdm import tqdm
 
 from ..cache import PagedKVCache
+from ..models import Tokenizer, default_model_path, open_gguf
+from ..models.llama import LlamaModel
+from ..scheduler import Scheduler, Sequence
 from .model import ModelConfig, TinyLlama, contiguous_logits
-from .scheduler import Scheduler, Sequence
-from .workload import synthetic_requests
+from .workload import chat_requests, synthetic_requests
 
 # Logits of the float32 paged path against float32 contiguous attention: they differ only by summation order.
 LOGITS_ATOL, LOGITS_RTOL = 1e-3, 1e-3
@@ -26,11 +28,14 @@ class LogitsMismatch(Exception):
     """The paged path's logits differ from contiguous attention's."""
 
 
+SYNTHETIC_OPTIONS = ("num_layers", "hidden", "num_qo_heads", "num_kv_heads", "head_dim", "intermediate", "vocab",
+                     "max_prompt")
+
+
 def check_args(args) -> None:
     """Raise ValueError naming the first option out of range."""
-    for name in ("num_layers", "hidden", "num_qo_heads", "num_kv_heads", "head_dim", "intermediate", "vocab",
-                 "page_size", "num_pages", "max_batch", "max_tokens_per_step", "requests", "max_prompt",
-                 "max_new_tokens"):
+    for name in ((SYNTHETIC_OPTIONS if args.model == "synthetic" else ()) +
+                 ("page_size", "num_pages", "max_batch", "max_tokens_per_step", "requests", "max_new_tokens")):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     for name in ("check_every", "check_seqs", "parallel_frac", "temperature"):
@@ -44,15 +49,34 @@ class Engine:
     def __init__(self, args):
         check_args(args)
         self.args = args
-        self.cfg = ModelConfig(args.num_layers, args.hidden, args.num_qo_heads, args.num_kv_heads, args.head_dim,
-                               args.intermediate, args.vocab, seed=args.seed)
-        self.model = TinyLlama(self.cfg)
-        self.cache = PagedKVCache(args.num_layers, args.num_kv_heads, args.head_dim, args.page_size, args.num_pages)
+        self.tokenizer: Tokenizer | None = None
+        if args.model == "synthetic":
+            self.cfg = ModelConfig(args.num_layers, args.hidden, args.num_qo_heads, args.num_kv_heads, args.head_dim,
+                                   args.intermediate, args.vocab, seed=args.seed)
+            self.model = TinyLlama(self.cfg)
+            self.requests = synthetic_requests(args.requests, vocab=args.vocab, max_prompt=args.max_prompt,
+                                               max_new_tokens=args.max_new_tokens, seed=args.seed,
+                                               arrival_rate=args.arrival_rate, parallel_frac=args.parallel_frac,
+                                               temperature=args.temperature)
+            num_layers, num_kv_heads, head_dim, self.max_len = (args.num_layers, args.num_kv_heads, args.head_dim,
+                                                                args.max_prompt + args.max_new_tokens)
+        else:
+            gf = open_gguf(args.gguf or default_model_path())
+            spec = gf.spec
+            self.tokenizer = Tokenizer.from_gguf(gf)
+            self.model = LlamaModel(gf.load_weights(), num_qo_heads=spec.num_qo_heads, num_kv_heads=spec.num_kv_heads,
+                                    head_dim=spec.head_dim, rope_theta=spec.rope_theta, rms_eps=spec.rms_eps,
+                                    max_positions=spec.context_length)
+            self.cfg = spec
+            self.requests = chat_requests(self.tokenizer, args.requests, max_new_tokens=args.max_new_tokens,
+                                          seed=args.seed, stop_token_ids=spec.stop_token_ids,
+                                          arrival_rate=args.arrival_rate, parallel_frac=args.parallel_frac,
+                                          temperature=args.temperature)
+            num_layers, num_kv_heads, head_dim = spec.num_layers, spec.num_kv_heads, spec.head_dim
+            self.max_len = max(r.max_len for r in self.requests) + 1
+        self.cache = PagedKVCache(num_layers, num_kv_heads, head_dim, args.page_size, args.num_pages)
         self.sched = Scheduler(self.cache, max_batch=args.max_batch, max_tokens_per_step=args.max_tokens_per_step)
-        self.requests = synthetic_requests(args.requests, vocab=args.vocab, max_prompt=args.max_prompt,
-                                           max_new_tokens=args.max_new_tokens, seed=args.seed,
-                                           arrival_rate=args.arrival_rate, parallel_frac=args.parallel_frac,
-                                           temperature=args.temperature)
+        self.finished: list[Sequence] = []
         capacity = args.num_pages * args.page_size
         for r in self.requests:
             if r.max_len > capacity:
@@ -128,7 +152,10 @@ class Engine:
         return generated
 
     def _maybe_finish(self, seq: Sequence) -> None:
+        if seq.tokens[-1] in seq.request.stop_token_ids:
+            seq.stopped = True
         if seq.finished:
+            self.finished.append(seq)
             self.sched.finish(seq)
             self.stats["finished_sequences"] += 1
             self.stats["generated_tokens"] += seq.num_generated
@@ -174,7 +201,7 @@ class Engine:
             for i, page in enumerate(alloc.pages_of(s.seq_id)):
                 fill[page] = max(fill.get(page, 0), min(ps, n - i * ps))
         used, tokens = len(fill), sum(fill.values())
-        contiguous = live * (self.args.max_prompt + self.args.max_new_tokens)
+        contiguous = live * self.max_len
         k = self.kv
         k["used"] += used
         k["tokens"] += tokens
@@ -188,10 +215,10 @@ class Engine:
     def warm_up(self) -> float:
         """Compile (or load from the disk cache) the four kernels on a scratch cache; returns seconds."""
         t0 = time.perf_counter()
-        c = self.cfg
-        scratch = PagedKVCache(1, c.num_kv_heads, c.head_dim, self.args.page_size, 4)
-        q = torch.zeros(2, c.num_qo_heads, c.head_dim)
-        kv = torch.zeros(2, c.num_kv_heads, c.head_dim)
+        m = self.model
+        scratch = PagedKVCache(1, m.num_kv_heads, m.head_dim, self.args.page_size, 4)
+        q = torch.zeros(2, m.num_qo_heads, m.head_dim)
+        kv = torch.zeros(2, m.num_kv_heads, m.head_dim)
         scratch.add_sequence("a")
         st = scratch.begin_step(["a"], 2)  # prefill + write
         scratch.write(0, st, kv, kv)
@@ -226,6 +253,21 @@ class Engine:
             bar.close()
         return self._summary(time.perf_counter() - t0, compile_s)
 
+    def answers(self, limit: int) -> list[dict]:
+        """The first ``limit`` requests' prompts and their samples' text (a real model only)."""
+        if self.tokenizer is None:
+            return []
+        by_request: dict[int, list[Sequence]] = {}
+        for seq in self.finished:
+            by_request.setdefault(seq.request.req_id, []).append(seq)
+        out = []
+        for rid in sorted(by_request)[:limit]:
+            seqs = sorted(by_request[rid], key=lambda q: q.seq_id)
+            r = seqs[0].request
+            out.append({"prompt": r.text, "n": r.n, "answers": [
+                self.tokenizer.decode(q.tokens[len(r.prompt):], skip_special_tokens=True).strip() for q in seqs]})
+        return out
+
     def _summary(self, wall: float, compile_s: float) -> dict:
         st, sc, k, ps = self.stats, self.sched.counters, self.kv, self.cache.page_size
         serving = max(1e-9, wall - self.check_s)
@@ -253,4 +295,6 @@ class Engine:
             preempted_tokens=sc["preempted_tokens"],
             recompute_cached_tokens=sc["recompute_cached_tokens"],
             checks=st["checks"], checks_passed=st["checks_passed"], max_abs_logit_diff=self.max_abs_diff,
+            model=self.args.model if self.tokenizer is None else str(self.args.gguf or default_model_path().name),
+            answers=self.answers(self.args.show),
         )

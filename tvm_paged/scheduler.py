@@ -15,17 +15,18 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..cache import OutOfPages, PagedKVCache, Step
-from .workload import Request
+from .cache import OutOfPages, PagedKVCache, Step
 
 
 @dataclass(eq=False)
 class Sequence:
     """One sample of a request. ``tokens``: prompt then generated ids; ``num_computed``: how many of them have
-    their K/V in the cache (the rest are fed in the next steps)."""
+    their K/V in the cache (the rest are fed in the next steps). ``request`` is anything with ``prompt`` (token
+    ids), ``max_new_tokens`` and ``n``; ``stopped`` is set when the sequence ends before ``max_new_tokens`` (an
+    end-of-sequence token or a stop string)."""
 
     seq_id: str
-    request: Request
+    request: object
     tokens: list
     generator: torch.Generator
     num_computed: int = 0
@@ -33,6 +34,7 @@ class Sequence:
     cached_at_admission: int = 0     # prefix-cache tokens found when last admitted
     preempted: int = 0
     events: set = field(default_factory=set)  # what this sequence's next step exercises, for the logits checks
+    stopped: bool = False
 
     @property
     def pending(self) -> int:
@@ -44,7 +46,7 @@ class Sequence:
 
     @property
     def finished(self) -> bool:
-        return self.num_generated >= self.request.max_new_tokens
+        return self.stopped or self.num_generated >= self.request.max_new_tokens
 
 
 class Scheduler:
