@@ -86,11 +86,11 @@ def waste() -> dict:
 
     p = argparse.ArgumentParser()
     serve.add_arguments(p)
-    tiny = ["--num-layers", "1", "--hidden", "64", "--num-qo-heads", "4", "--num-kv-heads", "2", "--head-dim", "16",
+    tiny = ["--model", "synthetic", "--num-layers", "1", "--hidden", "64", "--num-qo-heads", "4", "--num-kv-heads", "2", "--head-dim", "16",
             "--intermediate", "64", "--check-every", "0", "--no-progress"]
     out = {}
     for label, extra in (("demo default pool", []), ("pool with room (no preemption)", ["--num-pages", "512"])):
-        args = p.parse_args(tiny + extra)
+        args = serve.fill_defaults(p.parse_args(tiny + extra))
         eng = engine.Engine(args)
         eng._check = lambda *a: None  # the logits checks do not change pages
         out[label] = eng.run()
