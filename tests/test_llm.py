@@ -204,3 +204,23 @@ def test_bad_model_files(tmp_path):
 
 def test_cache_is_the_paged_one(llm):
     assert isinstance(llm.cache, PagedKVCache) and llm.cache.num_pages > 0
+
+
+def test_runs_on_an_exported_library(llm, tmp_path):
+    """LLM(module=DIR) serves with a library from tvm-paged export (the edge path): the same greedy tokens, and
+    the library's kernels are the ones that ran."""
+    from tvm_paged.export import export
+
+    spec = llm.spec
+    export({"dtype": "float32", "num_qo_heads": spec.num_qo_heads, "num_kv_heads": spec.num_kv_heads,
+            "head_dim": spec.head_dim, "page_size": 16}, "local", tmp_path)
+    served = LLM(module=tmp_path, max_batch=4, num_pages=256)
+    used = []
+    provide = served.library._kernel
+    served.library._kernel = lambda cfg, device: used.append(cfg.kernel) or provide(cfg, device)
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    want = [o.token_ids for o in llm.generate(PROMPTS[:3], params)]
+    assert [o.token_ids for o in served.generate(PROMPTS[:3], params)] == want
+    assert {"decode", "prefill", "write_kv"} <= set(used)
+    with pytest.raises(ValueError, match="^module: the library is for page_size 16"):
+        LLM(module=tmp_path, page_size=8)

@@ -2,7 +2,7 @@
 
 Times, on a batch small enough that the kernel itself is short (float32, 32/8 heads, head_dim 128, page 16):
 the compiled kernel called directly; ``ops.run_decode`` with a plan built once (what a serving loop does per
-layer); ``tp.paged_decode`` (validation and planning on every call); and ``ops.plan_decode`` alone. The
+layer), with a new output tensor per call and with ``out=`` reused (no allocation, as the direct call); ``tp.paged_decode`` (validation and planning on every call); and ``ops.plan_decode`` alone. The
 differences are the API's overhead per call. Medians of ``--rounds`` rounds of ``--calls`` calls each.
 
     python tools/bench_api.py [--batch 8] [--pages 4] [--calls 300] [--rounds 7]
@@ -65,6 +65,8 @@ def main() -> None:
         ("kernel called directly", per_call_us(raw, args.calls, args.rounds)),
         ("ops.run_decode (plan reused)", per_call_us(lambda: ops.run_decode(plan, q, k_cache, v_cache),
                                                      args.calls, args.rounds)),
+        ("ops.run_decode (plan and out= reused)",
+         per_call_us(lambda: ops.run_decode(plan, q, k_cache, v_cache, out=out), args.calls, args.rounds)),
         ("tp.paged_decode (validate + plan + run)",
          per_call_us(lambda: tp.paged_decode(q, k_cache, v_cache, block_table, seq_lens), args.calls, args.rounds)),
         ("ops.plan_decode alone", per_call_us(lambda: ops.plan_decode(block_table, seq_lens, page_size=PAGE,

@@ -9,12 +9,14 @@ the rest of the model (torch matmuls) and Python bookkeeping (scheduling, planni
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections import Counter
 from dataclasses import dataclass
 
 import torch
 
+from . import tvm_compat as tc
 from .cache import PagedKVCache
 from .models.llama import LlamaModel
 from .sampling import SamplingParams, sample, sequence_generator
@@ -37,14 +39,40 @@ class GenerationRequest:
         return self.params.n
 
 
+@contextlib.contextmanager
+def kernel_threads(num_threads: int | None):
+    """Within the block, TVM's CPU pool has ``num_threads`` workers (None: unchanged).
+
+    The model's matmuls run on torch's OpenMP threads, whose workers spin for a while after each operation; a
+    TVM kernel started between two of them waits for its own workers to get a core. Measured on 2 cores, SmolLM2
+    at batch 16: attention took 200 ms per decode step with 2 TVM workers and 18 ms with 1 (the calling thread),
+    while the matmuls took the same time either way."""
+    if num_threads is None:
+        yield
+        return
+    before = tc.runtime_num_threads()
+    tc.set_runtime_num_threads(num_threads)
+    try:
+        yield
+    finally:
+        tc.set_runtime_num_threads(before)
+
+
+def default_kernel_threads() -> int | None:
+    """1 when torch's matmuls use several threads (see :func:`kernel_threads`), else TVM's own pool size."""
+    return 1 if torch.get_num_threads() > 1 else None
+
+
 class Generator:
     """Runs requests to completion on ``model`` over ``cache``. ``decode(ids) -> str`` (the tokenizer's, special
     tokens skipped) is used for stop strings. ``stats`` counts steps, tokens, prefix hits, forks and preemptions;
     ``seconds`` holds the time split of the last :meth:`run`; ``first_token_s[i]`` the seconds from its start to
     request ``i``'s first generated token (time to first token)."""
 
-    def __init__(self, model: LlamaModel, cache: PagedKVCache, decode, *, max_batch: int, max_tokens_per_step: int):
+    def __init__(self, model: LlamaModel, cache: PagedKVCache, decode, *, max_batch: int, max_tokens_per_step: int,
+                 num_kernel_threads: int | None = None):
         self.model, self.cache, self.decode = model, cache, decode
+        self.num_kernel_threads = num_kernel_threads
         self.max_batch, self.max_tokens_per_step = max_batch, max_tokens_per_step
         self.stats: Counter = Counter()
         self.seconds: Counter = Counter()
@@ -62,12 +90,14 @@ class Generator:
             first.needs_fork = r.n > 1
             samples.append([first])
             sched.add(first)
+        threads = self.num_kernel_threads or default_kernel_threads()
         t_start = self._t_start = time.perf_counter()
         try:
-            while sched.waiting or sched.running:
-                generated = self._step(sched, samples)
-                if on_token is not None:
-                    on_token(generated)
+            with kernel_threads(threads):
+                while sched.waiting or sched.running:
+                    generated = self._step(sched, samples)
+                    if on_token is not None:
+                        on_token(generated)
         finally:  # an interrupted run leaves no sequence holding pages (the prefix cache keeps what it can)
             for seq in list(sched.running):
                 sched.finish(seq)

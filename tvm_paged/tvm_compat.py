@@ -86,6 +86,11 @@ def runtime_num_threads() -> int:
     return int(tvm.get_global_func("runtime.NumThreads")())
 
 
+def set_runtime_num_threads(num_threads: int) -> None:
+    """Resize TVM's CPU thread pool (1: kernels run on the calling thread only)."""
+    tvm.get_global_func("runtime.config_threadpool")(0, int(num_threads))
+
+
 # ----------------------------------------------------------------------------------- export and load
 # Appended for tvm_paged.toolchain / tvm_paged.export / tvm_paged.loader: shipping compiled libraries, cross
 # compiling, and compiling CUDA device code to a binary on a machine with no GPU.

@@ -16,6 +16,7 @@ import sys
 
 import torch
 
+from ..generation import default_kernel_threads, kernel_threads
 from .engine import Engine, LogitsMismatch
 
 
@@ -23,9 +24,9 @@ from .engine import Engine, LogitsMismatch
 # preempts, like the synthetic one's.
 DEFAULTS = {
     "smollm2": dict(num_pages=40, max_batch=16, max_tokens_per_step=48, requests=20, max_new_tokens=48,
-                    check_every=16),
+                    check_every=16, torch_threads=0),
     "synthetic": dict(num_pages=64, max_batch=32, max_tokens_per_step=96, requests=32, max_new_tokens=40,
-                      check_every=8),
+                      check_every=8, torch_threads=1),
 }
 
 
@@ -61,9 +62,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     k = p.add_argument_group("checks and output")
     k.add_argument("--check-every", type=int, help="check logits every k-th step (0: only events)")
     k.add_argument("--check-seqs", type=int, default=2, help="sequences checked per checked step")
-    k.add_argument("--torch-threads", type=int, default=1,
-                   help="torch threads for the model's matmuls (small ones: more threads mostly add contention "
-                        "with the kernels' own thread pool)")
+    k.add_argument("--torch-threads", type=int,
+                   help="torch threads for the model's matmuls, 0: torch's default (synthetic model: 1, its matmuls "
+                        "are small; with several, the kernels run on the calling thread, see "
+                        "tvm_paged.generation.kernel_threads)")
     k.add_argument("--no-progress", action="store_true", help="no progress bar")
     k.add_argument("--json", metavar="PATH", help="also write the summary as JSON")
 
@@ -131,7 +133,8 @@ def _run(args) -> int:
         print(f"tvm-paged demo: {exc}", file=sys.stderr)
         return 2
     try:
-        summary = engine.run()
+        with kernel_threads(default_kernel_threads()):
+            summary = engine.run()
     except LogitsMismatch as exc:
         print(f"tvm-paged demo: logits check FAILED: {exc}", file=sys.stderr)
         return 1

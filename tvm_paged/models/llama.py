@@ -21,6 +21,23 @@ import torch.nn.functional as F
 AttentionFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+class Linear:
+    """``y = x @ weight.T + bias`` for x [T, in] -> [T, out]. float32 weights are kept in oneDNN's blocked layout
+    when torch has oneDNN: at this model's shapes (64 rows, 576 -> 3072 and -> 49152) oneDNN's prepacked GEMM ran
+    1.3-1.6x faster than ``F.linear`` on a 2-core AMD EPYC (Zen 4), the conversions of x and y included."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        self.out_features = int(weight.shape[0])
+        self.packed = weight.dtype == torch.float32 and torch.backends.mkldnn.is_available()
+        self.weight = weight.contiguous().to_mkldnn() if self.packed else weight
+        self.bias = bias
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed:
+            return torch._C._nn.mkldnn_linear(x.contiguous().to_mkldnn(), self.weight, self.bias).to_dense()
+        return F.linear(x, self.weight, self.bias)
+
+
 class LlamaModel:
     """A decoder over ``weights`` (see the module docstring), float32 unless the weights are another dtype.
 
@@ -37,7 +54,7 @@ class LlamaModel:
         self.eps = rms_eps
         self.embed = weights["embed"]
         self.final_norm = weights["final_norm"]
-        self.lm_head = weights["lm_head"]
+        self.lm_head = Linear(weights["lm_head"])
         self.num_layers = len(weights["layers"])
         self.layers = []
         for w in weights["layers"]:
@@ -45,9 +62,9 @@ class LlamaModel:
             if "bq" in w:
                 qkv_bias = torch.cat([w["bq"], w["bk"], w["bv"]])
             self.layers.append(dict(
-                attn_norm=w["attn_norm"], w_qkv=torch.cat([w["wq"], w["wk"], w["wv"]]).contiguous(), b_qkv=qkv_bias,
-                wo=w["wo"], mlp_norm=w["mlp_norm"], w_gate_up=torch.cat([w["w_gate"], w["w_up"]]).contiguous(),
-                w_down=w["w_down"]))
+                attn_norm=w["attn_norm"], qkv=Linear(torch.cat([w["wq"], w["wk"], w["wv"]]), qkv_bias),
+                wo=Linear(w["wo"]), mlp_norm=w["mlp_norm"], gate_up=Linear(torch.cat([w["w_gate"], w["w_up"]])),
+                down=Linear(w["w_down"])))
         self.intermediate = weights["layers"][0]["w_gate"].shape[0]
         # cos/sin per position, computed once (float64, then the weights' dtype).
         inv_freq = rope_theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)  # [head_dim / 2]
@@ -84,18 +101,18 @@ class LlamaModel:
         x = self.embed[tokens]  # [T, hidden]
         for i, w in enumerate(self.layers):
             h = self._rms_norm(x, w["attn_norm"])
-            qkv = F.linear(h, w["w_qkv"], w["b_qkv"])  # [T, (Hq + 2 Hkv) D]
+            qkv = w["qkv"](h)  # [T, (Hq + 2 Hkv) D]
             q, k, v = qkv.split([Hq * D, Hkv * D, Hkv * D], dim=-1)
             q = self._rope(q.view(T, Hq, D), cos, sin)
             k = self._rope(k.view(T, Hkv, D), cos, sin)
             o = attention(i, q, k, v.reshape(T, Hkv, D))  # [T, Hq, D]
-            x = x + F.linear(o.reshape(T, Hq * D), w["wo"])
+            x = x + w["wo"](o.reshape(T, Hq * D))
             h = self._rms_norm(x, w["mlp_norm"])
-            gate, up = F.linear(h, w["w_gate_up"]).split(self.intermediate, dim=-1)
-            x = x + F.linear(F.silu(gate) * up, w["w_down"])
+            gate, up = w["gate_up"](h).split(self.intermediate, dim=-1)
+            x = x + w["down"](F.silu(gate) * up)
         if logit_rows is not None:
             x = x[logit_rows]
-        return F.linear(self._rms_norm(x, self.final_norm), self.lm_head).float()
+        return self.lm_head(self._rms_norm(x, self.final_norm)).float()
 
 
 def contiguous_attention(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
