@@ -1,6 +1,7 @@
 """GGUF model files: config, tokenizer, chat template and weights of the default SmolLM2 file against Hugging Face
 transformers' GGUF loader (loaded once per process, tests/hf_oracle.py); small written files for the Q/K layout of
-each architecture, the tokenizer rules, and bad input."""
+each architecture, the tokenizer rules, and bad input. One module (about 410 lines) on purpose: every test shares
+the oracle's loaded model and the small-file writers."""
 
 from __future__ import annotations
 

@@ -60,7 +60,7 @@ def kernel_for(cfg: KernelConfig, device: torch.device, plan: "AttentionPlan | N
     return build.get_kernel(cfg, target, batch=plan.batch, max_pages=int(plan.block_table.shape[1]))
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(eq=False)
 class AttentionPlan:
     """A validated batch: page table, lengths and the work split, reusable across layers.
 

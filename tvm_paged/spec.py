@@ -113,14 +113,20 @@ class Binder:
     rest per call by name. ``binder(q=q, out=out, ...)`` returns the positional argument list."""
 
     __slots__ = ("_template", "_slots", "spec")
+    # (spec, names fixed) -> the positions of the names given per call: a plan per step binds the same names.
+    _SLOTS: dict = {}
 
     def __init__(self, spec: KernelSpec, fixed: Mapping[str, Any]):
-        unknown = set(fixed) - set(spec.names)
-        if unknown:
-            raise ValueError(f"{spec.family}: no parameters named {sorted(unknown)}")
+        key = (id(spec), tuple(fixed))
+        slots = Binder._SLOTS.get(key)
+        if slots is None:
+            unknown = set(fixed) - set(spec.names)
+            if unknown:
+                raise ValueError(f"{spec.family}: no parameters named {sorted(unknown)}")
+            slots = Binder._SLOTS[key] = tuple((i, n) for i, n in enumerate(spec.names) if n not in fixed)
         self.spec = spec
         self._template = [fixed.get(n) for n in spec.names]
-        self._slots = tuple((i, n) for i, n in enumerate(spec.names) if n not in fixed)
+        self._slots = slots
 
     def __call__(self, **values) -> list:
         args = list(self._template)

@@ -89,7 +89,7 @@ def check_block_table(block_table: torch.Tensor, seq_lens: torch.Tensor, page_si
     if batch == 0:
         raise ValueError("block_table: batch must be at least 1")
     lens = seq_lens.cpu().numpy().astype(np.int64)
-    lo, hi = int(lens.min()), int(lens.max())
+    lo, hi = int(np.min(lens)), int(np.max(lens))
     if lo <= 0:
         b = int(np.argmax(lens <= 0))
         raise ValueError(f"seq_lens: every length must be positive, seq_lens[{b}] = {lens[b]}")
