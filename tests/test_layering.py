@@ -87,13 +87,14 @@ def test_only_tvm_compat_imports_tvm():
     assert not {m: d for m, d in offenders.items() if d}
 
 
-@pytest.mark.parametrize("module", ["tvm_paged.allocator", "tvm_paged.binary", "tvm_paged.spec", "tvm_paged.config"])
+@pytest.mark.parametrize("module", ["tvm_paged.allocator", "tvm_paged.binary", "tvm_paged.spec", "tvm_paged.config",
+                                    "tvm_paged.hostinfo"])
 def test_bottom_modules_import_no_tvm(module):
     """The allocator, the binary reader, the specs and the configs work without TVM (and the allocator and binary
     reader without torch)."""
     deps = _closure(module)
     assert "tvm_paged.tvm_compat" not in deps and not any(_is_tvm(d) for d in deps), sorted(deps)
-    if module in ("tvm_paged.allocator", "tvm_paged.binary"):
+    if module in ("tvm_paged.allocator", "tvm_paged.binary", "tvm_paged.hostinfo"):
         assert not any(d.split(".")[0] == "torch" for d in deps), sorted(deps)
 
 

@@ -6,7 +6,8 @@ batch 8 x 1024 tokens and batch 1 x 16384 tokens. Rows, all in one process:
 - tvm_paged with its default schedule, and with the committed tuned schedule when one exists;
 - torch: gather each sequence's pages, then scaled_dot_product_attention;
 - TVM/MLC-LLM's shipped CPU paged decode kernel (tvm.relax.frontend.nn.llm), on the same pages in its layout;
-- the machine's read bandwidth: a reduction over a 512 MB array (torch.sum on every core);
+- the machine's read bandwidth: a reduction (torch.sum on every core) over an array of the pools' size: at least
+  4x the last-level cache the OS reports (and 512 MB), within a quarter of the memory available;
 - with ``--hand-c`` (CPU, needs a C compiler): tools/hand_decode_f16.c (float16 only), the same algorithm
   hand-written with AVX2 intrinsics, as a ceiling for what the TensorIR kernel could reach on this CPU; and
   tools/page_walk.c, a read-only pass over the same pages in table order: the rate any kernel could read
@@ -39,21 +40,42 @@ import time
 
 import torch
 
-from tvm_paged import build, targets, ops, reference, tuned_knobs
+from tvm_paged import build, hostinfo, ops, reference, targets, tuned_knobs
 from tvm_paged.config import KernelConfig
-from tvm_paged.tvm_compat import allowed_cores, compile_module, host_cpu, runtime_library
+from tvm_paged.tvm_compat import allowed_cores, compile_module, cpu_has_feature, host_cpu, runtime_library
 
 HQ, HKV, D, PAGE = 32, 8, 128, 16
-CPU_L3_BYTES = 32 << 20
+# ISA features named on the machine line (those LLVM reports for the local target).
+FEATURES = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512fp16", "avx512bf16", "amx-tile",
+            "amx-bf16", "neon", "fullfp16")
 CASES = {"b8": (8, 1024), "b1x16k": (1, 16384), "b64x4k": (64, 4096)}
 # Sequences checked against the float64 reference before timing (the reference is slow at batch 64).
 CHECKED_SEQS = 4
 
 
 def last_level_cache(device) -> int:
+    """The GPU's L2, or the CPU's last-level cache as the OS reports it."""
     if device.type == "cuda":
         return int(torch.cuda.get_device_properties(device).L2_cache_size)
-    return CPU_L3_BYTES
+    return hostinfo.last_level_cache_bytes() or hostinfo.FALLBACK_CACHE_BYTES
+
+
+def pool_bytes(device) -> int:
+    """What each case's pool (and the CPU roof's array) spans: DRAM-honest for this machine (a GPU: 4x its L2)."""
+    if device.type == "cuda":
+        return 4 * last_level_cache(device)
+    return hostinfo.dram_pool_bytes()
+
+
+def machine_line(device) -> str:
+    """The CPU by name, its LLVM name and features, the cache size the pools are sized from."""
+    target = targets.local_target()
+    features = [f for f in FEATURES if cpu_has_feature(f, target)]
+    llc = hostinfo.last_level_cache_bytes()
+    return (f"machine: {hostinfo.cpu_model_name() or 'unknown CPU'}, {allowed_cores()} cores, LLVM {host_cpu()} "
+            f"({' '.join(features) or 'no SIMD features found'}), last-level cache "
+            f"{'%d MB' % (llc >> 20) if llc else 'not reported'}, pools and roof array "
+            f"{pool_bytes(device) >> 20} MB; torch {torch.__version__}")
 
 
 def target_of(device):
@@ -62,12 +84,12 @@ def target_of(device):
 
 
 def make_inputs(batch, length, dtype, device, copies_over_cache=4, seed=0):
-    """A pool ``copies`` times the working set (and at least 4x the last-level cache), and one disjoint table
-    per copy."""
+    """A pool of at least ``copies_over_cache`` copies of the working set that spans :func:`pool_bytes`, and one
+    disjoint table per copy."""
     torch.manual_seed(seed)
     pages = length // PAGE
     work = 2 * batch * length * HKV * D * dtype.itemsize
-    copies = max(copies_over_cache, -(-copies_over_cache * last_level_cache(device) // work))
+    copies = max(copies_over_cache, -(-pool_bytes(device) // work))
     num_pages = batch * pages * copies
     k = torch.randn(num_pages, PAGE, HKV, D, dtype=dtype, device=device)
     v = torch.randn(num_pages, PAGE, HKV, D, dtype=dtype, device=device)
@@ -265,7 +287,8 @@ def bench_case(name, dtype, rounds, with_mlc, device, with_hand_c=False):
         err = (run(0)[:nchk].double().cpu() - ref).abs().max().item()
         if not err < tol:
             raise SystemExit(f"{row}: max error {err:.3g} against the float64 reference")
-    roof_buf = torch.ones((1 << 30) if gpu else (128 << 20), dtype=torch.float32, device=device)  # 4 GB / 512 MB
+    # CPU: an array as large as the pools; GPU: 4 GB.
+    roof_buf = torch.ones((1 << 30) if gpu else pool_bytes(device) // 4, dtype=torch.float32, device=device)
     copy_rate = copy_bandwidth(roof_buf) if gpu else None
     times = {row: [] for row in runners}
     fracs = {row: [] for row in runners}
@@ -316,7 +339,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     torch.set_num_threads(allowed_cores())
-    print(f"machine: {host_cpu()}, {allowed_cores()} cores, torch {torch.__version__}")
+    print(machine_line(device))
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         print(f"GPU: {props.name}, {props.multi_processor_count} SMs, {props.total_memory / 2**30:.0f} GiB, "

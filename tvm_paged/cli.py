@@ -12,7 +12,8 @@ import sys
 
 # subcommand -> (module, one-line help)
 SUBCOMMANDS = {
-    "demo": ("tvm_paged.demo.serve", "serve synthetic requests with a small Llama-style model on the paged cache"),
+    "demo": ("tvm_paged.demo.serve", "serve chat requests with SmolLM2-135M-Instruct (or --gguf PATH) on the paged "
+             "cache; --model synthetic: a tiny random Llama"),
     "tune": ("tvm_paged.tune", "tune kernels for a target and write tuning_logs/ and schedules/"),
     "export": ("tvm_paged.export", "compile one configuration's kernels into a loadable library + manifest"),
 }
