@@ -48,8 +48,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rpc-tracker", default=None, metavar="HOST:PORT", help="measure through this RPC tracker")
     p.add_argument("--rpc-key", default=None, help="device key registered with the RPC tracker")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--pool-mb", type=float, default=512,
-                   help="cap on the K+V page pool the page tables are shuffled over, MiB (default: 512)")
+    p.add_argument("--pool-mb", type=float, default=None,
+                   help="cap on the K+V page pool the page tables are shuffled over, MiB (default: 4x the "
+                        "last-level cache the OS reports, and enough rotating tables to touch it all; 512 over RPC)"),
     p.add_argument("--repeat", type=int, default=5, help="timings per trial (default: 5)")
     p.add_argument("--min-repeat-ms", type=int, default=100, help="minimum length of one timing (default: 100)")
     p.add_argument("--build-timeout", type=float, default=300, help="seconds one variant may take to build")

@@ -39,7 +39,7 @@ from .measure import PagedInputs
 from .ms_glue import evolutionary_search, measure_callbacks, meta_schedule_logging
 from .paged_space import decisions, decode_space, decode_space_cuda, prefill_space
 from .records import median_secs
-from .search import TuneError, check_device, close_runner, make_runner
+from .search import TuneError, check_device, close_runner, make_runner, pool_mb
 from .workload import ENTRY, Bucket, build_cuda_library, build_module, make_workload, pass_path
 
 SPACES = {
@@ -50,7 +50,7 @@ SPACES = {
 
 def _workload(cfg: KernelConfig, bucket: Bucket, opts, device_kind: str = "cpu"):
     """The bucket's lengths and pool, as the knob space's runs measure it."""
-    return make_workload(cfg, bucket, device_kind=device_kind, pool_mb=opts.pool_mb, pool_factor=opts.pool_factor,
+    return make_workload(cfg, bucket, device_kind=device_kind, pool_mb=pool_mb(opts), pool_factor=opts.pool_factor,
                          tables=opts.tables, seed=opts.seed, q_len=opts.q_len if cfg.kernel == "prefill" else 0)
 
 
@@ -132,7 +132,7 @@ def tune_block_form(cfg: KernelConfig, target, bucket: Bucket, work_dir: Path, *
     ms_dir.mkdir(parents=True, exist_ok=True)
     inputs = PagedInputs(kernel="prefill_blocks" if cfg.kernel == "prefill" else "decode_generic",
                          page_size=cfg.page_size, seq_lens=wl.seq_lens,
-                         tables=opts.tables, seed=opts.seed)
+                         tables=wl.tables, seed=opts.seed)
     # The bar shows trials done and the best rate so far (GB/s of K+V for decode, GFLOP/s for prefill); with it,
     # MetaSchedule's own console log (a task table per round) is dropped: its log files keep it.
     bar = tqdm(total=trials, desc=f"{cfg.name} {bucket.name} {space}", unit="trial", disable=not opts.progress,

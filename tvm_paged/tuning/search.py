@@ -50,7 +50,7 @@ class TuneOptions:
     schedules_root: Path | None = None  # default: tuned_knobs.schedules_dir()
     rpc_tracker: tuple[str, int] | None = None
     rpc_key: str | None = None
-    pool_mb: float = 512
+    pool_mb: float | None = None  # None: DRAM-honest for this machine (see make_workload); 512 over RPC
     pool_factor: int = 4
     tables: int = 2
     repeat: int = 5
@@ -60,6 +60,14 @@ class TuneOptions:
     run_timeout: float = 120
     progress: bool = True
     population: int = 512  # MetaSchedule's evolutionary population (--space paged / generic)
+
+
+def pool_mb(opts: TuneOptions) -> float | None:
+    """The workload's pool cap: the user's, else DRAM-honest sizing locally and 512 MiB over RPC (a remote
+    device's cache is not this machine's)."""
+    if opts.pool_mb is not None or opts.rpc_tracker is None:
+        return opts.pool_mb
+    return 512
 
 
 def work_dir_for(cfg: KernelConfig, target, opts: TuneOptions) -> Path:
@@ -95,10 +103,10 @@ def make_runner(workload, device_type: str, opts: TuneOptions, inputs=None):
         config = ms.runner.RPCConfig(tracker_host=host, tracker_port=port, tracker_key=opts.rpc_key,
                                      session_timeout_sec=int(opts.run_timeout))
         # Over RPC the timing loop must run remotely: MetaSchedule's time_evaluator, one table after another.
-        return ms.runner.RPCRunner(config, evaluator, alloc_repeat=opts.tables, f_alloc_argument=inputs,
+        return ms.runner.RPCRunner(config, evaluator, alloc_repeat=workload.tables, f_alloc_argument=inputs,
                                    max_workers=1)
     return ms.runner.LocalRunner(timeout_sec=opts.run_timeout, evaluator_config=evaluator,
-                                 alloc_repeat=opts.tables, f_alloc_argument=inputs,
+                                 alloc_repeat=workload.tables, f_alloc_argument=inputs,
                                  f_run_evaluator=RotatingTimer(check))
 
 
@@ -167,7 +175,7 @@ def tune(cfg: KernelConfig, target, buckets: list[Bucket], opts: TuneOptions | N
 def _tune_bucket(cfg, target, build_target, bucket: Bucket, space: KnobSpace, log: TuningLog, rows: list[dict],
                  builder, device_type: str, opts: TuneOptions, bar) -> None:
     ms = tc.meta_schedule()
-    wl = make_workload(cfg, bucket, device_kind=device_type, pool_mb=opts.pool_mb, pool_factor=opts.pool_factor,
+    wl = make_workload(cfg, bucket, device_kind=device_type, pool_mb=pool_mb(opts), pool_factor=opts.pool_factor,
                        tables=opts.tables, seed=opts.seed, q_len=opts.q_len)
     default_func = build_kernel(cfg, target, **space.default)
     whash = workload_hash(wl.module(default_func))
@@ -287,7 +295,7 @@ def summarize(cfg: KernelConfig, target, log: TuningLog, space: KnobSpace, opts:
             bucket = Bucket.parse(name)
         except ValueError:
             continue
-        wl = make_workload(cfg, bucket, device_kind=device_kind, pool_mb=opts.pool_mb,
+        wl = make_workload(cfg, bucket, device_kind=device_kind, pool_mb=pool_mb(opts),
                            pool_factor=opts.pool_factor, tables=opts.tables, seed=opts.seed, q_len=opts.q_len)
         if name not in hashes:
             hashes[name] = workload_hash(wl.module(build_kernel(cfg, target, **space.default)))

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .. import hostinfo
 from .. import tvm_compat as tc
 from ..plan import choose_num_splits
 from ..toolchain import run_python_with_cuda_stub
@@ -149,12 +150,20 @@ class Workload:
         return tc.ir_module({ENTRY: mod[ENTRY].with_body(tc.tirx.Evaluate(0)).with_attrs(attrs)})
 
 
-def make_workload(cfg: KernelConfig, bucket: Bucket, *, device_kind: str = "cpu", pool_mb: float = 512,
-                  pool_factor: int = 4, tables: int = 2, seed: int = 0, q_len: int = 0) -> Workload:
-    """The workload of ``bucket``: lengths, split count (as ``ops`` would pick), pool size.
+# Page tables a DRAM-honest workload rotates through at most (each is one argument list in the runner).
+MAX_TABLES = 256
 
-    The pool holds ``max(pool_factor, tables)`` times the bucket's pages, capped at ``pool_mb`` MiB of K+V, and
-    never fewer than the bucket's own pages. ``q_len`` (prefill): query rows per sequence, 0 = whole sequence.
+
+def make_workload(cfg: KernelConfig, bucket: Bucket, *, device_kind: str = "cpu", pool_mb: float | None = None,
+                  pool_factor: int = 4, tables: int = 2, seed: int = 0, q_len: int = 0) -> Workload:
+    """The workload of ``bucket``: lengths, split count (as ``ops`` would pick), pool size and table count.
+
+    ``pool_mb=None`` (local CPUs): DRAM-honest. The pool spans :func:`tvm_paged.hostinfo.dram_pool_bytes` (4x the
+    last-level cache the OS reports, at least 512 MB, within a quarter of the memory available) and the runner
+    rotates through enough disjoint tables (up to ``MAX_TABLES``) that the calls of one rotation touch all of it,
+    so a small bucket is not timed from the cache. A number: the pool holds ``max(pool_factor, tables)`` times the
+    bucket's pages, capped at ``pool_mb`` MiB of K+V (for a remote device, whose cache this machine cannot see).
+    Never fewer than the bucket's own pages. ``q_len`` (prefill): query rows per sequence, 0 = whole sequence.
     """
     if cfg.kernel not in ("decode", "prefill"):
         raise ValueError(f"tuning: no workload for kernel {cfg.kernel!r} (decode or prefill)")
@@ -165,8 +174,13 @@ def make_workload(cfg: KernelConfig, bucket: Bucket, *, device_kind: str = "cpu"
     lens = np.maximum(lens, 1).astype(np.int64)
     working = bucket.batch * bucket.pages
     page_bytes = 2 * S * cfg.num_kv_heads * cfg.head_dim * cfg.itemsize
-    cap = max(working, int(pool_mb * 2**20 // page_bytes))
-    num_pages = max(working, min(working * max(pool_factor, tables), cap))
+    if pool_mb is None:
+        honest = hostinfo.dram_pool_bytes() if device_kind == "cpu" else 512 << 20
+        tables = max(tables, min(MAX_TABLES, -(-(honest // page_bytes) // working)))
+        num_pages = working * max(pool_factor, tables)
+    else:
+        cap = max(working, int(pool_mb * 2**20 // page_bytes))
+        num_pages = max(working, min(working * max(pool_factor, tables), cap))
     common = dict(cfg=cfg, bucket=bucket, seq_lens=tuple(int(x) for x in lens), num_pages=int(num_pages),
                   tables=tables, seed=seed, scale=float(cfg.head_dim ** -0.5))
     if cfg.kernel == "decode":
