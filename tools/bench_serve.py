@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from tvm_paged import LLM, SamplingParams
+from tvm_paged import LLM, SamplingParams, hostinfo
 from tvm_paged import tvm_compat as tc
 from tvm_paged.demo.workload import CHAT_PROMPTS
 
@@ -32,17 +32,6 @@ PHRASINGS = ("{}", "Please answer briefly: {}", "In simple words: {}", "As an ex
 def prompts(n: int) -> list[str]:
     return [PHRASINGS[(i // len(CHAT_PROMPTS)) % len(PHRASINGS)].format(CHAT_PROMPTS[i % len(CHAT_PROMPTS)])
             for i in range(n)]
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def run_tvm_paged(llm: LLM, convs, max_tokens: int) -> dict:
@@ -150,7 +139,8 @@ def main(argv=None) -> int:
     ours = rows[0]["outputs"]
     print(f"{len(convs)} chat prompts, greedy, max_tokens {args.max_tokens}, all submitted at once; "
           f"{llm.model_path.name}, float32")
-    print(f"machine: {cpu_name()}, {os.cpu_count()} cores (LLVM {tc.host_cpu()}), torch {torch.__version__} "
+    print(f"machine: {hostinfo.cpu_model_name() or platform.machine()}, {os.cpu_count()} cores (LLVM "
+          f"{tc.host_cpu()}), torch {torch.__version__} "
           f"({torch.get_num_threads()} threads), TVM {tc.TVM_VERSION}")
     print("| engine | output tokens | wall s | output tok/s | TTFT median s | same tokens as tvm_paged |")
     print("| --- | --- | --- | --- | --- | --- |")

@@ -25,12 +25,12 @@ from tqdm import tqdm
 from .cache import PagedKVCache
 from .generation import GenerationRequest, Generator
 from .models.gguf_file import default_model_path, open_gguf
-from .models.llama import LlamaModel
 from .loader import load
+from .models.llama import LlamaModel
 from .models.tokenizer import Tokenizer
 from .sampling import SamplingParams
+from .validate import TORCH_DTYPE_NAMES
 
-_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
 @dataclass
@@ -86,8 +86,8 @@ class LLM:
                             ("max_tokens_per_step", max_tokens_per_step), ("kv_cache_bytes", kv_cache_bytes)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name}: must be a positive int, got {value!r}")
-        if dtype not in _DTYPES:
-            raise ValueError(f"dtype: one of {list(_DTYPES)}, got {dtype}")
+        if dtype not in TORCH_DTYPE_NAMES:
+            raise ValueError(f"dtype: one of {list(TORCH_DTYPE_NAMES)}, got {dtype}")
         self.model_path = Path(gguf) if gguf is not None else default_model_path()
         gf = open_gguf(self.model_path)  # config and tokenizer checks: before any weight is read
         spec = self.spec = gf.spec
@@ -101,9 +101,7 @@ class LLM:
         self.library = None
         if module is not None:
             self.library = self._load_library(module, dtype, page_size)
-        self.model = LlamaModel(gf.load_weights(dtype), num_qo_heads=spec.num_qo_heads,
-                                num_kv_heads=spec.num_kv_heads, head_dim=spec.head_dim, rope_theta=spec.rope_theta,
-                                rms_eps=spec.rms_eps, max_positions=spec.context_length)
+        self.model = LlamaModel.from_gguf(gf, dtype)
         self.cache = PagedKVCache(spec.num_layers, spec.num_kv_heads, spec.head_dim, page_size, num_pages, dtype=dtype)
         self.generator = Generator(self.model, self.cache, lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True),
                                    max_batch=max_batch, max_tokens_per_step=max_tokens_per_step)
@@ -111,7 +109,7 @@ class LLM:
     def _load_library(self, module, dtype, page_size):
         lib = load(module)
         spec, cfg = self.spec, lib.config
-        want = {"dtype": _DTYPES[dtype], "num_qo_heads": spec.num_qo_heads, "num_kv_heads": spec.num_kv_heads,
+        want = {"dtype": TORCH_DTYPE_NAMES[dtype], "num_qo_heads": spec.num_qo_heads, "num_kv_heads": spec.num_kv_heads,
                 "head_dim": spec.head_dim, "page_size": page_size}
         for key, value in want.items():
             if getattr(cfg, key) != value:

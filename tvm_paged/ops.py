@@ -103,7 +103,7 @@ def _binding(plan: AttentionPlan, kernel: str, q, k_cache, v_cache, rows_of) -> 
     return q.contiguous(), kc, vc, bound
 
 
-def _result(q: torch.Tensor, out, bound: BoundKernel, inputs: dict) -> torch.Tensor:
+def _result(q: torch.Tensor, out, inputs: dict) -> torch.Tensor:
     """The output tensor of a run: ``out`` if the caller gave one (checked: q's shape, dtype and device,
     contiguous, writable, sharing memory with no input), else a new one."""
     if out is None:
@@ -128,7 +128,7 @@ def run_decode(plan: AttentionPlan, q, k_cache, v_cache, *, scale=None, return_l
     new tensor (a serving loop or a CUDA graph reuses one buffer)."""
     q_in = q
     q, kc, vc, bound = _binding(plan, "decode", q, k_cache, v_cache, _batch_rows)
-    out = _result(q, out, bound, {"q": q, "k_cache": kc, "v_cache": vc})
+    out = _result(q, out, {"q": q, "k_cache": kc, "v_cache": vc})
     lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device) if return_lse else bound.lse
     bound.fn(*bound.binder(q=q, k_cache=kc, v_cache=vc, out=out, lse=lse, scale=_scale(scale, bound)))
     return _finish(out, lse, q_in, return_lse)
@@ -141,7 +141,7 @@ def run_prefill(plan: AttentionPlan, q, k_cache, v_cache, *, scale=None, causal=
         raise ValueError("plan: a decode plan was given to run_prefill (use plan_prefill)")
     q_in = q
     q, kc, vc, bound = _binding(plan, "prefill", q, k_cache, v_cache, _query_rows)
-    out = _result(q, out, bound, {"q": q, "k_cache": kc, "v_cache": vc})
+    out = _result(q, out, {"q": q, "k_cache": kc, "v_cache": vc})
     lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device) if return_lse else bound.lse
     bound.fn(*bound.binder(q=q, k_cache=kc, v_cache=vc, out=out, lse=lse, scale=_scale(scale, bound),
                            causal=int(bool(causal))))

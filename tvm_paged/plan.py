@@ -139,8 +139,8 @@ def bind(plan: AttentionPlan, key: tuple, validate: Callable[[], KernelConfig]) 
     return bound
 
 
-_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
-                 "int32": torch.int32, "int64": torch.int64}
+_TORCH_DTYPES = {**{name: dt for dt, name in V.TORCH_DTYPE_NAMES.items()}, "int32": torch.int32,
+                 "int64": torch.int64}
 
 
 # Scratch per thread, shared by every plan whose kernels need the same buffer: a serving loop builds a plan per

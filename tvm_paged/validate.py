@@ -10,7 +10,8 @@ import torch
 
 from .config import DTYPES
 
-_TORCH_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+# The storage dtypes of q and the caches, by torch dtype.
+TORCH_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
 def as_tensor(x, name: str) -> torch.Tensor:
@@ -33,7 +34,7 @@ def as_tensor(x, name: str) -> torch.Tensor:
 
 def dtype_name(t: torch.Tensor, name: str) -> str:
     try:
-        return _TORCH_DTYPES[t.dtype]
+        return TORCH_DTYPE_NAMES[t.dtype]
     except KeyError:
         raise ValueError(f"{name}: dtype {t.dtype} is not supported (one of {tuple(DTYPES)})") from None
 

@@ -64,9 +64,7 @@ class Engine:
             gf = open_gguf(args.gguf or default_model_path())
             spec = gf.spec
             self.tokenizer = Tokenizer.from_gguf(gf)
-            self.model = LlamaModel(gf.load_weights(), num_qo_heads=spec.num_qo_heads, num_kv_heads=spec.num_kv_heads,
-                                    head_dim=spec.head_dim, rope_theta=spec.rope_theta, rms_eps=spec.rms_eps,
-                                    max_positions=spec.context_length)
+            self.model = LlamaModel.from_gguf(gf)
             self.cfg = spec
             self.requests = chat_requests(self.tokenizer, args.requests, max_new_tokens=args.max_new_tokens,
                                           seed=args.seed, stop_token_ids=spec.stop_token_ids,

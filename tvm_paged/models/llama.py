@@ -72,6 +72,14 @@ class LlamaModel:
         dtype = self.embed.dtype
         self._cos, self._sin = angles.cos().to(dtype), angles.sin().to(dtype)  # [max_positions, head_dim / 2]
 
+    @classmethod
+    def from_gguf(cls, gguf_file, dtype: torch.dtype = torch.float32) -> "LlamaModel":
+        """The model of an opened :class:`~tvm_paged.models.GGUFFile`, its weights dequantized to ``dtype``."""
+        spec = gguf_file.spec
+        return cls(gguf_file.load_weights(dtype), num_qo_heads=spec.num_qo_heads, num_kv_heads=spec.num_kv_heads,
+                   head_dim=spec.head_dim, rope_theta=spec.rope_theta, rms_eps=spec.rms_eps,
+                   max_positions=spec.context_length)
+
     @property
     def vocab_size(self) -> int:
         return int(self.embed.shape[0])
