@@ -37,6 +37,8 @@ _SHIM = r"""
 #define __forceinline__ inline
 #define __launch_bounds__(...)
 #define uint unsigned int
+typedef unsigned char uchar;
+typedef unsigned short ushort;
 #define CUDART_INF_F INFINITY
 struct emu_dim3 { unsigned x, y, z; };
 struct half {
@@ -60,6 +62,7 @@ struct nv_bfloat16 {
   operator float() const { uint32_t u = (uint32_t)bits << 16; float f; std::memcpy(&f, &u, 4); return f; }
 };
 inline half __float2half_rn(float f) { return half(f); }
+inline float __fdiv_rn(float a, float b) { return a / b; }  // IEEE division (the emulator has no fast math)
 inline nv_bfloat16 __float2bfloat16_rn(float f) { return nv_bfloat16(f); }
 template <typename T> struct alignas(8) emu_vec4 { T x, y, z, w; };
 typedef emu_vec4<half> half4;

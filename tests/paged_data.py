@@ -80,3 +80,78 @@ def assert_close(actual, expected, atol, what="out"):
     assert not torch.isnan(actual).any(), f"{what}: NaN in the kernel's output"
     err = (actual - expected).abs().max().item()
     assert err <= atol, f"{what}: max abs error {err:.3g} > {atol:.3g}"
+
+
+# ===================================================================================== attention variants
+FP8_DTYPES = {"float8_e4m3fn": torch.float8_e4m3fn, "float8_e5m2": torch.float8_e5m2}
+
+
+def alibi_slopes(num_heads: int, device=None) -> torch.Tensor:
+    """The standard ALiBi slopes (Press et al.; HF ``build_alibi_tensor``) as a float32 ``[num_heads]`` tensor:
+    ``2^(-8(h+1)/n)`` for ``n`` a power of two; otherwise those of the largest power of two below ``n`` followed by
+    every other slope of twice that power."""
+    closest = 2 ** int(np.floor(np.log2(num_heads)))
+    base = 2.0 ** (-(2.0 ** -(np.log2(closest) - 3)))
+    slopes = [base ** p for p in range(1, closest + 1)]
+    if closest != num_heads:
+        extra_base = 2.0 ** (-(2.0 ** -(np.log2(2 * closest) - 3)))
+        remaining = min(closest, num_heads - closest)
+        slopes += [extra_base ** p for p in range(1, 2 * remaining, 2)]
+    return torch.tensor(slopes, dtype=torch.float32, device=DEVICE if device is None else device)
+
+
+def quantize_pool(k_cache, v_cache, kv_dtype, k_scale=1.0, v_scale=1.0):
+    """Caches of any float dtype quantized the way write_kv stores them (``reference.quantize_kv``), on DEVICE.
+    NaN slots stay NaN codes (both 8-bit formats have NaN)."""
+    from tvm_paged import reference
+
+    kv_dtype = FP8_DTYPES.get(kv_dtype, kv_dtype)
+    out = []
+    for cache, scale in ((k_cache, k_scale), (v_cache, v_scale)):
+        flat = cache.reshape(-1, *cache.shape[2:])
+        q = reference.quantize_kv(flat, kv_dtype, scale).reshape(cache.shape)
+        assert torch.equal(torch.isnan(q.float()), torch.isnan(cache.float().cpu())), "quantize_pool: NaN moved"
+        out.append(q.to(DEVICE))
+    return tuple(out)
+
+
+def make_variant_pool(seq_lens, *, page_size, num_kv_heads, head_dim, dtype="float32", kv_dtype=None,
+                      k_scale=1.0, v_scale=1.0, bound=3.0, seed=0, **pool_kw):
+    """:func:`make_pool` with K and V clamped to ``[-bound, bound]`` (random, never zero, NaN in every unused slot;
+    the bound keeps a peaked softmax's output where the out dtype's rounding is below ``ATOL``), the caches in
+    ``dtype`` or, with ``kv_dtype`` (a float8 name or dtype), quantized from float32 data divided by the scales.
+    Returns ``k_cache, v_cache, block_table, seq_lens`` as make_pool."""
+    base = "float32" if kv_dtype is not None else dtype
+    k, v, bt, sl = make_pool(seq_lens, page_size=page_size, num_kv_heads=num_kv_heads, head_dim=head_dim,
+                             dtype=base, seed=seed, **pool_kw)
+    k, v = k.clamp(-bound, bound), v.clamp(-bound, bound)  # clamp keeps NaN
+    if kv_dtype is not None:
+        k, v = quantize_pool(k, v, kv_dtype, k_scale, v_scale)
+    return k, v, bt, sl
+
+
+def pool_from_sequences(kvs, *, page_size, cache_dtype, extra_pages=3, seed=0):
+    """A pool holding the given sequences, each on its own shuffled pages (``seed`` picks the placement), NaN in
+    every other slot. ``kvs``: ``(k, v)`` pairs ``[n, num_kv_heads, head_dim]`` whose values ``cache_dtype`` (a
+    torch dtype, float8 included) holds exactly. Returns ``k_cache, v_cache, block_table, seq_lens`` on DEVICE."""
+    lens = [int(k.shape[0]) for k, _ in kvs]
+    hkv, d = kvs[0][0].shape[1:]
+    pages_per_seq = [-(-n // page_size) for n in lens]
+    num_pages = sum(pages_per_seq) + extra_pages
+    order = np.random.default_rng(seed).permutation(num_pages)
+    kc = torch.full((num_pages, page_size, hkv, d), float("nan"), dtype=torch.float32)
+    vc = kc.clone()
+    table = np.full((len(kvs), max(pages_per_seq)), -1, dtype=np.int32)
+    pos = 0
+    for b, ((k, v), n) in enumerate(zip(kvs, pages_per_seq)):
+        table[b, :n] = order[pos:pos + n]
+        pos += n
+        for i in range(n):
+            rows = slice(i * page_size, min((i + 1) * page_size, lens[b]))
+            kc[table[b, i], : rows.stop - rows.start] = k[rows].float().cpu()
+            vc[table[b, i], : rows.stop - rows.start] = v[rows].float().cpu()
+    kc, vc = kc.to(cache_dtype), vc.to(cache_dtype)
+    for (k, _), n in zip(kvs, lens):  # the values must survive the round trip exactly
+        assert k.dtype == cache_dtype or torch.equal(k.to(cache_dtype).float(), k.float()), "not exact in cache"
+    return (kc.to(DEVICE), vc.to(DEVICE), torch.from_numpy(table).to(DEVICE),
+            torch.tensor(lens, dtype=torch.int32, device=DEVICE))

@@ -140,5 +140,5 @@ def test_every_knob_value_is_correct():
             fn = build.compile_kernel(cfg, target, knobs={knob: value}).mod[cfg.name]
             out = torch.empty_like(q)
             lse = torch.empty(4, 8)
-            fn(q, k, v, bt, sl, out, lse, torch.empty(4, 2, 8, 64), torch.empty(4, 2, 8), 64 ** -0.5)
+            fn(q, k, v, bt, sl, out, lse, torch.empty(4, 2, 8, 64), torch.empty(4, 2, 8, 2), 64 ** -0.5, 0)
             assert_close(out, ref, ATOL["float32"], f"{knob}={value}")

@@ -24,7 +24,7 @@ import torch
 from . import targets
 from . import validate as V
 from .config import KernelConfig
-from .spec import DECODE, PREFILL, Binder, decode_splits, prefill_tiles
+from .spec import DECODE, PREFILL, Binder, decode_splits, invariant_split_pages, prefill_tiles
 
 # Where kernels come from: ``provider(cfg, device) -> callable``. None (the default) compiles on demand through
 # build.get_kernel; tvm_paged.loader installs a library's kernels instead.
@@ -55,7 +55,7 @@ def kernel_for(cfg: KernelConfig, device: torch.device, plan: "AttentionPlan | N
     from . import build  # noqa: PLC0415
 
     target = targets.target_for_device(device)
-    if plan is None:
+    if plan is None or plan.batch_invariant:  # one kernel whatever the batch: its knobs must not follow it
         return build.get_kernel(cfg, target)
     return build.get_kernel(cfg, target, batch=plan.batch, max_pages=int(plan.block_table.shape[1]))
 
@@ -65,8 +65,12 @@ class AttentionPlan:
     """A validated batch: page table, lengths and the work split, reusable across layers.
 
     ``block_table`` [batch, max_pages_per_seq] int32, ``seq_lens`` [batch] int32 (contiguous, on the caches'
-    device). Decode: ``num_splits`` KV splits per sequence. Prefill: ``cu_seqlens_q`` [batch + 1] int32 and
-    ``tiles`` [num_tiles, 3] int32 rows of (sequence, first query row, end query row) relative to the sequence.
+    device). Decode: ``num_splits`` KV splits per sequence, of ``split_pages`` pages each (0: each sequence's
+    visible pages in ``num_splits`` equal parts). Prefill: ``cu_seqlens_q`` [batch + 1] int32 and ``tiles``
+    [num_tiles, 3] int32 rows of (sequence, first query row, end query row) relative to the sequence.
+    ``window_left`` (-1: none) is the sliding window every run of the plan uses: the table's entries for pages
+    wholly behind it are not read (they may be -1). ``batch_invariant``: splits and kernels chosen so that a
+    sequence's result does not depend on the rest of the batch.
     """
 
     block_table: torch.Tensor
@@ -76,6 +80,9 @@ class AttentionPlan:
     num_splits: int = 1
     cu_seqlens_q: torch.Tensor | None = None
     tiles: torch.Tensor | None = None
+    window_left: int = -1
+    batch_invariant: bool = False
+    split_pages: int = 0
     # The kernel's symbolic dimensions for this batch (spec names: B, M, P, and NS or TQ, NT).
     dims: dict = field(default_factory=dict, repr=False)
     # (kernel source, operand shapes and dtypes, device) -> BoundKernel: the kernels bound to this plan.
@@ -120,7 +127,8 @@ def bind(plan: AttentionPlan, key: tuple, validate: Callable[[], KernelConfig]) 
     device = plan.block_table.device
     if entry is None:
         cfg = validate()
-        scratch = {p.name: workspace_tensor(spec, p.name, cfg, dims, device) for p in spec.with_role("scratch")}
+        scratch = {p.name: workspace_tensor(spec, p.name, cfg, dims, device)
+                   for p in spec.with_role("scratch", cfg=cfg)}
         entry = (cfg, scratch, workspace_tensor(spec, "lse", cfg, dims, device))
         if len(shared) >= _MAX_WORKSPACE_TENSORS:
             shared.clear()
@@ -132,7 +140,11 @@ def bind(plan: AttentionPlan, key: tuple, validate: Callable[[], KernelConfig]) 
     tables = {"block_table": plan.block_table, "seq_lens": plan.seq_lens}
     if plan.is_prefill:
         tables.update(cu_seqlens_q=plan.cu_seqlens_q, tiles=plan.tiles)
-    bound = BoundKernel(cfg, fn, spec.binder({**tables, **scratch}), cfg.head_dim ** -0.5, lse)
+    else:
+        tables["split_pages"] = plan.split_pages
+    if cfg.window:
+        tables["window_left"] = plan.window_left
+    bound = BoundKernel(cfg, fn, spec.binder(cfg, {**tables, **scratch}), cfg.head_dim ** -0.5, lse)
     if len(plan.bindings) >= _MAX_BINDINGS:
         plan.bindings.clear()
     plan.bindings[key] = bound
@@ -182,24 +194,52 @@ def _num_threads() -> int:
 
 
 def choose_num_splits(seq_lens: np.ndarray, page_size: int, device: torch.device) -> int:
-    """Enough (sequence, split) tasks to keep every core busy, none shorter than the spec's minimum split."""
+    """Enough (sequence, split) tasks to keep every core busy, none shorter than the spec's minimum split.
+    ``seq_lens``: the tokens each sequence attends to (its window's, with a sliding window)."""
     # A GPU: the streaming multiprocessors of a large one (over-splitting a small one is harmless).
     workers = 132 if device.type != "cpu" else _num_threads()
     return decode_splits(int(seq_lens.max()), len(seq_lens), page_size, workers)
 
 
-def plan_decode(block_table, seq_lens, *, page_size: int, num_pages: int, device=None) -> AttentionPlan:
+def first_visible_key(seq_lens: np.ndarray, q_lens, window_left: int) -> np.ndarray:
+    """Per sequence, the first key position any of its queries sees: 0 without a window; with one,
+    ``window_left`` before its first query's position ``seq_len - q_len`` (int64 numpy)."""
+    seq_lens = np.asarray(seq_lens, dtype=np.int64)
+    if window_left < 0:
+        return np.zeros_like(seq_lens)
+    return np.maximum(seq_lens - np.asarray(q_lens, dtype=np.int64) - window_left, 0)
+
+
+def _decode_split(lens: np.ndarray, page_size: int, window_left: int, batch_invariant: bool,
+                  device: torch.device) -> tuple[int, int]:
+    """(num_splits, split_pages) of a decode batch: splits over each sequence's visible pages only."""
+    first_page = first_visible_key(lens, 1, window_left) // page_size
+    visible_pages = (lens + page_size - 1) // page_size - first_page
+    if batch_invariant:
+        per_split = invariant_split_pages(page_size)
+        return int(((visible_pages + per_split - 1) // per_split).max()), per_split
+    return choose_num_splits(visible_pages * page_size, page_size, device), 0
+
+
+def plan_decode(block_table, seq_lens, *, page_size: int, num_pages: int, device=None, window_left: int = -1,
+                batch_invariant: bool = False) -> AttentionPlan:
     """Validate a decode batch against a pool of ``num_pages`` pages of ``page_size`` tokens.
 
     ``block_table`` [batch, max_pages_per_seq] int32 (int64 accepted), ``seq_lens`` [batch] int32; ``device``:
-    where the kernels run (default: the table's device)."""
+    where the kernels run (default: the table's device). ``window_left``: the sliding window of the runs (each
+    query sees its last ``window_left + 1`` keys; -1 none): pages wholly behind it are neither read nor checked.
+    ``batch_invariant``: split each sequence by its own length only (a fixed number of tokens per split), so its
+    output is bitwise the same whatever else is in the batch."""
+    window_left = V.check_window_left(window_left)
     bt = V.index_array(block_table, "block_table", 2, "[batch, max_pages_per_seq]")
     sl = V.index_array(seq_lens, "seq_lens", 1, "[batch]")
-    lens = V.check_block_table(bt, sl, page_size, num_pages)
+    lens = V.check_block_table(bt, sl, page_size, num_pages,
+                               first_key=lambda n: first_visible_key(n, 1, window_left))
     device = torch.device(device) if device is not None else bt.device
-    splits = choose_num_splits(lens, page_size, device)
+    splits, split_pages = _decode_split(lens, page_size, window_left, bool(batch_invariant), device)
     dims = {"B": int(bt.shape[0]), "P": int(num_pages), "M": int(bt.shape[1]), "NS": splits}
-    return AttentionPlan(_on(bt, device), _on(sl, device), page_size, num_pages, num_splits=splits, dims=dims)
+    return AttentionPlan(_on(bt, device), _on(sl, device), page_size, num_pages, num_splits=splits, dims=dims,
+                         window_left=window_left, batch_invariant=bool(batch_invariant), split_pages=split_pages)
 
 
 def _on(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -207,18 +247,30 @@ def _on(t: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def plan_prefill(block_table, seq_lens, cu_seqlens_q, total_q: int, *, page_size: int, num_pages: int,
-                 device=None) -> AttentionPlan:
+                 device=None, window_left: int = -1, batch_invariant: bool = False) -> AttentionPlan:
     """Validate a (chunked) prefill batch; ``total_q`` is the number of query rows, ``cu_seqlens_q`` [batch + 1]
-    int32 their offsets per sequence."""
+    int32 their offsets per sequence. ``window_left`` as in :func:`plan_decode`. Prefill's work split (tiles of
+    one sequence's query rows) never depends on the rest of the batch: ``batch_invariant`` only pins the
+    kernel's knobs (no batch-size bucket)."""
+    window_left = V.check_window_left(window_left)
     bt = V.index_array(block_table, "block_table", 2, "[batch, max_pages_per_seq]")
     sl = V.index_array(seq_lens, "seq_lens", 1, "[batch]")
     cu = V.index_array(cu_seqlens_q, "cu_seqlens_q", 1, "[batch + 1]")
-    V.check_block_table(bt, sl, page_size, num_pages)
-    q_lens = V.check_cu_seqlens(cu, bt.shape[0], total_q, sl)
+    checked = {}
+
+    def first_key(lens):
+        checked["q_lens"] = V.check_cu_seqlens(cu, bt.shape[0], total_q, sl)
+        return first_visible_key(lens, checked["q_lens"], window_left)
+
+    V.check_block_table(bt, sl, page_size, num_pages, first_key=first_key if window_left >= 0 else None)
+    q_lens = checked.get("q_lens")
+    if q_lens is None:
+        q_lens = V.check_cu_seqlens(cu, bt.shape[0], total_q, sl)
     tiles = prefill_tiles(q_lens)
     # An empty tensor built from an empty array gets zero strides, which TVM rejects: build it directly.
     tiles_t = torch.tensor(tiles, dtype=torch.int32) if tiles else torch.zeros((0, 3), dtype=torch.int32)
     device = torch.device(device) if device is not None else bt.device
     dims = {"TQ": int(total_q), "B": int(bt.shape[0]), "P": int(num_pages), "M": int(bt.shape[1]), "NT": len(tiles)}
     return AttentionPlan(_on(bt, device), _on(sl, device), page_size, num_pages, cu_seqlens_q=_on(cu, device),
-                         tiles=tiles_t.to(device), dims=dims)
+                         tiles=tiles_t.to(device), dims=dims, window_left=window_left,
+                         batch_invariant=bool(batch_invariant))

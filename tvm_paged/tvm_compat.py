@@ -105,6 +105,16 @@ _CUDA_LOADER = "ffi.Module.load_from_bytes.cuda"
 _CUDA_CREATOR = "ffi.Module.create.cuda"
 
 
+def keep_params(func, keep: list[bool]):
+    """``func`` with only the parameters whose ``keep`` entry is true, in order; its body must not use the
+    others (a kernel variant's unused arguments)."""
+    if len(keep) != len(func.params):
+        raise ValueError(f"keep_params: {len(keep)} flags for {len(func.params)} parameters")
+    if all(keep):
+        return func
+    return tirx.PrimFunc([p for p, k in zip(func.params, keep) if k], func.body, func.ret_type, attrs=func.attrs)
+
+
 def ir_module(funcs: dict):
     """An IRModule of ``{symbol: PrimFunc}``."""
     return tvm.IRModule(dict(funcs))

@@ -3,15 +3,19 @@ naming the offending argument, so bad input never reaches compiled code (no cras
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import numpy as np
 import torch
 
-from .config import DTYPES
+from .config import DTYPES, FP8_DTYPES
 
-# The storage dtypes of q and the caches, by torch dtype.
+# The dtypes of q and out (and of caches in q's dtype), by torch dtype.
 TORCH_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+# 8-bit cache dtypes, by torch dtype.
+TORCH_FP8_NAMES = {torch.float8_e4m3fn: "float8_e4m3fn", torch.float8_e5m2: "float8_e5m2"}
+assert set(TORCH_FP8_NAMES.values()) == set(FP8_DTYPES)
 
 
 def as_tensor(x, name: str) -> torch.Tensor:
@@ -39,6 +43,112 @@ def dtype_name(t: torch.Tensor, name: str) -> str:
         raise ValueError(f"{name}: dtype {t.dtype} is not supported (one of {tuple(DTYPES)})") from None
 
 
+def cache_dtype_name(t: torch.Tensor, name: str) -> str:
+    """The dtype name of a cache: one of q's dtypes or an 8-bit one."""
+    fp8 = TORCH_FP8_NAMES.get(t.dtype)
+    if fp8 is not None:
+        return fp8
+    try:
+        return TORCH_DTYPE_NAMES[t.dtype]
+    except KeyError:
+        raise ValueError(f"{name}: dtype {t.dtype} is not supported (one of {tuple(DTYPES) + tuple(FP8_DTYPES)})") \
+            from None
+
+
+def is_fp8(t: torch.Tensor) -> bool:
+    return t.dtype in TORCH_FP8_NAMES
+
+
+def kernel_view(cache: torch.Tensor) -> torch.Tensor:
+    """A cache as its kernels take it: 8-bit caches as their bytes (``uint8``, zero copy), others unchanged."""
+    return cache.view(torch.uint8) if cache.dtype in TORCH_FP8_NAMES else cache
+
+
+def check_window_left(window_left) -> int:
+    """``window_left``: an int >= -1 (-1: no window; ``w``: each query sees ``w + 1`` keys at most)."""
+    if isinstance(window_left, bool) or not isinstance(window_left, (int, np.integer)):
+        raise ValueError(f"window_left: expected an int (-1 for no window), got {window_left!r}")
+    if window_left < -1:
+        raise ValueError(f"window_left: must be -1 (no window) or >= 0, got {window_left}")
+    if window_left > 2**31 - 1:
+        raise ValueError(f"window_left: {window_left} does not fit int32")
+    return int(window_left)
+
+
+def check_soft_cap(cap) -> float:
+    """``logits_soft_cap``: a finite float >= 0 (0: off)."""
+    if not _is_real(cap):
+        raise ValueError(f"logits_soft_cap: expected a float, got {cap!r}")
+    value = float(cap)
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"logits_soft_cap: must be finite and >= 0 (0 = off), got {cap!r}")
+    return value
+
+
+def check_head_vector(x, name: str, heads: int, heads_name: str, device) -> torch.Tensor | None:
+    """An optional ``[heads]`` float32 tensor of finite values on ``device`` (ALiBi slopes, sink logits)."""
+    if x is None:
+        return None
+    t = as_tensor(x, name)
+    if t.dtype != torch.float32:
+        raise ValueError(f"{name}: expected float32 [{heads_name}], got dtype {t.dtype}")
+    if t.dim() != 1 or t.shape[0] != heads:
+        raise ValueError(f"{name}: expected shape [{heads_name}] = [{heads}], got {tuple(t.shape)}")
+    if t.device != torch.device(device):
+        raise ValueError(f"{name}: device {t.device} differs from the caches' {device}")
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name}: every value must be finite")
+    return t.contiguous()
+
+
+def check_kv_scale(x, name: str, num_kv_heads: int, fp8: bool, device) -> torch.Tensor | None:
+    """``k_scale`` / ``v_scale``: for 8-bit caches a positive finite float or ``[num_kv_heads]`` float32 tensor,
+    returned as a ``[num_kv_heads]`` float32 tensor on ``device``; caches in q's dtype take none (the default
+    1.0), and get None."""
+    if isinstance(x, (torch.Tensor, np.ndarray)):
+        t = as_tensor(x, name)
+        if not fp8:
+            raise ValueError(f"{name}: scales apply to 8-bit caches only (these caches hold values unscaled)")
+        if t.dtype != torch.float32 or t.dim() != 1 or t.shape[0] != num_kv_heads:
+            raise ValueError(f"{name}: expected a float or a float32 [num_kv_heads] = [{num_kv_heads}] tensor, got "
+                             f"{t.dtype} {tuple(t.shape)}")
+        if t.device != torch.device(device):
+            raise ValueError(f"{name}: device {t.device} differs from the caches' {device}")
+        if not bool((torch.isfinite(t) & (t > 0)).all()):
+            raise ValueError(f"{name}: every scale must be positive and finite")
+        return t.contiguous()
+    if not _is_real(x):
+        raise ValueError(f"{name}: expected a float or a float32 [num_kv_heads] tensor, got {x!r}")
+    value = float(x)
+    if not fp8:
+        if value != 1.0:
+            raise ValueError(f"{name}: scales apply to 8-bit caches only, got {value} for caches in q's dtype")
+        return None
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name}: must be positive and finite, got {value}")
+    return _broadcast_scale(value, num_kv_heads, torch.device(device))
+
+
+def _is_real(x) -> bool:
+    """A plain number (a Python or numpy int or float; not a bool, a string or a tensor)."""
+    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, (bool, np.bool_))
+
+
+_SCALES: dict = {}
+
+
+def _broadcast_scale(value: float, heads: int, device: torch.device) -> torch.Tensor:
+    """A per-tensor scale as the ``[heads]`` float32 tensor the kernels take (one per value, kept: a serving loop
+    passes the same scales every layer)."""
+    key = (value, heads, device)
+    t = _SCALES.get(key)
+    if t is None:
+        if len(_SCALES) >= 256:
+            _SCALES.clear()
+        t = _SCALES[key] = torch.full((heads,), value, dtype=torch.float32, device=device)
+    return t
+
+
 def check_rank(t: torch.Tensor, rank: int, name: str, shape_doc: str) -> None:
     if t.dim() != rank:
         raise ValueError(f"{name}: expected rank {rank} {shape_doc}, got shape {tuple(t.shape)}")
@@ -58,6 +168,7 @@ def check_cache_pair(k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[int,
         raise ValueError(f"v_cache: shape {tuple(v_cache.shape)} differs from k_cache {tuple(k_cache.shape)}")
     if k_cache.dtype != v_cache.dtype:
         raise ValueError(f"v_cache: dtype {v_cache.dtype} differs from k_cache {k_cache.dtype}")
+    cache_dtype_name(k_cache, "k_cache")
     if k_cache.device != v_cache.device:
         raise ValueError(f"v_cache: device {v_cache.device} differs from k_cache {k_cache.device}")
     check_contiguous_cache(k_cache, "k_cache")
@@ -81,9 +192,12 @@ def index_array(x, name: str, rank: int, shape_doc: str, dtypes=(torch.int32,)) 
     return t.contiguous()
 
 
-def check_block_table(block_table: torch.Tensor, seq_lens: torch.Tensor, page_size: int, num_pages: int) -> np.ndarray:
+def check_block_table(block_table: torch.Tensor, seq_lens: torch.Tensor, page_size: int, num_pages: int,
+                      first_key=None) -> np.ndarray:
     """Lengths positive and within the table; every page a sequence uses inside ``[0, num_pages)``.
-    Entries past a sequence's last page are ignored (they may be -1). Returns the lengths (int64 numpy)."""
+    Entries past a sequence's last page are ignored (they may be -1), and so are those of pages wholly before
+    ``first_key(lens)`` (a function of the lengths giving each sequence's first visible key: a sliding window's
+    freed pages). Returns the lengths (int64 numpy)."""
     batch, max_pages = block_table.shape
     if seq_lens.shape[0] != batch:
         raise ValueError(f"seq_lens: length {seq_lens.shape[0]} does not match block_table's batch {batch}")
@@ -105,6 +219,8 @@ def check_block_table(block_table: torch.Tensor, seq_lens: torch.Tensor, page_si
     if 0 <= table.min() and table.max() < num_pages:  # every entry valid, used or not: nothing to mask
         return lens
     used = np.arange(max_pages)[None, :] < ((lens + page_size - 1) // page_size)[:, None]
+    if first_key is not None:
+        used &= np.arange(max_pages)[None, :] >= (first_key(lens) // page_size)[:, None]
     bad = used & ((table < 0) | (table >= num_pages))
     if bad.any():
         b, p = (int(i) for i in np.argwhere(bad)[0])

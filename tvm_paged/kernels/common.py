@@ -65,6 +65,102 @@ def from_f32(value, dtype: str):
     return value if dtype == "float32" else T.Cast(dtype, value)
 
 
+# Eigen's float tanh (generic_fast_tanh_float): a 13/6 rational minimax fit on [-7.9, 7.9], within a few ulp,
+# straight-line code that vectorizes (TVM lowers T.tanh on LLVM to two libm exps per element).
+_TANH_ALPHA = (-2.76076847742355e-16, 2.00018790482477e-13, -8.60467152213735e-11, 5.12229709037114e-08,
+               1.48572235717979e-05, 6.37261928875436e-04, 4.89352455891786e-03)
+_TANH_BETA = (1.19825839466702e-06, 1.18534705686654e-04, 2.26843463243900e-03, 4.89352518554385e-03)
+_TANH_CLAMP = 7.90531110763549805  # tanh is 1.0f beyond this
+
+
+def tanh(x):
+    """tanh of a float32 expression (vectorizable; exact sign, |error| of a few ulp)."""
+    x = T.min(T.max(x, T.float32(-_TANH_CLAMP)), T.float32(_TANH_CLAMP))
+    x2 = x * x
+    p = T.float32(_TANH_ALPHA[0])
+    for c in _TANH_ALPHA[1:]:
+        p = p * x2 + T.float32(c)
+    q = T.float32(_TANH_BETA[0])
+    for c in _TANH_BETA[1:]:
+        q = q * x2 + T.float32(c)
+    return x * p / q
+
+
+# ------------------------------------------------------------------------------------------ 8-bit caches
+# An 8-bit cache is read as bytes and widened by integer operations and one float16 conversion (vcvtph2ps on
+# x86, fcvtl on Arm, cvt on CUDA): e5m2 is the top byte of a float16; e4m3's exponent and mantissa fields shifted
+# into a float16's give the value times 2**-8 (subnormals included), which the kernels fold into the scales.
+FP8_WIDEN_FACTOR = {"float8_e4m3fn": 256.0, "float8_e5m2": 1.0}
+_F16_NAN = 0x7E00
+
+
+def fp8_widen(byte, kv_dtype: str):
+    """The float32 value of an 8-bit code ``byte`` (a uint8 expression), divided by
+    ``FP8_WIDEN_FACTOR[kv_dtype]``; e4m3's NaN codes (0x7F, 0xFF) widen to NaN, e5m2's inf and NaN stay so."""
+    b = T.Cast("uint16", byte)
+    if kv_dtype == "float8_e5m2":
+        bits = T.shift_left(b, T.uint16(8))
+    elif kv_dtype == "float8_e4m3fn":
+        mag = T.bitwise_and(b, T.uint16(0x7F))
+        bits = T.bitwise_or(T.shift_left(T.bitwise_and(b, T.uint16(0x80)), T.uint16(8)),
+                            T.Select(mag == T.uint16(0x7F), T.uint16(_F16_NAN), T.shift_left(mag, T.uint16(7))))
+    else:
+        raise ValueError(f"fp8_widen: {kv_dtype!r} is not an 8-bit dtype")
+    return T.Cast("float32", T.reinterpret("float16", bits))
+
+
+_FP8_FORMAT = {"float8_e4m3fn": (4, 3, 7), "float8_e5m2": (5, 2, 15)}  # exponent bits, mantissa bits, bias
+
+
+def fp8_narrow(x, kv_dtype: str, fp8_max: float):
+    """The 8-bit code (uint8) nearest a float32 expression ``x`` (ties to even), ``x`` clamped to
+    ``[-fp8_max, fp8_max]`` first, so a large value (or an infinity) gives the largest finite code, never inf or
+    NaN. Normal results round the float32 bits; subnormal ones (``|x|`` below the smallest normal) are
+    ``nearbyint(|x| / smallest subnormal)``."""
+    _, man, bias = _FP8_FORMAT[kv_dtype]
+    a = T.min(T.fabs(x), T.float32(fp8_max))
+    u = T.reinterpret("uint32", a)
+    drop = 23 - man
+    rounded = u + T.uint32((1 << (drop - 1)) - 1) + T.bitwise_and(T.shift_right(u, T.uint32(drop)), T.uint32(1))
+    normal = T.shift_right(rounded, T.uint32(drop)) - T.uint32((127 - bias) << man)
+    sub = T.Cast("uint32", T.nearbyint(a * T.float32(2.0 ** (bias - 1 + man))))
+    code = T.Select(a >= T.float32(2.0 ** (1 - bias)), normal, sub)
+    sign = T.shift_right(T.bitwise_and(T.reinterpret("uint32", x), T.uint32(0x80000000)), T.uint32(24))
+    return T.Cast("uint8", T.bitwise_or(code, sign))
+
+
+def f32_quotient(x, scale, cap: float):
+    """``min(|x / scale|, cap)`` rounded to float32 as IEEE division rounds (to nearest, ties to even), with
+    ``x``'s sign: a float32 expression, for targets compiled with fast-math (LLVM may turn ``x / scale`` into
+    ``x * (1 / scale)``, which rounds a quotient that lands near a halfway point between two 8-bit codes the other
+    way).
+
+    The quotient is taken in float64 (with a reciprocal or not, within 2**-52 of the exact quotient, which is never
+    closer than about 2**-49 to a float32 halfway point) and rounded to float32 with integer operations on its bits:
+    ``fptrunc`` of a float64 division of two widened floats would be narrowed back to a float32 division by LLVM.
+    Magnitudes below 2**-100 (far below any 8-bit code) come out as zero."""
+    a = T.min(T.fabs(T.Cast("float64", x) / T.Cast("float64", scale)), T.float64(cap))
+    u = T.reinterpret("uint64", a)
+    rounded = u + T.uint64((1 << 28) - 1) + T.bitwise_and(T.shift_right(u, T.uint64(29)), T.uint64(1))
+    bits = T.Cast("uint32", T.shift_right(rounded, T.uint64(29)) - T.uint64((1023 - 127) << 23))
+    mag = T.Select(a < T.float64(2.0 ** -100), T.uint32(0), bits)
+    sign = T.bitwise_and(T.reinterpret("uint32", T.Cast("float32", x)), T.uint32(0x80000000))
+    return T.reinterpret("float32", T.bitwise_or(mag, sign))
+
+
+def kv_to_f32(value, cfg):
+    """Widen a loaded cache element to float32: a cast for float16 / bfloat16 caches, :func:`fp8_widen` for
+    8-bit ones (the value divided by ``FP8_WIDEN_FACTOR``)."""
+    if cfg.is_fp8:
+        return fp8_widen(value, cfg.kv_dtype)
+    return to_f32(value, cfg.kv_dtype)
+
+
+def kv_widen_factor(cfg) -> float:
+    """What :func:`kv_to_f32` leaves to be multiplied back (1.0 for caches that are not 8-bit)."""
+    return FP8_WIDEN_FACTOR.get(cfg.kv_dtype, 1.0)
+
+
 def row_sums(rows: list, lanes: int):
     """Horizontal sums of ``len(rows)`` float32 vectors of ``lanes`` lanes each, as one vector whose lane ``r`` is
     the sum of ``rows[r]`` (a scalar for one row).

@@ -10,6 +10,11 @@ The builder's macros are the algorithm's phases: ``init_state`` (scaled q, empty
 ``page_scores`` (q.k: ``prefetch_rows`` and ``tile_scores``), ``softmax_rescale`` (the online-softmax update) and
 ``page_pv`` (P.V accumulation, with ``prefetch_next_k``); ``store_split`` writes a split's partial state and
 ``merge_splits`` combines the splits.
+
+Variants (compiled in only when the configuration has them): ``adjust_scores`` applies the soft-cap, the ALiBi
+bias and the sliding window's mask to a page's scores; a window also starts each sequence at its first visible
+page, so pages wholly behind it are never read; the sinks enter once, in the merge; 8-bit caches are widened in
+registers (``common.kv_to_f32``) with the K scale folded into q and the V scale into the split's normalization.
 """
 
 from __future__ import annotations
@@ -17,8 +22,12 @@ from __future__ import annotations
 from ..config import KernelConfig
 from ..tvm_compat import T
 from ..tvm_compat import prefetch as prefetch_line
-from .common import CACHE_LINE_BYTES, LN2, LOG2E, exp2, from_f32, lanes_at, row_chunk, row_sums, to_f32
-from .signatures import decode_args
+from ..spec import DECODE
+from .common import (
+    CACHE_LINE_BYTES, LN2, LOG2E, exp2, from_f32, kv_to_f32, kv_widen_factor, lanes_at, row_chunk, row_sums, tanh,
+    to_f32,
+)
+from .signatures import decode_args, finish
 
 
 def _group_tiles(group_size: int) -> list[int]:
@@ -50,7 +59,7 @@ def build_decode_cpu(cfg: KernelConfig, *, lanes: int = 8, group_tile: int | Non
 
         q [B, Hq, D], k_cache / v_cache [P, S, Hkv, D]: dtype     block_table [B, M], seq_lens [B]: int32
         out [B, Hq, D]: dtype, lse [B, Hq]: float32 (natural log)  (written)
-        o_part [B, NS, Hq, D], lse_part [B, NS, Hq]: float32 scratch (log2 domain)    scale: float32
+        o_part [B, NS, Hq, D], ms_part [B, NS, Hq, 2]: float32 scratch (max, sum)    scale: float32
 
     ``lanes`` float32 lanes per vector (8 for AVX2, 16 for AVX-512); ``group_tile`` query heads accumulated
     together (default: the divisor of the group size nearest to 4, see ``_group_tiles``); ``prefetch`` "v+k",
@@ -63,7 +72,8 @@ def build_decode_cpu(cfg: KernelConfig, *, lanes: int = 8, group_tile: int | Non
         raise ValueError(f"build_decode_cpu needs a decode config, got {cfg.name}")
     Hq, Hkv, D, S, G = cfg.num_qo_heads, cfg.num_kv_heads, cfg.head_dim, cfg.page_size, cfg.group_size
     dt = cfg.dtype
-    E = cfg.itemsize
+    E = cfg.kv_itemsize
+    widen = kv_widen_factor(cfg)
     L = lanes if D % lanes == 0 else 1
     if group_tile is None:
         group_tile = _group_tiles(G)[0]
@@ -97,16 +107,43 @@ def build_decode_cpu(cfg: KernelConfig, *, lanes: int = 8, group_tile: int | Non
     a = decode_args(cfg)
     B, NS = a.B, a.NS
 
+    def load(x):
+        return kv_to_f32(x, cfg)
+
+    def window_start(pos, window_left):
+        """The first key a query at ``pos`` sees: ``pos - window_left`` (at least 0) with a window, else 0."""
+        if cfg.window:
+            return T.max(pos - T.Cast("int64", window_left), T.int64(0))
+        return T.int64(0)
+
     @T.macro
-    def init_state(qf, acc, m, lsum, Q, b, scale):
+    def init_state(qf, acc, m, lsum, Q, KS, b, scale):
         """Sequence ``b``'s q in float32 with the softmax scale and log2(e) folded in (scores come out in the
-        log2 domain), and an empty online-softmax state: zero accumulator, max -inf, sum 0."""
+        log2 domain; with an 8-bit cache also its K scale and widening factor), and an empty online-softmax
+        state: zero accumulator, max -inf, sum 0."""
         for h, d in T.grid(Hq, D):
-            qf[h, d] = to_f32(Q[b, h, d], dt) * (scale * T.float32(LOG2E))
+            if cfg.is_fp8:
+                qf[h, d] = to_f32(Q[b, h, d], dt) * (scale * T.float32(LOG2E * widen) * KS[h // G])
+            else:
+                qf[h, d] = to_f32(Q[b, h, d], dt) * (scale * T.float32(LOG2E))
             acc[h, d] = T.float32(0)
         for h in range(Hq):
             m[h] = neg_inf
             lsum[h] = T.float32(0)
+
+    @T.macro
+    def adjust_scores(sc, slope, n, key0, pos, lo, cap):
+        """The variants' changes to the page's scores ``sc[0:n, :]`` (keys ``key0 ...``, query position ``pos``),
+        in the log2 domain: soft-cap ``cap * tanh(l / cap)``, ALiBi ``+ slope * (j - pos)`` (``slope`` already
+        times log2 e), keys before ``lo`` (the window's first) masked."""
+        for t in range(n):
+            for h in range(Hq):
+                if cfg.soft_cap:
+                    sc[t, h] = tanh(sc[t, h] / (cap * T.float32(LOG2E))) * (cap * T.float32(LOG2E))
+                if cfg.alibi:
+                    sc[t, h] = sc[t, h] + slope[h] * T.Cast("float32", key0 + t - pos)
+                if cfg.window:
+                    sc[t, h] = T.Select(key0 + t < lo, neg_inf, sc[t, h])
 
     @T.macro
     def prefetch_rows(K, V, page, nxt, n, tt, kvh):
@@ -135,7 +172,7 @@ def build_decode_cpu(cfg: KernelConfig, *, lanes: int = 8, group_tile: int | Non
                     for l in T.vectorized(L):
                         qk[u, g, l] = qk[u, g, l] + qf[
                             kvh * G + gt * GT + g, dc * L + l
-                        ] * to_f32(K[page, T.min(tt * TT + u, n - 1), kvh, dc * L + l], dt)
+                        ] * load(K[page, T.min(tt * TT + u, n - 1), kvh, dc * L + l])
         # Horizontal sums over head_dim by a shuffle tree, CH heads per vector store.
         for u in T.unroll(TT):
             for ch in T.unroll(GT // CH):
@@ -200,8 +237,8 @@ def build_decode_cpu(cfg: KernelConfig, *, lanes: int = 8, group_tile: int | Non
                         for g in T.unroll(GT):
                             for c in T.unroll(PVV):
                                 for l in T.vectorized(L):
-                                    ov[g, c, l] = ov[g, c, l] + sc[t, kvh * G + gt * GT + g] * to_f32(
-                                        V[page, t, kvh, (dv * PVV + c) * L + l], dt
+                                    ov[g, c, l] = ov[g, c, l] + sc[t, kvh * G + gt * GT + g] * load(
+                                        V[page, t, kvh, (dv * PVV + c) * L + l]
                                     )
                     for g in T.unroll(GT):
                         for c in T.unroll(PVV):
@@ -209,28 +246,38 @@ def build_decode_cpu(cfg: KernelConfig, *, lanes: int = 8, group_tile: int | Non
                                 acc[kvh * G + gt * GT + g, (dv * PVV + c) * L + l] = ov[g, c, l]
 
     @T.macro
-    def store_split(OP, LP, acc, m, lsum, b, s):
-        """Split ``s``'s normalized output and log2-sum-exp into the scratch (zeros and -inf when empty)."""
+    def store_split(OP, LP, VS, acc, m, lsum, b, s):
+        """Split ``s``'s normalized output (times the V scale of an 8-bit cache), running max and weight sum into
+        the scratch (zeros, -inf and 0 when empty)."""
         for h in range(Hq):
+            LP[b, s, h, 0] = m[h]
+            LP[b, s, h, 1] = lsum[h]
             if lsum[h] > T.float32(0):
-                LP[b, s, h] = m[h] + T.log2(lsum[h])
                 for d in range(D):
-                    OP[b, s, h, d] = acc[h, d] / lsum[h]
+                    if cfg.is_fp8:
+                        OP[b, s, h, d] = acc[h, d] * (VS[h // G] * T.float32(widen) / lsum[h])
+                    else:
+                        OP[b, s, h, d] = acc[h, d] / lsum[h]
             else:  # an empty split (more splits than pages)
-                LP[b, s, h] = neg_inf
                 for d in range(D):
                     OP[b, s, h, d] = T.float32(0)
 
     @T.macro
-    def merge_splits(O, LSE, OP, LP, mx, tot, w, o, b, h):
-        """``out[b, h]`` and ``lse[b, h]`` from the NS partial states, weighted by their log-sum-exp."""
+    def merge_splits(O, LSE, OP, LP, SK, mx, tot, w, o, b, h):
+        """``out[b, h]`` and ``lse[b, h]`` from the NS partial states: split ``s`` weighs ``sum_s * 2^(max_s -
+        max)`` (the difference of two maxima is exact, where a difference of two log-sum-exps near 7e5 is not); a
+        sink logit joins the denominator here, once. A lone split's weight over the total is exactly 1."""
         mx[0] = neg_inf
         for s in range(NS):
-            mx[0] = T.max(mx[0], LP[b, s, h])
+            mx[0] = T.max(mx[0], LP[b, s, h, 0])
+        if cfg.sinks:
+            mx[0] = T.max(mx[0], SK[h] * T.float32(LOG2E))
         tot[0] = T.float32(0)
         for s in range(NS):
-            w[s] = T.exp2(LP[b, s, h] - mx[0])
+            w[s] = LP[b, s, h, 1] * T.exp2(LP[b, s, h, 0] - mx[0])
             tot[0] = tot[0] + w[s]
+        if cfg.sinks:
+            tot[0] = tot[0] + T.exp2(SK[h] * T.float32(LOG2E) - mx[0])
         for d in range(D):
             o[d] = T.float32(0)
         for s in range(NS):
@@ -242,8 +289,9 @@ def build_decode_cpu(cfg: KernelConfig, *, lanes: int = 8, group_tile: int | Non
 
     @T.prim_func
     def decode(
-        Q: a.q, K: a.k_cache, V: a.v_cache, BT: a.block_table, SL: a.seq_lens,
-        O: a.out, LSE: a.lse, OP: a.o_part, LP: a.lse_part, scale: T.float32,
+        Q: a.q, K: a.k_cache, V: a.v_cache, BT: a.block_table, SL: a.seq_lens, KS: a.k_scale, VS: a.v_scale,
+        AS: a.alibi_slopes, SK: a.sinks, O: a.out, LSE: a.lse, OP: a.o_part, LP: a.ms_part, scale: T.float32,
+        split_pages: T.int32, window_left: T.int32, logits_soft_cap: T.float32,
     ):
         T.func_attr({"global_symbol": cfg.name, "tirx.noalias": True})
 
@@ -258,23 +306,33 @@ def build_decode_cpu(cfg: KernelConfig, *, lanes: int = 8, group_tile: int | Non
             # Register tiles: GT heads x L lanes, promoted to vector registers once the loops unroll.
             qk = T.alloc_buffer((TT, GT, L), "float32")
             ov = T.alloc_buffer((GT, PVV, L), "float32")
+            slope = T.alloc_buffer((Hq,), "float32")
             b: T.let[T.int64] = task // NS
             s: T.let[T.int64] = task % NS
             seq_len: T.let[T.int64] = T.Cast("int64", SL[b])
             n_pages: T.let[T.int64] = (seq_len + S - 1) // S
-            chunk: T.let[T.int64] = (n_pages + NS - 1) // NS
-            p_begin: T.let[T.int64] = T.min(s * chunk, n_pages)
+            # The window's first key and page (pages before it are never read); 0 without a window.
+            lo: T.let[T.int64] = window_start(seq_len - 1, window_left)
+            first: T.let[T.int64] = lo // S
+            chunk: T.let[T.int64] = T.Select(split_pages > 0, T.Cast("int64", split_pages),
+                                             (n_pages - first + NS - 1) // NS)
+            p_begin: T.let[T.int64] = first + T.min(s * chunk, n_pages - first)
             p_end: T.let[T.int64] = T.min(p_begin + chunk, n_pages)  # split s: pages [p_begin, p_end)
-            init_state(qf, acc, m, lsum, Q, b, scale)
+            init_state(qf, acc, m, lsum, Q, KS, b, scale)
+            if cfg.alibi:
+                for h in range(Hq):
+                    slope[h] = AS[h] * T.float32(LOG2E)
             for pi in range(p_end - p_begin):
                 # The page, the next one (prefetched; the page itself on the last) and its tokens in use.
                 page: T.let[T.int64] = T.Cast("int64", BT[b, p_begin + pi])
                 nxt: T.let[T.int64] = T.Cast("int64", BT[b, T.min(p_begin + pi + 1, p_end - 1)])
                 n: T.let[T.int64] = T.min(T.int64(S), seq_len - (p_begin + pi) * S)
                 page_scores(sc, qk, qf, K, V, page, nxt, n)
+                if cfg.soft_cap or cfg.alibi or cfg.window:
+                    adjust_scores(sc, slope, n, (p_begin + pi) * S, seq_len - 1, lo, logits_soft_cap)
                 softmax_rescale(sc, m, mnew, lsum, alpha, n)
                 page_pv(acc, ov, sc, alpha, K, V, page, nxt, n, pi + 1 < p_end - p_begin)
-            store_split(OP, LP, acc, m, lsum, b, s)
+            store_split(OP, LP, VS, acc, m, lsum, b, s)
 
         # Merge the splits of each (sequence, head) by their log-sum-exp.
         for bh in T.parallel(B * Hq):
@@ -284,6 +342,6 @@ def build_decode_cpu(cfg: KernelConfig, *, lanes: int = 8, group_tile: int | Non
             o = T.alloc_buffer((D,), "float32")
             b: T.let[T.int64] = bh // Hq
             h: T.let[T.int64] = bh % Hq
-            merge_splits(O, LSE, OP, LP, mx, tot, w, o, b, h)
+            merge_splits(O, LSE, OP, LP, SK, mx, tot, w, o, b, h)
 
-    return decode
+    return finish(DECODE, cfg, decode)

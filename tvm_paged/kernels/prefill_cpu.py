@@ -25,6 +25,12 @@ cache is never read at or past ``seq_len``, nor, when causal, past the tile's la
 Tiles are visited in a zigzag order (first, last, second, ...) so the static split of ``T.parallel`` gives every
 thread a similar share of short and long causal tiles.
 
+Variants (compiled in only when the configuration has them): ``softmax_update`` applies the soft-cap and the
+ALiBi bias to a chunk's scores and masks keys before each row's window; with a window the tile's walk starts at
+its first row's first visible key, so pages wholly behind the window are never read; ``store_rows`` adds the sink
+to the denominator; 8-bit caches are widened while gathered (``common.kv_to_f32``), the K scale folded into the
+block's queries and the V scale into the normalization.
+
 The parameters are :data:`tvm_paged.spec.PREFILL`'s (see :func:`build_prefill_cpu`).
 """
 
@@ -35,8 +41,10 @@ import math
 from ..config import KernelConfig
 from ..spec import PREFILL
 from ..tvm_compat import T, prefetch
-from .common import CACHE_LINE_BYTES, LN2, LOG2E, exp2, from_f32, largest_divisor_at_most, to_f32
-from .signatures import prefill_args
+from .common import (
+    CACHE_LINE_BYTES, LN2, LOG2E, exp2, from_f32, kv_to_f32, kv_widen_factor, largest_divisor_at_most, tanh, to_f32,
+)
+from .signatures import finish, prefill_args
 
 _STACK_BYTES = 1024  # TVM's limit for a local buffer on the stack (runtime::kMaxStackAlloca)
 
@@ -114,7 +122,8 @@ def build_prefill_cpu(cfg: KernelConfig, *, lanes: int = 8, chunk: int | None = 
         raise ValueError(f"build_prefill_cpu needs a prefill config, got {cfg.name}")
     Hkv, D, S, G = cfg.num_kv_heads, cfg.head_dim, cfg.page_size, cfg.group_size
     dt = cfg.dtype
-    E = cfg.itemsize
+    E = cfg.kv_itemsize
+    widen = kv_widen_factor(cfg)
     QT = PREFILL.constants["q_tile"]
     lanes, d_chunk, _, d_pv_rows, _ = _defaults(cfg, lanes)
     C = int(chunk) if chunk is not None else d_chunk
@@ -126,6 +135,10 @@ def build_prefill_cpu(cfg: KernelConfig, *, lanes: int = 8, chunk: int | None = 
     if C <= 0 or C % lanes or RS <= 0 or RP <= 0 or DV <= 0 or nvec % DV:
         raise ValueError(f"prefill knobs: chunk={C}, rows_blk={RS}, pv_rows={RP}, pv_vecs={DV} (chunk must be a "
                          f"multiple of lanes = {lanes}, pv_vecs must divide head_dim / lanes = {nvec})")
+    if cfg.window and C < QT:
+        # A tile's walk starts at its first row's first visible key; every later row's first visible key must
+        # fall in the first chunk, so that no row meets a chunk with no visible key before its first.
+        raise ValueError(f"prefill knobs: chunk={C} must be at least q_tile = {QT} with a sliding window")
     DB = DV * lanes  # head_dim elements per P.V register block
     NDB = D // DB
     RB = RS * RP // math.gcd(RS, RP)  # rows are padded to a multiple of both register blocks
@@ -137,8 +150,27 @@ def build_prefill_cpu(cfg: KernelConfig, *, lanes: int = 8, chunk: int | None = 
     a = prefill_args(cfg)
     NT = a.NT
 
+    def q_factor(KS, kvh, scale):
+        """What q is multiplied by: the softmax scale and log2(e) (scores in the log2 domain), and an 8-bit
+        cache's K scale and widening factor."""
+        if cfg.is_fp8:
+            return scale * T.float32(LOG2E * widen) * KS[kvh]
+        return scale * T.float32(LOG2E)
+
+    def window_start(pos, window_left):
+        """The first key a query at ``pos`` sees: ``pos - window_left`` (at least 0) with a window, else 0."""
+        if cfg.window:
+            return T.max(pos - T.Cast("int64", window_left), T.int64(0))
+        return T.int64(0)
+
+    def visible(key, lo, limit):
+        """Whether ``key`` is visible to a row whose keys are ``[lo, limit)`` (``lo`` only with a window)."""
+        if cfg.window:
+            return T.And(key < limit, key >= lo)
+        return key < limit
+
     @T.macro
-    def init_block(qf, acc, m, lsum, Q, q_start, r0, kvh, rows, n_pad, scale):
+    def init_block(qf, acc, m, lsum, Q, KS, q_start, r0, kvh, rows, n_pad, scale):
         """The block's queries in float32 (row ``i``: tile row ``i // G``, head ``kvh * G + i % G``), scaled into
         the log2 domain, zero past ``rows``; an empty online-softmax state for every row. Every vectorized loop
         is exactly ``lanes`` wide: LLVM splits <80 x float> and the like badly."""
@@ -148,7 +180,7 @@ def build_prefill_cpu(cfg: KernelConfig, *, lanes: int = 8, chunk: int | None = 
                     for dl in T.vectorized(lanes):
                         qf[i, dv * lanes + dl] = to_f32(
                             Q[q_start + r0 + i // G, kvh * G + i % G, dv * lanes + dl], dt
-                        ) * (scale * T.float32(LOG2E))
+                        ) * q_factor(KS, kvh, scale)
             else:
                 for dv in range(nvec):
                     for dl in T.vectorized(lanes):
@@ -168,10 +200,10 @@ def build_prefill_cpu(cfg: KernelConfig, *, lanes: int = 8, chunk: int | None = 
                 page: T.let[T.int64] = T.Cast("int64", BT[b, (c0 + c) // S])
                 slot: T.let[T.int64] = (c0 + c) % S
                 for d in range(D):
-                    kt[d, c] = to_f32(K[page, slot, kvh, d], dt)
+                    kt[d, c] = kv_to_f32(K[page, slot, kvh, d], cfg)
                 for dv in range(nvec):
                     for dl in T.vectorized(lanes):
-                        vc[c, dv * lanes + dl] = to_f32(V[page, slot, kvh, dv * lanes + dl], dt)
+                        vc[c, dv * lanes + dl] = kv_to_f32(V[page, slot, kvh, dv * lanes + dl], cfg)
             else:
                 for d in range(D):
                     kt[d, c] = T.float32(0)
@@ -211,20 +243,34 @@ def build_prefill_cpu(cfg: KernelConfig, *, lanes: int = 8, chunk: int | None = 
                         sc[ib * RS + ii, cb * lanes + cl] = sreg[ii, cb * lanes + cl]
 
     @T.macro
-    def softmax_update(sc, m, lsum, alpha, part, red, rows, n_pad, c0, pos0, kv_end, causal):
-        """The online-softmax update of one chunk per row: keys ``c0 + c < limit`` are visible to row ``i``
-        (masked ones get an exact zero weight). ``m`` the new running max, ``alpha`` the factor that rescales
-        the row's old state to it, ``sc`` replaced by the weights, ``lsum`` rescaled and increased by them.
-        Padding rows get zero weights and ``alpha``. Row max and sum use lanes-wide partials (``part``): a
-        scalar loop would not vectorize."""
+    def softmax_update(sc, m, lsum, alpha, part, red, AS, rows, n_pad, c0, pos0, kv_end, causal, kvh, window_left,
+                       cap):
+        """The online-softmax update of one chunk per row: keys ``lo_i <= c0 + c < limit`` are visible to row
+        ``i`` (masked ones get an exact zero weight; ``lo_i`` is the window's first key, 0 without one). ``m``
+        the new running max, ``alpha`` the factor that rescales the row's old state to it, ``sc`` replaced by
+        the weights, ``lsum`` rescaled and increased by them. The soft-cap and ALiBi variants first change the
+        scores (in the log2 domain). Padding rows get zero weights and ``alpha``. Row max and sum use lanes-wide
+        partials (``part``): a scalar loop would not vectorize."""
         for i in range(n_pad):
             if i < rows:
                 limit: T.let[T.int64] = T.Select(causal != 0, T.min(kv_end, pos0 + i // G + 1), kv_end)
+                lo: T.let[T.int64] = window_start(pos0 + i // G, window_left)
+                if cfg.soft_cap or cfg.alibi:
+                    for cb in range(cvec):
+                        for ln in T.vectorized(lanes):
+                            if cfg.soft_cap:
+                                sc[i, cb * lanes + ln] = tanh(
+                                    sc[i, cb * lanes + ln] / (cap * T.float32(LOG2E))
+                                ) * (cap * T.float32(LOG2E))
+                            if cfg.alibi:
+                                sc[i, cb * lanes + ln] = sc[i, cb * lanes + ln] + AS[kvh * G + i % G] * T.float32(
+                                    LOG2E
+                                ) * T.Cast("float32", c0 + cb * lanes + ln - (pos0 + i // G))
                 for ln in T.vectorized(lanes):
                     part[ln] = m[i]
                 for cb in range(cvec):
                     for ln in T.vectorized(lanes):
-                        part[ln] = T.max(part[ln], T.Select(c0 + cb * lanes + ln < limit,
+                        part[ln] = T.max(part[ln], T.Select(visible(c0 + cb * lanes + ln, lo, limit),
                                                             sc[i, cb * lanes + ln], neg_inf))
                 red[0] = part[0]
                 for ln in range(1, lanes):
@@ -236,7 +282,7 @@ def build_prefill_cpu(cfg: KernelConfig, *, lanes: int = 8, chunk: int | None = 
                 for cb in range(cvec):
                     for ln in T.vectorized(lanes):
                         sc[i, cb * lanes + ln] = T.Select(
-                            c0 + cb * lanes + ln < limit, exp2(sc[i, cb * lanes + ln] - red[0]),
+                            visible(c0 + cb * lanes + ln, lo, limit), exp2(sc[i, cb * lanes + ln] - red[0]),
                             T.float32(0),
                         )
                         part[ln] = part[ln] + sc[i, cb * lanes + ln]
@@ -276,20 +322,33 @@ def build_prefill_cpu(cfg: KernelConfig, *, lanes: int = 8, chunk: int | None = 
                             acc[ib * RP + ii, db * DB + dv * lanes + dl] = preg[ii, dv * lanes + dl]
 
     @T.macro
-    def store_rows(O, LSE, acc, m, lsum, q_start, r0, kvh, rows):
-        """The block's ``rows`` normalized outputs and natural-log lse."""
+    def store_rows(O, LSE, VS, SK, acc, m, lsum, red, q_start, r0, kvh, rows):
+        """The block's ``rows`` normalized outputs (times an 8-bit cache's V scale) and natural-log lse; a sink
+        logit joins the denominator here (``red``: the row's max with it, then its factor and total)."""
         for i in range(rows):
+            if cfg.sinks:
+                red[0] = T.max(m[i], SK[kvh * G + i % G] * T.float32(LOG2E))
+                red[1] = T.exp2(m[i] - red[0])
+                red[2] = lsum[i] * red[1] + T.exp2(SK[kvh * G + i % G] * T.float32(LOG2E) - red[0])
+                red[1] = red[1] / red[2]  # acc's factor: rescale to the new max, then normalize
+            else:
+                red[0] = m[i]
+                red[1] = T.float32(1) / lsum[i]
+                red[2] = lsum[i]
+            if cfg.is_fp8:
+                red[1] = red[1] * VS[kvh] * T.float32(widen)
             for dv in range(nvec):
                 for dl in T.vectorized(lanes):
                     O[q_start + r0 + i // G, kvh * G + i % G, dv * lanes + dl] = from_f32(
-                        acc[i, dv * lanes + dl] / lsum[i], dt
+                        acc[i, dv * lanes + dl] * red[1], dt
                     )
-            LSE[q_start + r0 + i // G, kvh * G + i % G] = (m[i] + T.log2(lsum[i])) * T.float32(LN2)
+            LSE[q_start + r0 + i // G, kvh * G + i % G] = (red[0] + T.log2(red[2])) * T.float32(LN2)
 
     @T.prim_func
     def prefill(
         Q: a.q, K: a.k_cache, V: a.v_cache, BT: a.block_table, SL: a.seq_lens, CU: a.cu_seqlens_q,
-        TL: a.tiles, O: a.out, LSE: a.lse, scale: T.float32, causal: T.int32,
+        TL: a.tiles, KS: a.k_scale, VS: a.v_scale, AS: a.alibi_slopes, SK: a.sinks, O: a.out, LSE: a.lse,
+        scale: T.float32, causal: T.int32, window_left: T.int32, logits_soft_cap: T.float32,
     ):
         T.func_attr({"global_symbol": cfg.name, "tirx.noalias": True})
 
@@ -302,7 +361,7 @@ def build_prefill_cpu(cfg: KernelConfig, *, lanes: int = 8, chunk: int | None = 
             m = T.alloc_buffer((ROWS,), "float32")
             lsum = T.alloc_buffer((ROWS,), "float32")
             alpha = T.alloc_buffer((ROWS,), "float32")
-            red = T.alloc_buffer((1,), "float32")
+            red = T.alloc_buffer((3,), "float32")
             part = T.alloc_buffer((lanes,), "float32")
             sreg = T.alloc_buffer((RS, C), "float32")
             preg = T.alloc_buffer((RP, DB), "float32")
@@ -320,16 +379,18 @@ def build_prefill_cpu(cfg: KernelConfig, *, lanes: int = 8, chunk: int | None = 
             kv_end: T.let[T.int64] = T.Select(causal != 0, T.min(seq_len, pos0 + nr), seq_len)
             rows: T.let[T.int64] = nr * G
             n_pad: T.let[T.int64] = (rows + RB - 1) // RB * RB
+            kv_begin: T.let[T.int64] = window_start(pos0, window_left)  # the tile's first visible key
             for kvh in range(Hkv):
-                init_block(qf, acc, m, lsum, Q, q_start, r0, kvh, rows, n_pad, scale)
-                for ch in range((kv_end + C - 1) // C):
-                    c0: T.let[T.int64] = ch * C
+                init_block(qf, acc, m, lsum, Q, KS, q_start, r0, kvh, rows, n_pad, scale)
+                for ch in range((kv_end - kv_begin + C - 1) // C):
+                    c0: T.let[T.int64] = kv_begin + ch * C
                     gather_chunk(kt, vc, K, V, BT, b, kvh, c0, kv_end)
                     if use_prefetch:
                         prefetch_next_chunk(K, V, BT, b, kvh, c0, kv_end)
                     chunk_scores(sc, sreg, qf, kt, n_pad)
-                    softmax_update(sc, m, lsum, alpha, part, red, rows, n_pad, c0, pos0, kv_end, causal)
+                    softmax_update(sc, m, lsum, alpha, part, red, AS, rows, n_pad, c0, pos0, kv_end, causal, kvh,
+                                   window_left, logits_soft_cap)
                     pv_accumulate(acc, preg, sc, vc, alpha, n_pad, c0, kv_end)
-                store_rows(O, LSE, acc, m, lsum, q_start, r0, kvh, rows)
+                store_rows(O, LSE, VS, SK, acc, m, lsum, red, q_start, r0, kvh, rows)
 
-    return prefill
+    return finish(PREFILL, cfg, prefill)

@@ -18,6 +18,12 @@ The block's queries are (row, head) pairs, ``queries_per_group`` of them per lan
 The softmax runs in the log2 domain from a true minus infinity; a still-infinite running max is replaced by 0
 before any ``exp2`` so ``-inf - -inf`` never occurs. This kernel uses CUDA cores only (no tensor cores): simple,
 and correct for every head_dim / group size; not a peak-FLOP prefill.
+
+Variants (compiled in only for the configs that have them), as in :mod:`tvm_paged.kernels.decode_cuda`: 8-bit
+caches staged as bytes and widened from shared memory (scales folded into q and the output normalisation);
+``window``: query ``i`` sees keys ``j >= pos_i - window_left`` and a pass stages keys from its first row's
+window start on (keys before it are never read); ``soft_cap`` and ``alibi`` on each score; ``sinks`` in each
+row's denominator at the end.
 """
 
 from __future__ import annotations
@@ -25,9 +31,10 @@ from __future__ import annotations
 from ..config import KernelConfig
 from ..spec import PREFILL
 from ..tvm_compat import T
-from .common import LN2, LOG2E, from_f32, online_softmax_update, to_f32, warp_allreduce_sum
+from .common import LN2, LOG2E, from_f32, kv_to_f32, kv_widen_factor, online_softmax_update, tanh, to_f32, \
+    warp_allreduce_sum
 from .decode_cuda import feasible_space, head_dim_lanes, target_limits
-from .signatures import prefill_args
+from .signatures import finish, prefill_args
 
 
 def _floor_pow2(n: int) -> int:
@@ -52,9 +59,11 @@ def prefill_plan(cfg: KernelConfig, target=None, *, vec: int | None = None, head
     if cfg.kernel != "prefill":
         raise ValueError(f"prefill kernel needs a prefill config, got {cfg.name}")
     lim = target_limits(target)
-    D, G, E = cfg.head_dim, cfg.group_size, cfg.itemsize
+    D, G, E, KE = cfg.head_dim, cfg.group_size, cfg.itemsize, cfg.kv_itemsize
     QR = PREFILL.constants["q_tile"]  # query rows per pass
-    vec, lanes, bdx, active = head_dim_lanes(D, E, vec, lim["warp"])
+    # Lanes are sized by the cache's element (16-byte staging loads: 16 elements of an 8-bit cache).
+    vec, lanes, bdx, active = head_dim_lanes(D, KE, vec, lim["warp"])
+    q_lanes = min(vec, max(1, 16 // E))  # elements per vector load of q and store of out
     if max_threads < lim["warp"]:
         raise ValueError(f"max_threads ({max_threads}) must be at least a warp ({lim['warp']})")
     max_threads = min(lim["max_threads"], max_threads)
@@ -100,15 +109,16 @@ def prefill_plan(cfg: KernelConfig, target=None, *, vec: int | None = None, head
         raise ValueError(f"prefill {cfg.name}: queries_per_group {nq} must divide {qn} and give a block of whole "
                          f"warps within {lim['max_threads']} threads (bdx {bdx})")
     if kv_tile is None:
-        kv_tile = max(tokens_per_step, min(64, _floor_pow2(min(lim["max_shared"], 32 * 1024) // (2 * D * E))))
+        kv_tile = max(tokens_per_step, min(64, _floor_pow2(min(lim["max_shared"], 32 * 1024) // (2 * D * KE))))
     if kv_tile < 1 or tokens_per_step < 1 or kv_tile % tokens_per_step:
         raise ValueError(f"kv_tile ({kv_tile}) must be a positive multiple of tokens_per_step ({tokens_per_step})")
-    shared = 2 * kv_tile * D * E
+    shared = 2 * kv_tile * D * KE
     if shared > lim["max_shared"]:
         raise ValueError(f"prefill {cfg.name}: K/V tiles need {shared} bytes of shared memory, the target allows "
                          f"{lim['max_shared']}: lower kv_tile")
     return {
-        "vec": vec, "lanes": lanes, "bdx": bdx, "active": active, "bdy": bdy, "gq": gq, "head_groups": G // gq,
+        "vec": vec, "lanes": lanes, "q_lanes": q_lanes, "bdx": bdx, "active": active, "bdy": bdy, "gq": gq,
+        "head_groups": G // gq,
         "nq": nq, "kv_tile": kv_tile, "step": tokens_per_step, "shared_bytes": shared, "num_threads": bdx * bdy,
     }
 
@@ -125,22 +135,52 @@ def knob_space(cfg: KernelConfig, target=None) -> dict[str, list]:
 def build_prefill_cuda(cfg: KernelConfig, target=None, **knobs):
     """Return the prefill PrimFunc for ``cfg`` on a CUDA target (knobs: see :func:`prefill_plan`).
 
-    Its parameters are :data:`tvm_paged.spec.PREFILL`'s, as on the CPU (``dtype`` = ``cfg.dtype``; ``TQ``,
-    ``P``, ``B``, ``M``, ``NT`` symbolic): q [TQ, Hq, D], k_cache / v_cache [P, S, Hkv, D] dtype; block_table
-    [B, M], seq_lens [B], cu_seqlens_q [B + 1], tiles [NT, 3] (b, row_start, row_end) int32; out [TQ, Hq, D]
-    dtype and lse [TQ, Hq] float32 (written); scale float32, causal int32.
+    Its parameters are :data:`tvm_paged.spec.PREFILL`'s for ``cfg`` (its variants' only), as on the CPU
+    (``dtype`` = ``cfg.dtype``; ``TQ``, ``P``, ``B``, ``M``, ``NT`` symbolic): q [TQ, Hq, D] dtype, k_cache /
+    v_cache [P, S, Hkv, D] (``cfg.kv_storage``: uint8 for 8-bit caches); block_table [B, M], seq_lens [B],
+    cu_seqlens_q [B + 1], tiles [NT, 3] (b, row_start, row_end) int32; k_scale / v_scale [Hkv] (8-bit),
+    alibi_slopes / sinks [Hq] float32; out [TQ, Hq, D] dtype and lse [TQ, Hq] float32 (written); scale float32,
+    causal int32, window_left int32, logits_soft_cap float32.
     """
     plan = prefill_plan(cfg, target, **knobs)
     Hkv, D, S, G = cfg.num_kv_heads, cfg.head_dim, cfg.page_size, cfg.group_size
-    dt = cfg.dtype
+    dt, kvt = cfg.dtype, cfg.kv_storage
     VEC, LANES, BDX, ACT, BDY = (plan[k] for k in ("vec", "lanes", "bdx", "active", "bdy"))
+    QL = plan["q_lanes"]
     GQ, HG, NQ, KT, C = plan["gq"], plan["head_groups"], plan["nq"], plan["kv_tile"], plan["step"]
-    NCH = VEC // LANES
+    NCH = VEC // LANES  # vector loads per lane per staged cache row
+    NQC = VEC // QL  # vector loads per lane per q row (stores per out row)
     LOG_BDX = BDX.bit_length() - 1
     QR = PREFILL.constants["q_tile"]
     ROWS_PER_PASS = (KT + BDY - 1) // BDY  # staged rows each lane group loads
     BLOCKS_PER_TILE = Hkv * HG
     neg_inf = T.float32(float("-inf"))
+    fp8, window, soft_cap, alibi, sinks = cfg.is_fp8, cfg.window, cfg.soft_cap, cfg.alibi, cfg.sinks
+    WIDEN = kv_widen_factor(cfg)
+    kv_zero = T.uint8(0) if fp8 else T.Cast(kvt, T.float32(0))
+
+    # Expressions of the variants (Python helpers: a plain config's code is the base kernel's).
+    def q_mult(scale, cap, KS, kvh):
+        """What q is multiplied by: scores in the log2 domain, or (soft-cap) the tanh's argument; an 8-bit
+        cache's widen factor and k_scale folded in."""
+        mult = scale / cap if soft_cap else scale * T.float32(LOG2E)
+        return mult * (T.float32(WIDEN) * KS[kvh]) if fp8 else mult
+
+    def logit(x, cap, slope, i, rel):
+        """A reduced q.k (``x``) of query ``i`` as a log2-domain logit of key offset ``rel`` = j - pos (mask
+        aside)."""
+        if soft_cap:
+            x = (cap * T.float32(LOG2E)) * tanh(x)
+        if alibi:
+            x = x + slope[i] * T.Cast("float32", rel)
+        return x
+
+    def visible(window_left, key, pos):
+        """The window's part of the mask (the rest: a real row, key < kv_hi, causal)."""
+        return key >= pos - T.Cast("int64", window_left) if window else True
+
+    def out_mult(VS, kvh):
+        return T.float32(WIDEN) * VS[kvh] if fp8 else T.float32(1)
 
     a = prefill_args(cfg)
     NT = a.NT
@@ -148,7 +188,8 @@ def build_prefill_cuda(cfg: KernelConfig, target=None, **knobs):
     @T.prim_func
     def prefill(
         Q: a.q, K: a.k_cache, V: a.v_cache, BT: a.block_table, SL: a.seq_lens, CU: a.cu_seqlens_q,
-        TILES: a.tiles, O: a.out, LSE: a.lse, scale: T.float32, causal: T.int32,
+        TILES: a.tiles, KS: a.k_scale, VS: a.v_scale, ALIBI: a.alibi_slopes, SINKS: a.sinks, O: a.out,
+        LSE: a.lse, scale: T.float32, causal: T.int32, window_left: T.int32, logits_soft_cap: T.float32,
     ):
         T.func_attr({"global_symbol": cfg.name, "tirx.noalias": True})
 
@@ -162,10 +203,14 @@ def build_prefill_cuda(cfg: KernelConfig, target=None, **knobs):
                     sc = T.alloc_buffer((NQ, C), "float32", scope="local")
                     kf = T.alloc_buffer((VEC,), "float32", scope="local")
                     stage = T.alloc_buffer((VEC,), dt, scope="local")
+                    if alibi:  # the queries' slopes, log2 domain
+                        slope = T.alloc_buffer((NQ,), "float32", scope="local")
+                    else:
+                        slope = T.meta_var(None)
                     red = T.alloc_buffer((1,), "float32", scope="local")
-                    tmp = T.alloc_buffer((3,), "float32", scope="local")
-                    Ks = T.alloc_buffer((KT, D), dt, scope="shared")
-                    Vs = T.alloc_buffer((KT, D), dt, scope="shared")
+                    tmp = T.alloc_buffer((5 if sinks else 3,), "float32", scope="local")
+                    Ks = T.alloc_buffer((KT, D), kvt, scope="shared")
+                    Vs = T.alloc_buffer((KT, D), kvt, scope="shared")
 
                     hg: T.int64 = bid % HG
                     kvh: T.int64 = (bid // HG) % Hkv
@@ -179,22 +224,30 @@ def build_prefill_cuda(cfg: KernelConfig, target=None, **knobs):
                         # Position of query row r is q_off + r.
                         q_off: T.int64 = seq_len - (T.Cast("int64", CU[b + 1]) - q_start)
                         h0: T.int64 = kvh * G + hg * GQ
+                        if alibi:
+                            for i in T.unroll(NQ):
+                                slope[i] = ALIBI[h0 + (ty * NQ + i) % GQ] * T.float32(LOG2E)
                         for rc in range((r1 - r0 + (QR - 1)) // QR):
                             rb: T.int64 = r0 + rc * QR  # first row of this pass
                             r_end: T.int64 = T.min(rb + QR, r1)
-                            # Keys any query of the pass may see.
+                            # Keys any query of the pass may see: [kv_lo, kv_hi).
                             kv_hi: T.int64 = T.if_then_else(causal != 0, T.min(seq_len, q_off + r_end), seq_len)
+                            if window:  # the pass's first row sees the earliest keys
+                                kv_lo: T.int64 = T.max(q_off + rb - T.Cast("int64", window_left), T.int64(0))
+                                k0 = T.meta_var(kv_lo)
+                            else:
+                                k0 = T.meta_var(0)
                             # Query i of this group: pair (row rb + qi // GQ, head h0 + qi % GQ), qi = ty*NQ + i.
                             for i in T.unroll(NQ):
                                 if rb + (ty * NQ + i) // GQ < r_end and tx < ACT:
-                                    for c in T.unroll(NCH):
-                                        for v in T.vectorized(LANES):
-                                            stage[c * LANES + v] = Q[
+                                    for c in T.unroll(NQC):
+                                        for v in T.vectorized(QL):
+                                            stage[c * QL + v] = Q[
                                                 q_start + rb + (ty * NQ + i) // GQ, h0 + (ty * NQ + i) % GQ,
-                                                tx * VEC + c * LANES + v,
+                                                tx * VEC + c * QL + v,
                                             ]
                                     for v in T.unroll(VEC):
-                                        qf[i, v] = to_f32(stage[v], dt) * (scale * T.float32(LOG2E))
+                                        qf[i, v] = to_f32(stage[v], dt) * q_mult(scale, logits_soft_cap, KS, kvh)
                                 else:
                                     for v in T.unroll(VEC):
                                         qf[i, v] = T.float32(0)
@@ -203,36 +256,37 @@ def build_prefill_cuda(cfg: KernelConfig, target=None, **knobs):
                                 m[i] = neg_inf
                                 lsum[i] = T.float32(0)
 
-                            for kt in range((kv_hi + (KT - 1)) // KT):
-                                # Stage KT rows of K and V (rows past kv_hi are never read from the cache).
+                            for kt in range((kv_hi - k0 + (KT - 1)) // KT):
+                                # Stage KT rows of K and V (rows outside [kv_lo, kv_hi) are never read from the
+                                # cache).
                                 for rr in T.unroll(ROWS_PER_PASS):
                                     if ty + rr * BDY < KT and tx < ACT:
-                                        if kt * KT + ty + rr * BDY < kv_hi:
+                                        if k0 + kt * KT + ty + rr * BDY < kv_hi:
                                             for c in T.unroll(NCH):
                                                 for v in T.vectorized(LANES):
                                                     Ks[ty + rr * BDY, tx * VEC + c * LANES + v] = K[
-                                                        T.Cast("int64", BT[b, (kt * KT + ty + rr * BDY) // S]),
-                                                        (kt * KT + ty + rr * BDY) % S, kvh,
+                                                        T.Cast("int64", BT[b, (k0 + kt * KT + ty + rr * BDY) // S]),
+                                                        (k0 + kt * KT + ty + rr * BDY) % S, kvh,
                                                         tx * VEC + c * LANES + v,
                                                     ]
                                             for c in T.unroll(NCH):
                                                 for v in T.vectorized(LANES):
                                                     Vs[ty + rr * BDY, tx * VEC + c * LANES + v] = V[
-                                                        T.Cast("int64", BT[b, (kt * KT + ty + rr * BDY) // S]),
-                                                        (kt * KT + ty + rr * BDY) % S, kvh,
+                                                        T.Cast("int64", BT[b, (k0 + kt * KT + ty + rr * BDY) // S]),
+                                                        (k0 + kt * KT + ty + rr * BDY) % S, kvh,
                                                         tx * VEC + c * LANES + v,
                                                     ]
                                         else:
                                             for v in T.unroll(VEC):
-                                                Ks[ty + rr * BDY, tx * VEC + v] = T.Cast(dt, T.float32(0))
-                                                Vs[ty + rr * BDY, tx * VEC + v] = T.Cast(dt, T.float32(0))
+                                                Ks[ty + rr * BDY, tx * VEC + v] = kv_zero
+                                                Vs[ty + rr * BDY, tx * VEC + v] = kv_zero
                                 T.tvm_storage_sync("shared")
                                 for js in range(KT // C):
                                     # Scores of C staged tokens for each of this group's queries.
                                     for j in T.unroll(C):
                                         if tx < ACT:
                                             for v in T.unroll(VEC):
-                                                kf[v] = to_f32(Ks[js * C + j, tx * VEC + v], dt)
+                                                kf[v] = kv_to_f32(Ks[js * C + j, tx * VEC + v], cfg)
                                         else:
                                             for v in T.unroll(VEC):
                                                 kf[v] = T.float32(0)
@@ -242,15 +296,20 @@ def build_prefill_cuda(cfg: KernelConfig, target=None, **knobs):
                                                 red[0] = red[0] + qf[i, v] * kf[v]
                                             warp_allreduce_sum(red, tx, BDX, LOG_BDX)
                                             # Visible: a real query row, a key below seq_len (and below the
-                                            # pass limit), and (causal) at or before the query's position.
+                                            # pass limit), (causal) at or before the query's position and (window)
+                                            # at most window_left before it.
                                             sc[i, j] = T.if_then_else(
                                                 rb + (ty * NQ + i) // GQ < r_end
-                                                and kt * KT + js * C + j < kv_hi
+                                                and k0 + kt * KT + js * C + j < kv_hi
                                                 and (
                                                     causal == 0
-                                                    or kt * KT + js * C + j <= q_off + rb + (ty * NQ + i) // GQ
-                                                ),
-                                                red[0], neg_inf,
+                                                    or k0 + kt * KT + js * C + j <= q_off + rb + (ty * NQ + i) // GQ
+                                                )
+                                                and visible(window_left, k0 + kt * KT + js * C + j,
+                                                            q_off + rb + (ty * NQ + i) // GQ),
+                                                logit(red[0], logits_soft_cap, slope, i,
+                                                      k0 + kt * KT + js * C + j - (q_off + rb + (ty * NQ + i) // GQ)),
+                                                neg_inf,
                                             )
                                     # Online softmax update, once per C tokens.
                                     for i in T.unroll(NQ):
@@ -258,7 +317,7 @@ def build_prefill_cuda(cfg: KernelConfig, target=None, **knobs):
                                     if tx < ACT:
                                         for j in T.unroll(C):
                                             for v in T.unroll(VEC):
-                                                kf[v] = to_f32(Vs[js * C + j, tx * VEC + v], dt)
+                                                kf[v] = kv_to_f32(Vs[js * C + j, tx * VEC + v], cfg)
                                             for i in T.unroll(NQ):
                                                 for v in T.unroll(VEC):
                                                     acc[i, v] = acc[i, v] + sc[i, j] * kf[v]
@@ -266,24 +325,38 @@ def build_prefill_cuda(cfg: KernelConfig, target=None, **knobs):
 
                             for i in T.unroll(NQ):
                                 if rb + (ty * NQ + i) // GQ < r_end:
-                                    tmp[0] = T.if_then_else(
-                                        lsum[i] > T.float32(0), T.float32(1) / lsum[i], T.float32(0)
-                                    )
+                                    if sinks:
+                                        # The sink joins the denominator: tmp[1] the max with it, tmp[4] the
+                                        # total weight in its units, tmp[0] the output's factor, tmp[3] the lse.
+                                        tmp[3] = SINKS[h0 + (ty * NQ + i) % GQ] * T.float32(LOG2E)
+                                        tmp[1] = T.max(m[i], tmp[3])
+                                        tmp[1] = T.if_then_else(tmp[1] == neg_inf, T.float32(0), tmp[1])
+                                        tmp[2] = T.exp2(m[i] - tmp[1])
+                                        tmp[4] = lsum[i] * tmp[2] + T.exp2(tmp[3] - tmp[1])
+                                        tmp[0] = tmp[2] * out_mult(VS, kvh) / tmp[4]
+                                        tmp[3] = (tmp[1] + T.log2(tmp[4])) * T.float32(LN2)
+                                    else:
+                                        tmp[0] = T.if_then_else(
+                                            lsum[i] > T.float32(0), out_mult(VS, kvh) / lsum[i], T.float32(0)
+                                        )
                                     if tx < ACT:
                                         for v in T.unroll(VEC):
                                             stage[v] = from_f32(acc[i, v] * tmp[0], dt)
-                                        for c in T.unroll(NCH):
-                                            for v in T.vectorized(LANES):
+                                        for c in T.unroll(NQC):
+                                            for v in T.vectorized(QL):
                                                 O[
                                                     q_start + rb + (ty * NQ + i) // GQ, h0 + (ty * NQ + i) % GQ,
-                                                    tx * VEC + c * LANES + v,
-                                                ] = stage[c * LANES + v]
+                                                    tx * VEC + c * QL + v,
+                                                ] = stage[c * QL + v]
                                     if tx == 0:
-                                        LSE[q_start + rb + (ty * NQ + i) // GQ, h0 + (ty * NQ + i) % GQ] = (
-                                            T.if_then_else(
-                                                lsum[i] > T.float32(0),
-                                                (m[i] + T.log2(lsum[i])) * T.float32(LN2), neg_inf,
+                                        if sinks:
+                                            LSE[q_start + rb + (ty * NQ + i) // GQ, h0 + (ty * NQ + i) % GQ] = tmp[3]
+                                        else:
+                                            LSE[q_start + rb + (ty * NQ + i) // GQ, h0 + (ty * NQ + i) % GQ] = (
+                                                T.if_then_else(
+                                                    lsum[i] > T.float32(0),
+                                                    (m[i] + T.log2(lsum[i])) * T.float32(LN2), neg_inf,
+                                                )
                                             )
-                                        )
 
-    return prefill
+    return finish(PREFILL, cfg, prefill)

@@ -15,7 +15,7 @@ from types import SimpleNamespace
 
 from .. import spec as S
 from ..config import KernelConfig
-from ..tvm_compat import T, shape_var
+from ..tvm_compat import T, keep_params, shape_var
 
 
 def _dim(d: str, cfg: KernelConfig, dims: dict):
@@ -32,14 +32,25 @@ def _dim(d: str, cfg: KernelConfig, dims: dict):
 
 
 def args(spec: S.KernelSpec, cfg: KernelConfig) -> SimpleNamespace:
-    """Buffer types of ``spec``'s tensor parameters for ``cfg``, and its symbolic dimensions as variables."""
+    """Buffer types of ``spec``'s tensor parameters for ``cfg``, and its symbolic dimensions as variables.
+
+    A parameter of a variant ``cfg`` does not have gets a one-element placeholder: builders declare every
+    parameter of the family, use only those of their variants, and :func:`finish` drops the rest."""
     dims = {name: shape_var(name) for name in spec.dims}
     buffers = {}
     for p in spec.params:
-        if p.is_tensor:
+        if p.is_tensor and not p.present(cfg):
+            buffers[p.name] = T.Buffer((1,), "float32")
+        elif p.is_tensor:
             shape = tuple(_dim(d, cfg, dims) for d in p.shape)
             buffers[p.name] = T.Buffer(shape, spec.dtype_of(p.name, cfg), align=spec.itemsize_of(p.name, cfg))
     return SimpleNamespace(**dims, **buffers)
+
+
+def finish(spec: S.KernelSpec, cfg: KernelConfig, func):
+    """A builder's PrimFunc, declared with every parameter of ``spec`` in order, reduced to those of ``cfg``'s
+    kernel (its variants' arguments only)."""
+    return keep_params(func, [p.present(cfg) for p in spec.params])
 
 
 decode_args = functools.partial(args, S.DECODE)
