@@ -310,13 +310,19 @@ class AllocatorMachine(RuleBasedStateMachine):
     Model: the token values each live sequence holds, the copies that must be owed, and a
     simulated KV cache `kv` (one value per slot). Writes are queued like a real step: the popped
     copies are applied first, then the slot writes. Fork and free happen between steps.
+    With a sliding window (the subclass below), also which leading pages each sequence has dropped:
+    those read -1, their tokens are no longer checked, everything else is.
     """
 
     @initialize(page_size=st.sampled_from([2, 3, 1]))
     def setup(self, page_size):
-        self.ps = page_size
-        self.a = PageAllocator(NUM_PAGES, page_size)
+        self.start(page_size, -1)
+
+    def start(self, page_size, window):
+        self.ps, self.window = page_size, window
+        self.a = PageAllocator(NUM_PAGES, page_size, window_left=window)
         self.tokens = {}  # seq id -> token values it holds
+        self.horizon = {}  # seq id -> its length before its last append of >= 1 token: the window drops follow it
         self.kv = np.full(NUM_PAGES * page_size, -1, dtype=np.int64)
         self.pending = []  # (slots, values) writes of the current step
         self.copies = []  # copies the allocator owes, in order
@@ -325,15 +331,39 @@ class AllocatorMachine(RuleBasedStateMachine):
         self.add(None)
 
     # -- helpers ------------------------------------------------------------------------------
+    def dropped(self, sid):
+        """Leading pages the sequence must have dropped: page i once (i + 1) * ps <= horizon - window."""
+        return 0 if self.window < 0 else max(0, (self.horizon[sid] - self.window) // self.ps)
+
+    def held(self, sid):
+        return [p for p in self.a.pages_of(sid) if p >= 0]
+
     def refs(self):
-        return Counter(p for s in self.tokens for p in self.a.pages_of(s))
+        return Counter(p for s in self.tokens for p in self.held(s))
+
+    def expect(self, sid, n, refs):
+        """The model of one append: (fresh pages, copy-on-write, pages dropped after it, pages it drops now),
+        updating ``refs`` as the append changes the holders."""
+        ps = self.ps
+        pages0, len0 = self.a.pages_of(sid), self.a.seq_len(sid)
+        cow = n > 0 and len0 % ps != 0 and refs[pages0[-1]] > 1
+        if cow:
+            refs[pages0[-1]] -= 1
+        d0 = self.dropped(sid)
+        cut = max(d0, (len0 - self.window) // ps) if self.window >= 0 and n > 0 else d0
+        gone = pages0[d0:cut]
+        assert -1 not in gone
+        for p in gone:
+            refs[p] -= 1
+        return ceil_div(len0 + n, ps) - len(pages0) + cow, cow, cut, gone
 
     def do_append(self, sid, n, ids):
-        a, ps = self.a, self.ps
-        pages0, len0, free0, refs0 = a.pages_of(sid), a.seq_len(sid), a.num_free_pages, self.refs()
-        cow = n > 0 and len0 % ps != 0 and refs0[pages0[-1]] > 1
-        need = ceil_div(len0 + n, ps) - len(pages0) + cow
+        a = self.a
+        pages0, len0, free0, refs = a.pages_of(sid), a.seq_len(sid), a.num_free_pages, self.refs()
+        fresh, cow, cut, gone = self.expect(sid, n, refs)
+        need = fresh - sum(refs[p] == 0 for p in gone)  # pages the window drop returns serve this append
         assert a.can_append(sid, n) == (need <= free0)
+        assert a.pages_needed([sid], [n]) == need
         before = snapshot(a)
         try:
             slots = a.append_slots(sid, n, ids)
@@ -342,11 +372,20 @@ class AllocatorMachine(RuleBasedStateMachine):
             assert need > free0
             assert snapshot(a) == before
             return False
-        assert need <= free0
+        assert need <= free0 and a.num_free_pages == free0 - need
+        self.check_append(sid, n, ids, slots, pages0, len0, cow, cut)
+        return True
+
+    def check_append(self, sid, n, ids, slots, pages0, len0, cow, cut):
+        """An append went through: the sequence's pages, its slots, and the model's owed copies and writes."""
+        a, ps = self.a, self.ps
         pages = a.pages_of(sid)
-        assert len(pages) == ceil_div(len0 + n, ps) and a.num_free_pages == free0 - need
+        assert len(pages) == ceil_div(len0 + n, ps)
+        if cut > self.dropped(sid):
+            event("append: window drop")
+        assert pages[:cut] == [-1] * cut  # dropped behind the window
         keep = len(pages0) - cow
-        assert pages[:keep] == pages0[:keep]  # nothing else moves
+        assert pages[cut:keep] == pages0[cut:keep]  # nothing else moves
         if cow:
             event("append: copy-on-write")
             assert pages[keep] != pages0[-1]
@@ -362,7 +401,8 @@ class AllocatorMachine(RuleBasedStateMachine):
             values = list(ids)
         self.pending.append((slots, values))
         self.tokens[sid] += values
-        return True
+        if n > 0:
+            self.horizon[sid] = len0
 
     def flush(self):
         """End of a step: do the owed copies, then the slot writes, then read everything back."""
@@ -378,8 +418,9 @@ class AllocatorMachine(RuleBasedStateMachine):
         assert len(self.a.pop_copies()[0]) == 0
         for sid, toks in self.tokens.items():
             pages = self.a.pages_of(sid)
-            read = self.kv[expected_slots(pages, 0, len(toks), ps)] if toks else []
-            assert list(read) == toks, (sid, pages, toks)
+            pos = [p for p in range(len(toks)) if pages[p // ps] >= 0]  # not behind the window
+            read = self.kv[[pages[p // ps] * ps + p % ps for p in pos]] if pos else []
+            assert list(read) == [toks[p] for p in pos], (sid, pages, toks)
 
     # -- rules --------------------------------------------------------------------------------
     @rule(prompt=st.none() | st.lists(st.integers(0, VOCAB - 1), max_size=10))
@@ -396,6 +437,7 @@ class AllocatorMachine(RuleBasedStateMachine):
             event("add: prefix hit")
         # the content of the reused pages is checked against prompt[:cached] at the next flush
         self.tokens[sid] = list(prompt[:cached]) if prompt else []
+        self.horizon[sid] = 0  # a prefix hit drops nothing until the first append
         held = set(self.refs())
         assert self.a.num_free_pages <= free0 and self.a.num_free_pages == NUM_PAGES - len(held)
         if prompt and cached < len(prompt):
@@ -418,6 +460,37 @@ class AllocatorMachine(RuleBasedStateMachine):
         self.do_append(sid, n, ids)
 
     @precondition(lambda self: self.tokens)
+    @rule(data=st.data(), with_ids=st.booleans())
+    def append_batch(self, data, with_ids):
+        """One step's appends at once (append_slots_batch): all or nothing, pages_needed exact."""
+        a = self.a
+        sids = data.draw(st.lists(st.sampled_from(sorted(self.tokens)), min_size=1, max_size=4, unique=True))
+        ns = data.draw(st.lists(st.integers(0, 4), min_size=len(sids), max_size=len(sids)), label="ns")
+        ids = [data.draw(st.lists(st.integers(0, VOCAB - 1), min_size=n, max_size=n)) for n in ns] if with_ids \
+            else None
+        free0, refs = a.num_free_pages, self.refs()
+        state0 = [(a.pages_of(s), a.seq_len(s)) for s in sids]
+        plans = [self.expect(s, n, refs) for s, n in zip(sids, ns)]
+        gone = {p for plan in plans for p in plan[3]}  # a page two of them drop is returned once, if at all
+        need = sum(plan[0] for plan in plans) - sum(refs[p] == 0 for p in gone)
+        assert a.pages_needed(sids, ns) == need
+        before = snapshot(a)
+        try:
+            slots = a.append_slots_batch(sids, ns, ids)
+        except OutOfPages:
+            event("append_batch: OutOfPages")
+            assert need > free0
+            assert snapshot(a) == before
+            return
+        assert need <= free0 and a.num_free_pages == free0 - need
+        assert slots.dtype == np.int64 and slots.shape == (sum(ns),)
+        off = 0
+        for i, (sid, n) in enumerate(zip(sids, ns)):
+            self.check_append(sid, n, None if ids is None else ids[i], slots[off:off + n], *state0[i],
+                              plans[i][1], plans[i][2])
+            off += n
+
+    @precondition(lambda self: self.tokens)
     @rule(data=st.data())
     def fork(self, data):
         self.flush()  # fork between steps: the parent's slots are written
@@ -426,9 +499,10 @@ class AllocatorMachine(RuleBasedStateMachine):
         refs0, free0 = self.refs(), self.a.num_free_pages
         self.a.fork(parent, child)
         self.tokens[child] = list(self.tokens[parent])
-        assert self.a.pages_of(child) == self.a.pages_of(parent)
+        self.horizon[child] = self.horizon[parent]
+        assert self.a.pages_of(child) == self.a.pages_of(parent)  # dropped entries (-1) included
         assert self.a.num_free_pages == free0
-        assert self.refs() == refs0 + Counter(self.a.pages_of(parent))
+        assert self.refs() == refs0 + Counter(self.held(parent))
 
     @precondition(lambda self: self.tokens)
     @rule(data=st.data(), n=st.integers(1, 3), child_first=st.booleans(), with_ids=st.booleans())
@@ -484,11 +558,15 @@ class AllocatorMachine(RuleBasedStateMachine):
         a, ps = self.a, self.ps
         refs = self.refs()
         for sid, toks in self.tokens.items():
-            pages = a.pages_of(sid)
+            pages, d = a.pages_of(sid), self.dropped(sid)
             assert a.seq_len(sid) == len(toks)
             assert len(pages) == ceil_div(len(toks), ps)
-            assert len(set(pages)) == len(pages)  # no page twice in one sequence
-            assert all(0 <= p < NUM_PAGES for p in pages)
+            assert pages[:d] == [-1] * d  # exactly the pages behind the window are dropped
+            held = pages[d:]
+            assert len(set(held)) == len(held)  # no page twice in one sequence
+            assert all(0 <= p < NUM_PAGES for p in held)
+            if self.window >= 0:  # bounded: the window plus one append (<= 10 tokens) of pages
+                assert len(held) <= ceil_div(self.window + 10, ps) + 1
         # reference counts == live holders; free pool == everything else, each page once
         assert a._ref == [refs[p] for p in range(NUM_PAGES)]
         pool = list(a._free) + list(a._cached_free)
@@ -515,3 +593,212 @@ AllocatorMachine.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow],
 )
 TestAllocatorMachine = AllocatorMachine.TestCase
+
+
+class WindowedAllocatorMachine(AllocatorMachine):
+    """The same machine with a sliding window: pages dropped behind it, forks and prefix hits across drops."""
+
+    @initialize(page_size=st.sampled_from([2, 3, 1]), window=st.sampled_from([0, 1, 2, 5]))
+    def setup(self, page_size, window):
+        self.start(page_size, window)
+
+
+WindowedAllocatorMachine.TestCase.settings = AllocatorMachine.TestCase.settings
+TestWindowedAllocatorMachine = WindowedAllocatorMachine.TestCase
+
+
+# --------------------------------------------------------------------------------------------
+# sliding window: pages wholly behind every future query's window are dropped
+# --------------------------------------------------------------------------------------------
+def pool(a):
+    """The free pool as a set, checked to hold each page once and exactly the pages nobody references."""
+    free = list(a._free) + list(a._cached_free)
+    assert len(free) == len(set(free)) == a.num_free_pages
+    assert set(free) == {p for p in range(a.num_pages) if a._ref[p] == 0}
+    return set(free)
+
+
+def test_window_left_is_validated():
+    for bad in (-2, 1.5, True, "3", None):
+        with pytest.raises(ValueError, match="window_left"):
+            PageAllocator(8, 4, window_left=bad)
+    assert PageAllocator(8, 4).window_left == -1
+    assert PageAllocator(8, 4, window_left=np.int64(0)).window_left == 0
+
+
+def test_window_drops_exactly_the_pages_behind_it():
+    ps, w = 5, 12
+    a = PageAllocator(num_pages=40, page_size=ps, window_left=w)
+    a.add_sequence("s")
+    a.append_slots("s", 23)  # prefill from 0: its first query sees key 0, nothing is dropped
+    pages = a.pages_of("s")
+    assert len(pages) == 5 and -1 not in pages and a.num_free_pages == 35
+    # the next query is at 23 and sees keys >= 11: pages 0 and 1 (tokens 0..9) are behind it, page 2 is not
+    slot = a.append_slots("s", 1)
+    assert slot.tolist() == [pages[4] * ps + 3]
+    assert a.pages_of("s") == [-1, -1] + pages[2:]
+    assert a.block_table(["s"]).tolist() == [[-1, -1] + pages[2:]]
+    assert a.seq_len("s") == 24 and a.seq_lens(["s"]).tolist() == [24]  # every token still counts
+    assert pool(a) == set(range(40)) - set(pages[2:])
+    a.append_slots("s", 1)  # query at 24 sees >= 12: page 2 (10..14) still needed
+    assert a.pages_of("s")[:3] == [-1, -1, pages[2]]
+    a.append_slots("s", 3)  # queries from 25 see >= 13: still needs key 13 of page 2
+    assert a.pages_of("s")[:3] == [-1, -1, pages[2]]
+    a.append_slots("s", 0)  # appending nothing drops nothing (there is no query)
+    assert a.pages_of("s")[:3] == [-1, -1, pages[2]]
+    a.append_slots("s", 1)  # query at 28 sees >= 16: page 2 goes, page 3 (15..19) stays
+    assert a.pages_of("s")[:4] == [-1, -1, -1, pages[3]]
+    assert pages[2] in pool(a)
+    # a chunk: its earliest query (at 29) decides, not its last
+    a.append_slots("s", 20)
+    assert a.pages_of("s")[:4] == [-1, -1, -1, pages[3]] and len(a.pages_of("s")) == 10
+    a.free("s")
+    assert pool(a) == set(range(40)) and a.num_free_pages == 40
+
+
+def test_window_zero_drops_every_full_page():
+    a = PageAllocator(num_pages=3, page_size=5, window_left=0)  # a query sees only its own key
+    a.add_sequence("s")
+    for i in range(97):
+        a.append_slots("s", 1)
+        assert len([p for p in a.pages_of("s") if p >= 0]) == 1  # one page, ever
+    assert a.seq_len("s") == 97 and len(a.pages_of("s")) == 20 and a.num_free_pages == 2
+
+
+def test_long_windowed_generation_holds_bounded_pages():
+    """vLLM's point: a windowed sequence of any length holds ceil((window + 1) / page) + 1 pages at most."""
+    ps, w, num_pages = 5, 12, 9
+    a = PageAllocator(num_pages=num_pages, page_size=ps, window_left=w)
+    bound = -(-(w + 1) // ps) + 1  # 4: the window's keys may straddle one extra page
+    seqs = ["x", "y"]
+    for s in seqs:
+        a.add_sequence(s)
+        a.append_slots(s, 17)  # a prompt of 17: 4 pages
+    assert a.num_free_pages == 1
+    for step in range(300):  # 600 tokens through 9 pages
+        assert a.pages_needed(seqs, [1, 1]) <= a.num_free_pages
+        slots = a.append_slots_batch(seqs, [1, 1])
+        held = [[p for p in a.pages_of(s) if p >= 0] for s in seqs]
+        assert max(map(len, held)) <= bound, (step, held)
+        assert a.num_free_pages == num_pages - sum(map(len, held))
+        for s, slot, h in zip(seqs, slots.tolist(), held):
+            assert slot // ps == h[-1]
+            # exactly the pages the next query (at seq_len) can see are held
+            first = (a.seq_len(s) - 1 - w) // ps
+            assert a.pages_of(s)[:max(first, 0)] == [-1] * max(first, 0)
+    assert a.seq_lens(seqs).tolist() == [317, 317]
+    for s in seqs:
+        a.free(s)
+    assert pool(a) == set(range(num_pages))
+
+
+def test_window_drops_are_atomic_and_count_for_the_same_step():
+    ps, w = 5, 12
+    a = PageAllocator(num_pages=4, page_size=ps, window_left=w)
+    a.add_sequence("a")
+    a.append_slots("a", 20)  # 4 full pages, pool empty
+    assert a.num_free_pages == 0
+    before = snapshot(a)
+    # 11 tokens at 20: the drop (page 0) returns 1, the append needs 3: refused, page 0 not dropped either
+    assert a.pages_needed(["a"], [11]) == 2 and not a.can_append("a", 11)
+    with pytest.raises(OutOfPages):
+        a.append_slots("a", 11)
+    assert snapshot(a) == before
+    with pytest.raises(OutOfPages):
+        a.append_slots_batch(["a"], [11])
+    assert snapshot(a) == before
+    # one token: the page its drop returns is the one it gets
+    page0 = a.pages_of("a")[0]
+    assert a.pages_needed(["a"], [1]) == 0 and a.can_append("a", 1)
+    assert a.append_slots("a", 1).tolist() == [page0 * ps]
+    assert a.pages_of("a") == [-1] + a.pages_of("a")[1:4] + [page0]
+
+    # a batch: b's drop pays for c's page, whatever their order; a failing member changes nothing
+    a = PageAllocator(num_pages=7, page_size=ps, window_left=w)
+    a.add_sequence("c")
+    a.append_slots("c", 10)  # 2 full pages
+    a.add_sequence("b")
+    a.append_slots("b", 25)  # 5 full pages: pool empty
+    assert a.pages_needed(["c", "b"], [1, 1]) == 0  # c takes 1, b takes 1, b's drop returns 2 (pages 0, 1)
+    before = snapshot(a)
+    with pytest.raises(OutOfPages):
+        a.append_slots_batch(["c", "b"], [1, 7])  # b needs 2 fresh: 3 > 2 returned
+    assert snapshot(a) == before
+    slots = a.append_slots_batch(["c", "b"], [1, 1])
+    assert a.pages_of("b")[:2] == [-1, -1] and a.num_free_pages == 0
+    assert {s // ps for s in slots.tolist()} == {a.pages_of("c")[2], a.pages_of("b")[5]}
+
+
+def test_window_with_forks():
+    ps, w = 5, 12
+    a = PageAllocator(num_pages=30, page_size=ps, window_left=w)
+    a.add_sequence("p")
+    a.append_slots("p", 33)
+    a.append_slots("p", 1)  # at 33, sees >= 21: pages 0..3 dropped
+    pp = a.pages_of("p")
+    assert pp[:4] == [-1] * 4 and -1 not in pp[4:]
+    free0 = a.num_free_pages
+    a.fork("p", "c")
+    assert a.pages_of("c") == pp and a.num_free_pages == free0  # dropped stay dropped in the child
+    assert a.block_table(["p", "c"]).tolist() == [pp, pp]
+    assert all(a._ref[p] == 2 for p in pp[4:])
+    # a page both hold is returned only when both have dropped it
+    a.append_slots("c", 3)  # c at 34 sees >= 22: page 4 (20..24) still needed; c copies the shared partial page
+    assert a.pop_copies()[0].tolist() == [pp[6]]  # tokens 30..33
+    assert a.pages_of("c")[:5] == [-1] * 4 + [pp[4]]
+    assert a.pages_needed(["c"], [1]) == 0  # room in its last page, and its drop of page 4 returns nothing: p holds it
+    a.append_slots("c", 1)  # c at 37 sees >= 25: page 4 dropped by c only
+    assert a.pages_of("c")[4] == -1 and a.pages_of("p")[4] == pp[4]
+    assert a._ref[pp[4]] == 1 and pp[4] not in pool(a)
+    a.append_slots("p", 3)  # p at 34: its partial page is private now, writes in place
+    assert len(a.pop_copies()[0]) == 0
+    assert a.pages_needed(["p"], [1]) == -1  # no fresh page, and p's drop of page 4 returns it
+    free1 = a.num_free_pages
+    a.append_slots("p", 1)  # p at 37: page 4 dropped by its last holder
+    assert pp[4] in pool(a) and a.num_free_pages == free1 + 1
+    a.fork("c", "g")  # a fork of a fork, past more drops
+    assert a.pages_of("g")[:5] == [-1] * 5
+    a.free("p")
+    a.free("c")
+    a.append_slots("g", 40)  # the grandchild goes on alone
+    a.free("g")
+    assert pool(a) == set(range(30))
+
+
+def test_window_with_prefix_cache():
+    """Pages dropped behind the window keep their prefix-cache keys: a later prompt still reuses them (from the
+    LRU, or shared with the dropping sequence's forks); evicted heads end the reuse, and hashes stay consistent."""
+    ps, w = 5, 12
+    a = PageAllocator(num_pages=12, page_size=ps, window_left=w)
+    prompt = list(range(100, 131))  # 31 tokens: 6 full pages + 1
+    a.add_sequence("a", prompt)
+    a.append_slots("a", 31, prompt)
+    pa = a.pages_of("a")
+    for t in range(200, 210):
+        a.append_slots("a", 1, [t])  # drops pages 0..4 into the prefix cache's LRU (keyed, free)
+    assert a.pages_of("a")[:5] == [-1] * 5 and set(pa[:5]) <= set(a._cached_free)
+    assert a.num_free_pages == 12 - 4  # a (41 tokens) holds pages 5..8
+    # a later prompt with the same prefix reuses every cached page: the dropped ones and the one a still holds
+    assert a.add_sequence("b", prompt) == 30
+    assert a.pages_of("b") == pa[:6] and a._ref[pa[5]] == 2
+    a.append_slots("b", 1, prompt[30:])  # b at 30 sees >= 18: b drops pages 0..2 (back to the LRU)
+    assert a.pages_of("b")[:3] == [-1] * 3 and set(pa[:3]) <= set(a._cached_free)
+    assert {p: k for k, p in a._key_to_page.items()} == a._page_key
+    # a's pages keep being keyed while it runs: a new prompt of a's whole history hits as far as its pages
+    # are still cached
+    history = prompt + list(range(200, 210))
+    assert a.add_sequence("c", history) == 40
+    assert a.pages_of("c") == pa[:6] + a.pages_of("a")[6:8]
+    a.free("c")
+    a.free("b")
+    # evict the prefix head: take every page nobody holds, LRU first (never-cached pages go first)
+    a.add_sequence("x")
+    a.append_slots("x", a.num_free_pages * ps)
+    assert a.num_free_pages == 0
+    assert pa[0] not in a._page_key  # evicted: its key is gone with it
+    assert a.add_sequence("d", prompt) == 0  # the chain starts at page 0: nothing reusable any more
+    assert {p: k for k, p in a._key_to_page.items()} == a._page_key
+    a.free("x")
+    a.free("a")
+    a.free("d")
+    assert pool(a) == set(range(12))

@@ -11,6 +11,16 @@ of the KV cache holds each token of each sequence; the kernels consume what it p
 One step: ``append_slots`` for every running sequence (concatenated: slot_mapping), ``pop_copies``
 and copy those pages, write the new K/V at the slots, then attention over ``block_table``.
 Fork only sequences whose earlier slots have been written (a copy reads the page as it is then).
+
+Sliding window (``window_left >= 0``, the kernels' meaning: a query at position p sees keys
+j >= p - window_left): an append of n >= 1 tokens to a sequence of length L0 first drops the
+sequence's pages that lie wholly behind its earliest new query's window, i.e. page i once
+(i + 1) * page_size <= L0 - window_left. No query of this step or any later one (its positions are
+>= L0) can see them, and the kernels do not read them. Their entries read -1 in ``block_table`` and
+``pages_of`` (entry i stays page i of the sequence); ``seq_len`` still counts every token. A dropped
+page loses this sequence's reference only: it returns to the pool (or to the prefix cache's LRU,
+still reusable by later prompts) once nobody holds it. Pages so returned count as free for the same
+append (and batch): ``pages_needed`` is the net change of the free pool, and may be negative.
 """
 from __future__ import annotations
 
@@ -26,14 +36,15 @@ class OutOfPages(MemoryError):
 
 
 class _Seq:
-    __slots__ = ("pages", "row", "length", "last_hash", "partial")
+    __slots__ = ("pages", "row", "length", "last_hash", "partial", "dropped")
 
-    def __init__(self, pages, row, length, last_hash, partial):
-        self.pages = pages          # list[int]: page ids, ceil(length / page_size) of them
+    def __init__(self, pages, row, length, last_hash, partial, dropped=0):
+        self.pages = pages          # list[int]: page ids, ceil(length / page_size) of them (-1: dropped)
         self.row = row              # this sequence's row in PageAllocator._table
         self.length = length        # tokens held
         self.last_hash = last_hash  # chained hash of the last full page (None before the first one)
         self.partial = partial      # token ids in the not-yet-full last page; None once the chain broke
+        self.dropped = dropped      # leading pages dropped behind the sliding window (pages[:dropped] == -1)
 
 
 class PageAllocator:
@@ -43,13 +54,21 @@ class PageAllocator:
     never written in place: the first append into a shared, partly filled page moves the appending
     sequence to a fresh copy (see ``pop_copies``). Full pages whose token ids are known are keyed
     by a chained hash so a later prompt with the same prefix can reuse them (``add_sequence``).
+
+    ``window_left`` (-1: none): the sliding window of the attention these pages serve; pages wholly
+    behind it are dropped as sequences grow (see the module docstring), so a long windowed generation
+    holds about ``(window_left + tokens per step) / page_size + 2`` pages.
     """
 
-    def __init__(self, num_pages: int, page_size: int):
+    def __init__(self, num_pages: int, page_size: int, *, window_left: int = -1):
         if num_pages <= 0 or page_size <= 0:
             raise ValueError(f"num_pages and page_size must be > 0, got {num_pages}, {page_size}")
+        if (isinstance(window_left, bool) or not isinstance(window_left, (int, np.integer))
+                or window_left < -1):
+            raise ValueError(f"window_left: expected an int >= -1 (-1: no window), got {window_left!r}")
         self.num_pages = int(num_pages)
         self.page_size = int(page_size)
+        self.window_left = int(window_left)
         self._ref = [0] * self.num_pages          # live sequences holding each page
         self._free = deque(range(self.num_pages))  # free pages not in the prefix cache
         self._cached_free = OrderedDict()          # free pages still in the prefix cache, LRU first
@@ -79,7 +98,7 @@ class PageAllocator:
         return self._seq(seq_id).length
 
     def pages_of(self, seq_id: Hashable) -> list[int]:
-        """Page ids of the sequence, in token order (a copy)."""
+        """Page ids of the sequence, in token order (a copy); -1 for pages dropped behind the window."""
         return list(self._seq(seq_id).pages)
 
     def seq_lens(self, seq_ids: Iterable[Hashable]) -> np.ndarray:
@@ -92,17 +111,28 @@ class PageAllocator:
         max_pages = max([len(s.pages) for s in seqs], default=0) or 1
         return self._table[np.array([s.row for s in seqs], dtype=np.intp), :max_pages]
 
-    def _needed(self, seq: _Seq, n: int) -> tuple[int, bool]:
-        """(fresh pages needed to append n tokens, whether one is a copy-on-write); as append_slots."""
+    def _cut(self, seq: _Seq, n: int) -> int:
+        """The number of leading pages of the sequence that are dropped once n more tokens are appended."""
+        if self.window_left < 0 or n <= 0:
+            return seq.dropped
+        return max(seq.dropped, (seq.length - self.window_left) // self.page_size)
+
+    def _needed(self, seq: _Seq, n: int) -> int:
+        """Net pages appending n tokens takes from the free pool, as append_slots: fresh pages (a copy-on-write
+        copy included) minus the pages the window drop returns to the pool."""
         cow = n > 0 and seq.length % self.page_size != 0 and self._ref[seq.pages[-1]] > 1
-        return -(-(seq.length + n) // self.page_size) - len(seq.pages) + cow, cow
+        need = -(-(seq.length + n) // self.page_size) - len(seq.pages) + cow
+        cut = self._cut(seq, n)
+        if cut > seq.dropped:
+            need -= sum(self._ref[p] == 1 for p in seq.pages[seq.dropped : cut])
+        return need
 
     def can_append(self, seq_id: Hashable, num_tokens: int) -> bool:
-        """Whether append_slots(seq_id, num_tokens) would get its pages (copy-on-write included)."""
+        """Whether append_slots(seq_id, num_tokens) would get its pages (copy-on-write and window drop included)."""
         seq, n = self._seq(seq_id), operator.index(num_tokens)
         if n < 0:
             raise ValueError(f"num_tokens must be >= 0, got {n}")
-        return self._needed(seq, n)[0] <= self.num_free_pages
+        return self._needed(seq, n) <= self.num_free_pages
 
     # -- page pool and table rows ---------------------------------------------------------------
     def _take_page(self) -> int:
@@ -122,14 +152,27 @@ class PageAllocator:
             else:
                 self._free.append(page)
 
-    def _new_seq(self, seq_id: Hashable, pages: list, length: int, last_hash, partial) -> _Seq:
+    def _new_seq(self, seq_id: Hashable, pages: list, length: int, last_hash, partial, dropped=0) -> _Seq:
         if self._free_rows:
             row = self._free_rows.pop()
         else:
             row, self._rows_used = self._rows_used, self._rows_used + 1
-        seq = self._seqs[seq_id] = _Seq(pages, row, length, last_hash, partial)
+        seq = self._seqs[seq_id] = _Seq(pages, row, length, last_hash, partial, dropped)
         self._set_row(seq, 0)
         return seq
+
+    def _drop(self, seq: _Seq, cut: int) -> None:
+        """Drop the sequence's pages [seq.dropped, cut) (behind its window): -1 in its row, one ref less each."""
+        start = seq.dropped
+        if cut <= start:
+            return
+        pages = seq.pages
+        gone = pages[start:cut]
+        pages[start:cut] = [-1] * (cut - start)
+        self._table[seq.row, start:cut] = -1
+        seq.dropped = cut
+        for page in reversed(gone):  # tail first, as free() does
+            self._release(page)
 
     def _set_row(self, seq: _Seq, start: int) -> None:
         """Copy seq.pages[start:] into its table row, growing the table when needed."""
@@ -174,6 +217,8 @@ class PageAllocator:
         slot = page * page_size + offset. Raises OutOfPages (changing nothing) when the free pool
         cannot cover the new pages plus a copy-on-write copy. Without token_ids the prefix-cache
         hash chain of this sequence is broken: none of its later pages can be reused.
+        With a window and num_tokens >= 1, first drops the pages wholly behind the window of the
+        first new token (position seq_len); the pages that returns to the pool count as free here.
         """
         # Runs once per sequence per decode step: helpers (_seq, _needed) are inlined (-25%).
         try:
@@ -191,8 +236,16 @@ class PageAllocator:
         ps, pages, old_len = self.page_size, seq.pages, seq.length
         cow = n > 0 and old_len % ps != 0 and self._ref[pages[-1]] > 1
         need = -(-(old_len + n) // ps) - len(pages) + cow
-        if need > len(self._free) + len(self._cached_free):  # check before mutating anything
-            raise OutOfPages(f"sequence {seq_id!r} needs {need} pages, {self.num_free_pages} free")
+        available = len(self._free) + len(self._cached_free)
+        cut = seq.dropped
+        if self.window_left >= 0 and n > 0:
+            cut = max(cut, (old_len - self.window_left) // ps)
+            if cut > seq.dropped:  # pages this drop gives back serve this append too
+                available += sum(self._ref[p] == 1 for p in pages[seq.dropped : cut])
+        if need > available:  # check before mutating anything
+            raise OutOfPages(f"sequence {seq_id!r} needs {need} pages, {available} free (window drop included)")
+        if cut > seq.dropped:
+            self._drop(seq, cut)
         if need:
             first_new = len(pages)
             if cow:  # the last page is shared and partly filled: write into a private copy
@@ -219,11 +272,13 @@ class PageAllocator:
         return np.asarray(pages[first:], dtype=np.int64)[pos // ps - first] * ps + pos % ps
 
     def pages_needed(self, seq_ids: Sequence[Hashable], num_tokens: Sequence[int]) -> int:
-        """Fresh pages that appending num_tokens[i] to seq_ids[i] (distinct), in order, would take: new pages
-        plus copy-on-write copies (a page shared only inside the batch is copied by all its holders but the
-        last). Changes nothing."""
-        ps, ref = self.page_size, self._ref
-        need, leaving = 0, {}
+        """Net pages that appending num_tokens[i] to seq_ids[i] (distinct), in order, would take from the free
+        pool: new pages plus copy-on-write copies (a page shared only inside the batch is copied by all its
+        holders but the last), minus, with a window, the pages the batch's window drops return to the pool (a
+        page all of whose holders drop it in this batch included). Negative when the drops free more than the
+        batch takes. Changes nothing."""
+        ps, ref, window = self.page_size, self._ref, self.window_left
+        need, leaving, drops = 0, {}, {}
         for sid, n in zip(seq_ids, num_tokens):
             seq = self._seq(sid)
             cow = 0
@@ -232,7 +287,10 @@ class PageAllocator:
                 if ref[last] - leaving.get(last, 0) > 1:
                     cow, leaving[last] = 1, leaving.get(last, 0) + 1
             need += -(-(seq.length + n) // ps) - len(seq.pages) + cow
-        return need
+            if window >= 0 and n > 0:
+                for page in seq.pages[seq.dropped : max(seq.dropped, (seq.length - window) // ps)]:
+                    drops[page] = drops.get(page, 0) + 1
+        return need - sum(ref[p] == d for p, d in drops.items())
 
     def append_slots_batch(self, seq_ids: Sequence[Hashable], num_tokens: Sequence[int],
                            token_ids: Sequence[Sequence[int] | None] | None = None) -> np.ndarray:
@@ -254,6 +312,9 @@ class PageAllocator:
         need = self.pages_needed(seq_ids, num_tokens)
         if need > len(self._free) + len(self._cached_free):
             raise OutOfPages(f"the batch needs {need} pages, {self.num_free_pages} free")
+        if self.window_left >= 0:  # every drop first: the pages they return serve the whole batch
+            for seq, n in zip(seqs, num_tokens):
+                self._drop(seq, self._cut(seq, n))
         out = []
         for i, (sid, seq, n) in enumerate(zip(seq_ids, seqs, num_tokens)):
             ids = None if token_ids is None else token_ids[i]
@@ -293,14 +354,15 @@ class PageAllocator:
         return src, np.array([d for _, d in copies], dtype=np.int32)
 
     def fork(self, parent_id: Hashable, child_id: Hashable) -> None:
-        """The child shares every page of the parent (no copy until one of them writes)."""
+        """The child shares every page the parent holds (no copy until one of them writes); pages the parent
+        dropped behind the window stay dropped (-1) in the child."""
         parent = self._seq(parent_id)
         if child_id in self._seqs:
             raise ValueError(f"sequence id {child_id!r} already exists")
-        for page in parent.pages:
+        for page in parent.pages[parent.dropped:]:
             self._ref[page] += 1
         partial = None if parent.partial is None else list(parent.partial)
-        self._new_seq(child_id, list(parent.pages), parent.length, parent.last_hash, partial)
+        self._new_seq(child_id, list(parent.pages), parent.length, parent.last_hash, partial, parent.dropped)
 
     def free(self, seq_id: Hashable) -> None:
         """Drop the sequence; pages nobody else holds go back to the pool (keyed ones stay cached)."""
@@ -309,5 +371,5 @@ class PageAllocator:
         self._table[seq.row, : len(seq.pages)] = -1
         self._free_rows.append(seq.row)
         # Tail first, so LRU eviction drops a prefix's tail before its head (a head alone still hits).
-        for page in reversed(seq.pages):
+        for page in reversed(seq.pages[seq.dropped:]):
             self._release(page)

@@ -11,6 +11,11 @@ One model step over a batch of sequences::
 it raises :class:`OutOfPages` and nothing changed (the caller preempts a sequence and tries again). Add, fork and
 free sequences between steps, never between a step's ``begin_step`` and its last ``write``: a fork or a prefix hit
 reads pages as they are.
+
+Variants: ``kv_dtype`` stores K/V in 8 bits (``torch.float8_e4m3fn`` / ``torch.float8_e5m2``; q, k and v stay in
+``dtype``) with per-layer ``k_scale`` / ``v_scale``; ``window_left`` makes every step's attention a sliding window,
+and the allocator then drops pages wholly behind it (a long generation holds a bounded number of pages; see
+:mod:`tvm_paged.allocator`). ``attention`` forwards the per-run options (soft cap, ALiBi, sinks).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import numpy as np
 import torch
 
 from . import ops
+from . import validate as V
 from .allocator import OutOfPages, PageAllocator
 
 __all__ = ["PagedKVCache", "Step", "OutOfPages"]
@@ -56,23 +62,65 @@ class Step:
 
 
 class PagedKVCache:
-    """K/V caches of ``num_layers`` layers, each ``[num_pages, page_size, num_kv_heads, head_dim]`` in ``dtype``
+    """K/V caches of ``num_layers`` layers, each ``[num_pages, page_size, num_kv_heads, head_dim]`` in ``kv_dtype``
     on ``device`` (``k_caches[layer]``, ``v_caches[layer]``), and the allocator that maps sequences to pages.
 
     A page id means the same page in every layer: one allocator serves them all.
+
+    Args:
+        dtype: of q, k and v (float32, float16, bfloat16).
+        kv_dtype: of the caches: None (``dtype``) or 8-bit, ``torch.float8_e4m3fn`` / ``torch.float8_e5m2``.
+        window_left: sliding window of every step's attention (a query at ``p`` sees keys ``>= p - window_left``;
+            -1, the default: none). Pages wholly behind it are dropped from their sequences (block table -1).
+        k_scale, v_scale: 8-bit caches only: the cache holds ``k / k_scale`` (and reads back ``code * k_scale``):
+            a float, a ``[num_kv_heads]`` float32 tensor, or a list with one of those per layer
+            (``k_scales[layer]``, ``v_scales[layer]``).
     """
 
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, page_size: int, num_pages: int,
-                 dtype: torch.dtype = torch.float32, device="cpu"):
+                 dtype: torch.dtype = torch.float32, device="cpu", *, kv_dtype: torch.dtype | None = None,
+                 window_left: int = -1, k_scale=1.0, v_scale=1.0):
         if num_layers <= 0:
             raise ValueError(f"num_layers must be > 0, got {num_layers}")
         self.num_layers, self.num_kv_heads, self.head_dim = int(num_layers), int(num_kv_heads), int(head_dim)
         self.page_size, self.num_pages = int(page_size), int(num_pages)
         self.dtype, self.device = dtype, torch.device(device)
-        self.allocator = PageAllocator(num_pages, page_size)
+        if dtype in V.TORCH_FP8_NAMES:
+            raise ValueError(f"dtype: {dtype} is the dtype of q, k and v (float32, float16, bfloat16); give an "
+                             "8-bit cache as kv_dtype")
+        kv_dtype = dtype if kv_dtype is None else kv_dtype
+        if kv_dtype != dtype and kv_dtype not in V.TORCH_FP8_NAMES:
+            raise ValueError(f"kv_dtype: expected None (dtype {dtype}) or one of {list(V.TORCH_FP8_NAMES)}, "
+                             f"got {kv_dtype}")
+        self.kv_dtype = kv_dtype
+        fp8 = kv_dtype in V.TORCH_FP8_NAMES
+        self.k_scales = self._layer_scales(k_scale, "k_scale", fp8)
+        self.v_scales = self._layer_scales(v_scale, "v_scale", fp8)
+        self.allocator = PageAllocator(num_pages, page_size, window_left=window_left)
+        self.window_left = self.allocator.window_left
         shape = (self.num_pages, self.page_size, self.num_kv_heads, self.head_dim)
-        self.k_caches = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(self.num_layers)]
-        self.v_caches = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(self.num_layers)]
+        self.k_caches = [torch.zeros(shape, dtype=kv_dtype, device=self.device) for _ in range(self.num_layers)]
+        self.v_caches = [torch.zeros(shape, dtype=kv_dtype, device=self.device) for _ in range(self.num_layers)]
+
+    def _layer_scales(self, value, name: str, fp8: bool) -> list:
+        """One checked scale per layer (a float, or a [num_kv_heads] float32 tensor on the cache's device)."""
+        if isinstance(value, (list, tuple)):
+            if len(value) != self.num_layers:
+                raise ValueError(f"{name}: {len(value)} entries for {self.num_layers} layers")
+            named = [(v, f"{name}[{i}]") for i, v in enumerate(value)]
+        else:
+            named = [(value, name)] * self.num_layers
+        scales = []
+        for v, label in named:
+            if isinstance(v, np.ndarray):
+                v = torch.from_numpy(v)
+            if isinstance(v, torch.Tensor):
+                v = v.to(self.device)
+                scales.append(V.check_kv_scale(v, label, self.num_kv_heads, fp8, self.device))
+            else:
+                V.check_kv_scale(v, label, self.num_kv_heads, fp8, self.device)
+                scales.append(float(v))
+        return scales
 
     # -- sequences (between steps) ---------------------------------------------------------------
     def add_sequence(self, seq_id: Hashable, prompt_token_ids: Sequence[int] | None = None) -> int:
@@ -96,8 +144,9 @@ class PagedKVCache:
         return self.allocator.num_free_pages
 
     def pages_needed(self, seq_ids: Sequence[Hashable], num_new_tokens) -> int:
-        """Fresh pages a step appending ``num_new_tokens`` (an int or one count per sequence) to ``seq_ids``
-        would take, copy-on-write copies included; changes nothing."""
+        """Net pages a step appending ``num_new_tokens`` (an int or one count per sequence) to ``seq_ids``
+        would take from the free pool, copy-on-write copies included and, with a window, the pages its drops
+        return subtracted (so it may be negative); changes nothing."""
         seq_ids = list(seq_ids)
         if not seq_ids:
             return 0
@@ -170,22 +219,27 @@ class PagedKVCache:
         seq_lens_t, cu_t = torch.from_numpy(seq_lens), torch.from_numpy(cu)
         if is_decode:
             plan = ops.plan_decode(block_table, seq_lens_t, page_size=self.page_size, num_pages=self.num_pages,
-                                   device=self.device)
+                                   device=self.device, window_left=self.window_left)
         else:
             plan = ops.plan_prefill(block_table, seq_lens_t, cu_t, total, page_size=self.page_size,
-                                    num_pages=self.num_pages, device=self.device)
+                                    num_pages=self.num_pages, device=self.device, window_left=self.window_left)
         return Step(tuple(seq_ids), q_lens, slot_mapping, torch.from_numpy(positions), block_table, seq_lens_t,
                     cu_t, plan, is_decode, len(src))
 
     def write(self, layer: int, step: Step, k: torch.Tensor, v: torch.Tensor) -> None:
         """Write the step's new keys and values of one layer. ``k``, ``v`` [step.num_tokens, num_kv_heads,
-        head_dim] in the cache's dtype."""
-        ops.write_kv(k, v, self.k_caches[layer], self.v_caches[layer], step.slot_mapping)
+        head_dim] in ``dtype`` (quantized with the layer's scales into an 8-bit cache)."""
+        ops.write_kv(k, v, self.k_caches[layer], self.v_caches[layer], step.slot_mapping,
+                     k_scale=self.k_scales[layer], v_scale=self.v_scales[layer])
 
-    def attention(self, layer: int, step: Step, q: torch.Tensor, *, scale: float | None = None) -> torch.Tensor:
-        """Causal attention of the new tokens over all their sequence holds, after :meth:`write` of this layer.
-        ``q`` [step.num_tokens, num_qo_heads, head_dim] -> the same shape and dtype."""
+    def attention(self, layer: int, step: Step, q: torch.Tensor, *, scale: float | None = None,
+                  logits_soft_cap: float = 0.0, alibi_slopes=None, sinks=None) -> torch.Tensor:
+        """Causal attention of the new tokens over all their sequence holds (within the cache's window), after
+        :meth:`write` of this layer. ``q`` [step.num_tokens, num_qo_heads, head_dim] -> the same shape and dtype.
+        ``scale``, ``logits_soft_cap``, ``alibi_slopes``, ``sinks``: as in :func:`tvm_paged.paged_decode`."""
         kc, vc = self.k_caches[layer], self.v_caches[layer]
+        options = dict(scale=scale, logits_soft_cap=logits_soft_cap, alibi_slopes=alibi_slopes, sinks=sinks,
+                       k_scale=self.k_scales[layer], v_scale=self.v_scales[layer])
         if step.is_decode:
-            return ops.run_decode(step.plan, q, kc, vc, scale=scale)
-        return ops.run_prefill(step.plan, q, kc, vc, scale=scale, causal=True)
+            return ops.run_decode(step.plan, q, kc, vc, **options)
+        return ops.run_prefill(step.plan, q, kc, vc, causal=True, **options)
