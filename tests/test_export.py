@@ -1,8 +1,9 @@
 """Export and load: round trips against the in-process kernels, refusals, and what cross exports hold.
 
-One small configuration (float32, h4x2, d64, p5). The local CPU export is built once per module; the CUDA exports
-(H100 on x86-64, Jetson Orin on aarch64) are built once each and skipped when the CUDA kernels, nvcc or the
-cross toolchain are missing.
+One small configuration (float32, h4x2, d64, p5). The local CPU exports (plain, and with 8-bit e4m3 caches and
+the window + soft-cap variant) are built once per module; the CUDA exports (H100 on x86-64, Jetson Orin on
+aarch64, each with an 8-bit cache and a variant combination) are built once each and skipped when the CUDA
+kernels, nvcc or the cross toolchain are missing.
 """
 
 from __future__ import annotations
@@ -22,21 +23,39 @@ import torch
 import tvm_paged as tp
 from tvm_paged import binary as B
 from tvm_paged import export as E
+from tvm_paged import reference
 from tvm_paged import toolchain as T
+from tvm_paged.config import KernelConfig
 from tvm_paged.spec import SPECS
 from tvm_paged.loader import AbiMismatchError, IntegrityError, LoadError, load
-from paged_data import make_pool, random_q
+from paged_data import ATOL, LSE_ATOL, assert_close, make_pool, make_variant_pool, random_q
 
 ROOT = Path(__file__).resolve().parents[1]
 CFG = {"dtype": "float32", "num_qo_heads": 4, "num_kv_heads": 2, "head_dim": 64, "page_size": 5}
 CLI_CFG = ["--dtype", "float32", "--num-qo-heads", "4", "--num-kv-heads", "2", "--head-dim", "64", "--page-size", "5"]
 
 
-def _cli_export(target: str, out: Path) -> dict:
+BASE = KernelConfig("decode", **CFG)
+# The variant export: 8-bit e4m3 caches besides float32 ones, and the window + soft-cap combination besides none.
+VARIANT_CLI = ["--kv-dtype", "float8_e4m3fn", "--variants", "w+cap"]
+
+
+def _cli_export(target: str, out: Path, extra=()) -> dict:
     parser = argparse.ArgumentParser()
     E.add_arguments(parser)
-    assert E.run(parser.parse_args(["--target", target, *CLI_CFG, "-o", str(out)])) == 0
+    assert E.run(parser.parse_args(["--target", target, *CLI_CFG, *extra, "-o", str(out)])) == 0
     return json.loads((out / E.MANIFEST).read_text())
+
+
+def _names(kv_dtypes, combos) -> set[str]:
+    """Names of the kernels an export of BASE with these cache dtypes and variant flag dicts holds."""
+    out = set()
+    for kv in kv_dtypes:
+        for flags in combos:
+            out |= {BASE.with_kernel(k).with_variants(kv_dtype=kv, **flags).name for k in ("decode", "prefill")}
+        out |= {KernelConfig.for_pages("write_kv", "float32", 2, 64, 5, kv).name,
+                KernelConfig.for_pages("copy_pages", kv, 2, 64, 5).name}
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -57,18 +76,72 @@ def test_manifest_describes_the_library(local_export):
     lib = out / m["library"]["file"]
     assert sorted(p.name for p in out.iterdir()) == sorted([E.MANIFEST, lib.name])
     assert m["library"]["sha256"] == B.sha256_file(lib)
-    assert m["config"] == {"name": "f32_h4x2_d64_p5", **CFG}
+    assert m["format"] == B.FORMAT == "tvm_paged-export/3"
+    assert m["config"] == {"name": "f32_h4x2_d64_p5", **CFG, "kv_dtypes": ["float32"], "variants": [[]]}
     assert m["target"]["kind"] == "cpu" and m["target"]["spec"] == "local"
     assert m["versions"]["tvm"] and m["versions"]["tvm_ffi"]
     assert m["contents"] == {"elf_machine": B.host_machine(), "modules": [], "device_code": []}
+    assert set(m["kernels"]) == {BASE.with_kernel(k).name for k in ("decode", "prefill", "write_kv", "copy_pages")}
     for name, info in m["kernels"].items():
-        assert info["symbol"] == tp.KernelConfig("decode", **CFG).with_kernel(name).name
-        assert [p["name"] for p in info["params"]] == list(SPECS[name].names)
+        cfg = KernelConfig.from_name(name)
+        assert (info["symbol"], info["family"], info["variants"], info["kv_dtype"]) == (name, cfg.kernel, [],
+                                                                                         "float32")
+        assert [p["name"] for p in info["params"]] == list(SPECS[cfg.kernel].names_for(cfg))
+        assert info["params"] == SPECS[cfg.kernel].signature(cfg)
         assert info["schedule"]["tuned"] in (True, False)
-    q = m["kernels"]["decode"]["params"][0]
+    q = m["kernels"][BASE.name]["params"][0]
     assert q["shape"][1:] == [4, 64] and isinstance(q["shape"][0], str) and q["dtype"] == "float32"
-    assert {"decode", "write_kv", "copy_pages"} <= set(m["kernels"])
-    assert set(m["kernels"]) == {"decode", "prefill", "write_kv", "copy_pages"}
+
+
+@pytest.fixture(scope="module")
+def variant_export(tmp_path_factory):
+    out = tmp_path_factory.mktemp("export_variants")
+    return out, _cli_export("local", out, VARIANT_CLI)
+
+
+def test_variant_manifest_records_every_kernel(variant_export):
+    """An export with --kv-dtype and --variants holds decode and prefill for every (cache dtype, combination) and
+    the page kernels for every cache dtype; each kernel's entry records its family, variant tags, cache dtype and
+    its full signature (the variants' parameters included)."""
+    out, m = variant_export
+    assert m["config"]["kv_dtypes"] == ["float32", "float8_e4m3fn"]
+    assert m["config"]["variants"] == [[], ["w", "cap"]]
+    wc = {"window": True, "soft_cap": True}
+    assert set(m["kernels"]) == _names(["float32", "float8_e4m3fn"], [{}, wc])
+    for name, info in m["kernels"].items():
+        cfg = KernelConfig.from_name(name)
+        assert (info["symbol"], info["family"], info["variants"], info["kv_dtype"]) == (
+            name, cfg.kernel, list(cfg.variants), cfg.kv_dtype)
+        assert info["params"] == SPECS[cfg.kernel].signature(cfg)
+    params = {p["name"]: p for p in m["kernels"]["decode_e4m3_f32_h4x2_d64_p5_w_cap"]["params"]}
+    assert {"k_scale", "v_scale", "window_left", "logits_soft_cap", "split_pages"} <= set(params)
+    assert params["k_cache"]["dtype"] == "uint8" and params["k_scale"]["shape"] == [2]
+    assert params["window_left"] == {"name": "window_left", "role": "scalar", "dtype": "int32"}
+    assert "window_left" not in {p["name"] for p in m["kernels"]["decode_f32_h4x2_d64_p5"]["params"]}
+    assert [p["name"] for p in m["kernels"]["write_kv_e4m3_f32_h2_d64_p5"]["params"]][-2:] == ["k_scale", "v_scale"]
+    lib = load(out)
+    assert set(lib.kernels) == set(m["kernels"]) and lib.kv_dtypes == ("float32", "float8_e4m3fn")
+    assert lib.variants == ((), ("w", "cap"))
+
+
+def test_export_request_errors(tmp_path):
+    """Bad --kv-dtype / --variants values are refused before anything is built."""
+    with pytest.raises(ValueError, match="kv_dtype"):
+        E.export(CFG, "local", tmp_path, kv_dtypes=["float16"])
+    with pytest.raises(ValueError, match="unknown variant 'slide'"):
+        E.export(CFG, "local", tmp_path, variants=["w+slide"])
+    parser = argparse.ArgumentParser()
+    E.add_arguments(parser)
+    assert E.run(parser.parse_args([*CLI_CFG, "--variants", "w,bogus", "-o", str(tmp_path)])) == 1
+    assert not list(tmp_path.iterdir())
+    assert [E._variant_combos(v) for v in (None, "w,w+cap", ["cap+w"])] == [
+        [{"window": False, "soft_cap": False, "alibi": False, "sinks": False}],
+        [{"window": False, "soft_cap": False, "alibi": False, "sinks": False},
+         {"window": True, "soft_cap": False, "alibi": False, "sinks": False},
+         {"window": True, "soft_cap": True, "alibi": False, "sinks": False}],
+        [{"window": False, "soft_cap": False, "alibi": False, "sinks": False},
+         {"window": True, "soft_cap": True, "alibi": False, "sinks": False}]]
+    assert len(E._variant_combos("all")) == 16
 
 
 # ------------------------------------------------------------------------------- round trip, fresh process
@@ -110,7 +183,7 @@ d = torch.load(data_path)
 res = {"decode": lib.paged_decode(d["q"], d["k"], d["v"], d["bt"], d["sl"], return_lse=True)}
 plan = lib.plan_decode(d["bt"], d["sl"], num_pages=d["k"].shape[0])
 res["run_decode"] = lib.run_decode(plan, d["q"], d["k"], d["v"])
-if "prefill" in lib.kernels:
+if any(c.kernel == "prefill" for c in lib.configs):
     res["prefill"] = lib.paged_prefill(d["pq"], d["k"], d["v"], d["bt"], d["sl"], d["cu"], return_lse=True)
 k, v = d["k"].clone(), d["v"].clone()
 lib.write_kv(d["nk"], d["nv"], k, v, d["slots"])
@@ -222,25 +295,55 @@ def test_manifest_from_another_abi_refused(local_export, tmp_path, key):
         load(dst)
 
 
-@pytest.mark.parametrize("change", ["role", "dtype", "order", "kernel"])
+@pytest.mark.parametrize("change", ["role", "dtype", "order", "missing", "kernel", "variants", "kv_dtype"])
 def test_manifest_with_another_calling_convention_refused(local_export, tmp_path, change):
     """The loader binds arguments by the specs of this version: a library whose recorded parameters differ in
-    role, dtype or order, or that lacks a kernel, is refused at load, before any call."""
+    role, dtype or order (a variant's parameter included), whose kernel entries claim other variants or cache
+    dtypes than their names mean, or that lacks a kernel, is refused at load, before any call."""
     out, _ = local_export
     dst = _copy(out, tmp_path)
     manifest = json.loads((dst / E.MANIFEST).read_text())
-    params = manifest["kernels"]["decode"]["params"]
+    entry = manifest["kernels"][BASE.name]
+    params = {p["name"]: p for p in entry["params"]}
     if change == "role":
-        params[-2]["role"] = "output"  # lse_part: scratch
+        params["ms_part"]["role"] = "output"  # scratch
     elif change == "dtype":
-        params[3]["dtype"] = "int64"  # block_table
+        params["block_table"]["dtype"] = "int64"
     elif change == "order":
-        params[1], params[2] = params[2], params[1]
+        entry["params"][1], entry["params"][2] = entry["params"][2], entry["params"][1]
+    elif change == "missing":  # a build whose decode took no split_pages
+        entry["params"] = [p for p in entry["params"] if p["name"] != "split_pages"]
+    elif change == "variants":
+        entry["variants"] = ["w"]
+    elif change == "kv_dtype":
+        entry["kv_dtype"] = "float8_e4m3fn"
     else:
-        del manifest["kernels"]["copy_pages"]
+        del manifest["kernels"][KernelConfig.for_pages("copy_pages", "float32", 2, 64, 5).name]
     (dst / E.MANIFEST).write_text(json.dumps(manifest))
     with pytest.raises(LoadError, match="re-export" if change != "kernel" else "holds kernels"):
         load(dst, verify=False)
+
+
+@pytest.mark.parametrize("fmt", ["tvm_paged-export/2", "tvm_paged-export/1"])
+def test_export_of_an_older_format_refused(local_export, tmp_path, fmt):
+    """A manifest of an older layout (format 2: kernels keyed by family, no variants) is refused with a clear
+    message to re-export, before the library is opened."""
+    out, _ = local_export
+    dst = _copy(out, tmp_path)
+    manifest = json.loads((dst / E.MANIFEST).read_text())
+    manifest["format"] = fmt
+    if fmt.endswith("/2"):  # the layout format 2 wrote
+        manifest["kernels"] = {KernelConfig.from_name(n).kernel: {"symbol": n, "params": i["params"]}
+                               for n, i in manifest["kernels"].items()}
+        for key in ("kv_dtypes", "variants"):
+            del manifest["config"][key]
+    (dst / E.MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(LoadError, match=rf"format '{fmt}' is from another tvm_paged version.*re-export"):
+        load(dst)
+    manifest["format"] = "something/else"
+    (dst / E.MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(LoadError, match="not a tvm_paged export of this version"):
+        load(dst)
 
 
 @pytest.fixture(scope="module")
@@ -282,6 +385,114 @@ def test_shared_validation_still_applies(lib):
         lib.paged_decode(q, k, v, bt + 1000, sl)
     with pytest.raises(ValueError, match=r"^page_size: 16"):
         lib.plan_decode(bt, sl, num_pages=k.shape[0], page_size=16)
+
+
+# --------------------------------------------------------------------------------------- variant kernels
+K_SCALE = torch.tensor([0.5, 2.0])  # per KV head
+V_SCALE = 1.5
+OPTIONS = {"window_left": 7, "logits_soft_cap": 1.5}
+
+
+@pytest.fixture(scope="module")
+def variant_lib(variant_export):
+    return load(variant_export[0])
+
+
+def _fp8_data():
+    seq_lens = [17, 3, 26]
+    k, v, bt, sl = make_variant_pool(seq_lens, page_size=5, num_kv_heads=2, head_dim=64, kv_dtype="float8_e4m3fn",
+                                     k_scale=K_SCALE, v_scale=V_SCALE, extra_pages=4)
+    return k, v, bt, sl, random_q(3, 4, 64), random_q(11, 4, 64, seed=2), torch.tensor([0, 7, 7, 11],
+                                                                                         dtype=torch.int32)
+
+
+def test_fp8_window_cap_export_matches_reference(variant_lib):
+    """The e4m3 + window + soft-cap kernels of a loaded export against the float64 reference with the same
+    options (the caches dequantized with per-head and per-tensor scales): decode, plan + run, prefill."""
+    k, v, bt, sl, q, pq, cu = _fp8_data()
+    scales = {"k_scale": K_SCALE, "v_scale": V_SCALE}
+    out, lse = variant_lib.paged_decode(q, k, v, bt, sl, **OPTIONS, **scales, return_lse=True)
+    ref, ref_lse = reference.decode(q, k, v, bt, sl, **OPTIONS, **scales)
+    assert_close(out, ref, ATOL["float32"])
+    assert_close(lse, ref_lse, LSE_ATOL["float32"], "lse")
+    plain, _ = reference.decode(q, k, v, bt, sl, **scales)
+    assert (plain - ref).abs().max() > 0.05, "the options must change the result for this test to mean anything"
+    plan = variant_lib.plan_decode(bt, sl, num_pages=k.shape[0], window_left=OPTIONS["window_left"])
+    again = variant_lib.run_decode(plan, q, k, v, logits_soft_cap=OPTIONS["logits_soft_cap"], **scales)
+    torch.testing.assert_close(again, out, rtol=0, atol=0)
+    pout, plse = variant_lib.paged_prefill(pq, k, v, bt, sl, cu, **OPTIONS, **scales, return_lse=True)
+    pref, pref_lse = reference.prefill(pq, k, v, bt, sl, cu, **OPTIONS, **scales)
+    assert_close(pout, pref, ATOL["float32"])
+    assert_close(plse, pref_lse, LSE_ATOL["float32"], "prefill lse")
+    # The same library's plain kernels, on float32 caches and on 8-bit ones.
+    out = variant_lib.paged_decode(q, k, v, bt, sl, **scales)
+    assert_close(out, plain, ATOL["float32"], "plain e4m3 decode")
+    k32, v32, bt32, sl32 = make_pool([17, 3, 26], page_size=5, num_kv_heads=2, head_dim=64)
+    assert_close(variant_lib.paged_decode(q, k32, v32, bt32, sl32), reference.decode(q, k32, v32, bt32, sl32)[0],
+                 ATOL["float32"], "plain float32 decode")
+
+
+def test_fp8_page_kernels_of_an_export(variant_lib):
+    """write_kv into e4m3 caches stores what reference.quantize_kv does (bit for bit); copy_pages copies the
+    bytes."""
+    k, v, bt, sl, *_ = _fp8_data()
+    used = set(bt[bt >= 0].tolist())
+    free = [p for p in range(k.shape[0]) if p not in used]
+    gen = torch.Generator().manual_seed(9)
+    nk, nv = torch.randn(3, 2, 64, generator=gen) * 4, torch.randn(3, 2, 64, generator=gen) * 4
+    nk[0, 0, 0] = 1e6  # clamped to the format's largest finite value, never inf or NaN
+    slots = torch.tensor([free[0] * 5, free[0] * 5 + 4, free[1] * 5 + 2], dtype=torch.int64)
+    kc, vc = k.clone(), v.clone()
+    variant_lib.write_kv(nk, nv, kc, vc, slots, k_scale=K_SCALE, v_scale=V_SCALE)
+    for cache, new, scale, before in ((kc, nk, K_SCALE, k), (vc, nv, V_SCALE, v)):
+        flat, flat_before = cache.view(-1, 2, 64), before.view(-1, 2, 64)
+        want = reference.quantize_kv(new, torch.float8_e4m3fn, scale)
+        assert torch.equal(flat[slots].view(torch.uint8), want.view(torch.uint8))
+        rest = torch.ones(flat.shape[0], dtype=torch.bool)
+        rest[slots] = False
+        assert torch.equal(flat[rest].view(torch.uint8), flat_before[rest].view(torch.uint8))
+    src, dst = torch.tensor([int(bt[0, 0]), int(bt[2, 1])], dtype=torch.int32), torch.tensor(free[2:4],
+                                                                                             dtype=torch.int32)
+    variant_lib.copy_pages(kc, vc, src, dst)
+    for cache in (kc, vc):
+        assert torch.equal(cache[dst.long()].view(torch.uint8), cache[src.long()].view(torch.uint8))
+
+
+@pytest.mark.parametrize("ask, pattern", [
+    ({"window_left": 7}, r"^this library has no decode kernel with a sliding window \(window_left >= 0\) for "
+                         r"float8_e4m3fn caches \(decode_e4m3_f32_h4x2_d64_p5_w\); it holds: "
+                         r"decode_e4m3_f32_h4x2_d64_p5, decode_e4m3_f32_h4x2_d64_p5_w_cap; re-export with "
+                         r"--variants w --kv-dtype float8_e4m3fn$"),
+    ({"logits_soft_cap": 1.5}, r"no decode kernel with a logits soft-cap \(logits_soft_cap > 0\).*--variants cap"),
+    ({**OPTIONS, "alibi_slopes": torch.ones(4)}, r"no decode kernel with a sliding window .* \+ a logits soft-cap "
+                                                 r".* \+ ALiBi.*--variants w\+cap\+alibi"),
+    ({"sinks": torch.zeros(4), "fp32": True}, r"no decode kernel with attention sinks \(sinks\) "
+                                              r"\(decode_f32_h4x2_d64_p5_sink\); it holds: decode_f32_h4x2_d64_p5, "
+                                              r"decode_f32_h4x2_d64_p5_w_cap; re-export with --variants sink$"),
+    ({"e5m2": True}, r"^k_cache: dtype float8_e5m2 does not match .*float32, float8_e4m3fn.*--kv-dtype float8_e5m2"),
+], ids=["window-only", "cap-only", "alibi", "sinks", "e5m2"])
+def test_option_the_library_lacks_is_refused(variant_lib, ask, pattern):
+    """A call whose options select a kernel the export lacks fails with a ValueError naming what was asked and
+    what the library holds, before any kernel runs (the library's functions are never called, out untouched)."""
+    ask = dict(ask)
+    k, v, bt, sl, q, pq, cu = _fp8_data()
+    if ask.pop("fp32", False):
+        k, v = k.float(), v.float()
+    if ask.pop("e5m2", False):
+        k, v = k.float().to(torch.float8_e5m2), v.float().to(torch.float8_e5m2)
+    calls = []
+    functions = variant_lib._functions
+    variant_lib._functions = {c: (lambda *a, _c=c, _f=f: calls.append(_c) or _f(*a)) for c, f in functions.items()}
+    try:
+        out = torch.full_like(q, 7.0)
+        with pytest.raises(ValueError, match=pattern):
+            variant_lib.paged_decode(q, k, v, bt, sl, out=out, **ask)
+        pout = torch.full_like(pq, 7.0)
+        with pytest.raises(ValueError, match=pattern.replace("decode", "prefill").lstrip("^")):
+            variant_lib.paged_prefill(pq, k, v, bt, sl, cu, out=pout, **ask)
+    finally:
+        variant_lib._functions = functions
+    assert not calls and bool((out == 7.0).all()) and bool((pout == 7.0).all())
 
 
 def test_in_process_api_unaffected_by_a_loaded_library(lib):
@@ -328,21 +539,30 @@ def _cuda_skip(cross: str | None = None):
         pytest.skip(f"{cross} is missing: run tools/setup_cross.sh")
 
 
+# The CUDA exports carry variants too (through the stub process on a machine with no GPU).
+H100_VARIANTS = ["--kv-dtype", "float8_e4m3fn", "--variants", "w+cap"]
+ORIN_VARIANTS = ["--kv-dtype", "float8_e5m2", "--variant", "alibi+sink"]
+
+
 @pytest.fixture(scope="module")
 def h100_export(tmp_path_factory):
     _cuda_skip()
     out = tmp_path_factory.mktemp("export_h100")
-    return out, _cli_export("nvidia/nvidia-h100", out)
+    return out, _cli_export("nvidia/nvidia-h100", out, H100_VARIANTS)
 
 
 @pytest.fixture(scope="module")
 def orin_export(tmp_path_factory):
     _cuda_skip("aarch64-linux-gnu-gcc")
     out = tmp_path_factory.mktemp("export_orin")
-    return out, _cli_export("nvidia/jetson-orin-nano", out)
+    return out, _cli_export("nvidia/jetson-orin-nano", out, ORIN_VARIANTS)
 
 
-def _check_cuda_export(out: Path, m: dict, machine: str, sm: int):
+def _check_cuda_export(out: Path, m: dict, machine: str, sm: int, kv_dtype: str, flags: dict):
+    assert set(m["kernels"]) == _names(["float32", kv_dtype], [{}, flags])
+    for name, info in m["kernels"].items():
+        cfg = KernelConfig.from_name(name)
+        assert info["params"] == SPECS[cfg.kernel].signature(cfg) and info["variants"] == list(cfg.variants)
     lib = out / m["library"]["file"]
     assert sorted(p.name for p in out.iterdir()) == sorted([E.MANIFEST, lib.name]), "only library + manifest"
     info = B.inspect_library(lib)  # read again, independent of the manifest
@@ -351,21 +571,20 @@ def _check_cuda_export(out: Path, m: dict, machine: str, sm: int):
     (code,) = info["device_code"]
     assert code["format"] == "fatbin" and code["sm"] == [sm]
     assert {e["kind"] for e in code["entries"]} == {"cubin"}, "SASS only, no PTX or source"
-    assert {"decode", "write_kv", "copy_pages"} <= set(m["kernels"])
     assert m["versions"]["nvcc"]
 
 
 def test_h100_export_is_x86_64_with_sm90a_device_code(h100_export):
     out, m = h100_export
     assert m["target"]["arch"] == "sm_90a" and m["target"]["host_machine"] == "x86-64"
-    _check_cuda_export(out, m, "x86-64", 90)
+    _check_cuda_export(out, m, "x86-64", 90, "float8_e4m3fn", {"window": True, "soft_cap": True})
     assert '"mcpu"' not in json.dumps(json.loads(m["target"]["str"])["host"]), "host code must be generic x86-64"
 
 
 def test_jetson_export_is_aarch64_with_sm87_device_code(orin_export):
     out, m = orin_export
     assert m["target"]["arch"] == "sm_87" and m["target"]["host_machine"] == "aarch64"
-    _check_cuda_export(out, m, "aarch64", 87)
+    _check_cuda_export(out, m, "aarch64", 87, "float8_e5m2", {"alibi": True, "sinks": True})
     if B.host_machine() != "aarch64":
         with pytest.raises(LoadError, match="built for aarch64"):
             load(out)

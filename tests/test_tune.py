@@ -4,8 +4,9 @@ A real (tiny) MetaSchedule tuning run and its resume, valid measurement inputs, 
 through paged_decode, corrupt or foreign schedule files, a CUDA target with no GPU, tuning through an RPC tracker
 and server on loopback, and MetaSchedule's own search over the block-form spaces.
 
-One small config (decode f32 h4x2 d64 p8, bucket 2x8) keeps each tuning run to a few builds. One module (about
-590 lines) on purpose: ``pytest tests/test_tune.py`` is the whole tuning check (the README names tests
+One small config (decode f32 h4x2 d64 p8, bucket 2x8) keeps each tuning run to a few builds; its e5m2 + window
+variant is tuned once too, and the fallback of variants to the plain config's schedule file is checked. One module
+(about 780 lines) on purpose: ``pytest tests/test_tune.py`` is the whole tuning check (the README names tests
 in it), and its tests share that config, ``_opts``, the target fixture and one module-scoped tuning run.
 """
 
@@ -23,15 +24,18 @@ from tvm_paged import build, targets, reference, tuned_knobs
 from tvm_paged import tvm_compat as tc
 from tvm_paged.config import KernelConfig
 from tvm_paged.kernels import build_kernel
-from tvm_paged.tuning.measure import OutputCheck, PagedInputs, WrongOutput
+from tvm_paged.tuning.measure import OutputCheck, PagedInputs, WrongOutput, fp8_valid_codes
 from tvm_paged.tuning.records import TuningLog
 from tvm_paged.tuning.search import TuneOptions, start_rpc_server, start_rpc_tracker, tune
 from tvm_paged.tuning.space import KnobSpace, knob_key
 from tvm_paged.tuning.workload import Bucket, make_workload, tensor_params
-from paged_data import ATOL, LSE_ATOL, assert_close, make_pool, random_q
+from paged_data import ATOL, LSE_ATOL, alibi_slopes, assert_close, make_pool, random_q
 
 CFG = KernelConfig("decode", "float32", 4, 2, 64, 8)
 BUCKET = Bucket(2, 8)
+# A variant of CFG: 8-bit e5m2 caches and a sliding window.
+VARIANT = CFG.with_variants(kv_dtype="float8_e5m2", window=True)
+CLI_CFG = ["--num-qo-heads", "4", "--num-kv-heads", "2", "--head-dim", "64", "--page-size", "8", "--dtype", "float32"]
 
 
 def _opts(tmp, **kw) -> TuneOptions:
@@ -167,6 +171,45 @@ def test_rpc_loopback_tune(tmp_path, target):
     assert summary["buckets"][0]["trials"] == 2 and summary["schedule"]
 
 
+def test_variant_config_tunes_into_its_own_schedule(tmp_path, target, monkeypatch):
+    """`tvm-paged tune --kv-dtype float8_e5m2 --variants w` tunes the e5m2 + window decode kernel (its inputs:
+    valid e5m2 codes, scales of 1, a window of half the bucket) and writes a schedule file with the variant's
+    name, which lookup then prefers to the plain config's."""
+    from tvm_paged.cli import main
+
+    rc = main(["tune", "--target", "local", *CLI_CFG, "--kv-dtype", "float8_e5m2", "--variants", "w", "--buckets",
+               "2x8", "--trials", "2", "--per-round", "2", "--work-dir", str(tmp_path / "logs"), "--schedules-dir",
+               str(tmp_path / "schedules"), "--pool-mb", "4", "--repeat", "3", "--min-repeat-ms", "10",
+               "--no-progress"])
+    assert rc == 0
+    assert VARIANT.name == "decode_e5m2_f32_h4x2_d64_p8_w"
+    path = tmp_path / "schedules" / targets.target_key(target) / f"{VARIANT.name}.json"
+    doc = json.loads(path.read_text())
+    assert doc["config"] == VARIANT.name and doc["buckets"][0]["gbps"] > 0
+    assert not (tmp_path / "schedules" / targets.target_key(target) / f"{CFG.name}.json").exists()
+    rows = TuningLog(tmp_path / "logs").rows()
+    trials, _ = _split_rechecks(rows)
+    assert len(trials) == 2 and all(r["error"] is None and r["gbps"] > 0 for r in rows), rows
+    wl = make_workload(VARIANT, BUCKET, pool_mb=4)
+    window = wl.window_left + 1  # keys a decode query sees
+    assert wl.window_left == 8 * 8 // 2 and wl.scalars["window_left"] == wl.window_left
+    assert rows[0]["kv_bytes"] == wl.kv_bytes == 2 * sum(min(n, window) for n in wl.seq_lens) * 2 * 64 * 1
+    monkeypatch.setenv("TVM_PAGED_SCHEDULES_DIR", str(tmp_path / "schedules"))
+    found = tuned_knobs.lookup(VARIANT, target)
+    assert found.config == VARIANT.name and found.source == str(path) and found.knobs == doc["knobs"]
+
+
+def test_tune_cli_refuses_several_variant_combinations(tmp_path, capsys):
+    from tvm_paged.cli import main
+
+    rc = main(["tune", *CLI_CFG, "--variants", "w,cap", "--work-dir", str(tmp_path / "logs"), "--no-progress"])
+    assert rc == 2 and "one combination" in capsys.readouterr().err
+    rc = main(["tune", *CLI_CFG, "--variants", "w", "--space", "paged", "--work-dir", str(tmp_path / "logs"),
+               "--no-progress"])
+    assert rc == 2 and "plain block-form kernels only" in capsys.readouterr().err
+    assert not (tmp_path / "logs").exists()
+
+
 # -------------------------------------------------------------------------------- applying schedules
 def test_tuned_schedule_reproduces_reference(tuned, target, fresh_build, monkeypatch):
     tmp, _ = tuned
@@ -280,6 +323,58 @@ def test_no_schedule_means_default(target, tmp_path, monkeypatch):
         assert tuned_knobs.lookup(CFG, target) is None
 
 
+def test_variant_falls_back_to_the_plain_schedule(target, fresh_build, monkeypatch):
+    """A variant config with no schedule file of its own uses its plain config's (same dtype, heads, head_dim and
+    page size, caches in q's dtype, no variant): the knob spaces are the same; its own file, once written, wins.
+    Buckets whose knobs are not in the variant's knob space are not used."""
+    space = KnobSpace(tuned_knobs.knob_space(CFG, target))
+    plain_knobs, own_knobs = space.knobs(space.size - 1), space.knobs(1)
+    assert tuned_knobs.knob_space(VARIANT, target) == tuned_knobs.knob_space(CFG, target)
+    assert tuned_knobs.plain_config(VARIANT) == CFG and tuned_knobs.plain_config(CFG) is None
+    other = KernelConfig("decode", "float32", 8, 2, 64, 8, "float8_e4m3fn", soft_cap=True)
+    assert tuned_knobs.plain_config(other) == KernelConfig("decode", "float32", 8, 2, 64, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert tuned_knobs.lookup(VARIANT, target) is None  # no file at all: silent, default schedule
+    plain_path = tuned_knobs.write(CFG, target, [{"batch": 2, "max_pages": 8, "knobs": plain_knobs, "gbps": 1.0}],
+                                   root=fresh_build)
+    for cfg in (VARIANT, CFG.with_variants(alibi=True, sinks=True), VARIANT.with_variants(soft_cap=True)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            found = tuned_knobs.lookup(cfg, target)
+        assert found.knobs == plain_knobs and found.config == CFG.name and found.source == str(plain_path)
+        assert tuned_knobs.load(cfg, target)["config"] == CFG.name
+    assert tuned_knobs.lookup(other, target) is None  # another plain config (8 query heads): no file
+    assert build.tuned_prim_func(VARIANT, target).script() == build_kernel(VARIANT, target, **plain_knobs).script()
+    seq_lens = [61, 9, 40]
+    k, v, bt, sl = make_pool(seq_lens, page_size=8, num_kv_heads=2, head_dim=64)
+    k8, v8 = reference.quantize_kv(k.view(-1, 2, 64), torch_dtype("float8_e5m2")).view(k.shape), \
+        reference.quantize_kv(v.view(-1, 2, 64), torch_dtype("float8_e5m2")).view(v.shape)
+    q = random_q(3, 4, 64)
+    out = tp.paged_decode(q, k8, v8, bt, sl, window_left=20)  # built with the plain file's knobs
+    assert_close(out, reference.decode(q, k8, v8, bt, sl, window_left=20)[0], ATOL["float32"])
+    # Knobs outside the variant's own space (a knob space that differs, as a CUDA plan may): not used.
+    real = tuned_knobs.knob_space
+
+    def narrower(cfg, tgt):
+        sp = real(cfg, tgt)
+        return sp if cfg.is_plain else {**sp, "prefetch": sp["prefetch"][:1]}
+    monkeypatch.setattr(tuned_knobs, "knob_space", narrower)
+    assert plain_knobs["prefetch"] != space.default["prefetch"]
+    assert tuned_knobs.lookup(VARIANT, target) is None
+    monkeypatch.setattr(tuned_knobs, "knob_space", real)
+    own_path = tuned_knobs.write(VARIANT, target, [{"batch": 2, "max_pages": 8, "knobs": own_knobs, "gbps": 1.0}],
+                                 root=fresh_build)
+    found = tuned_knobs.lookup(VARIANT, target)
+    assert found.knobs == own_knobs and found.config == VARIANT.name and found.source == str(own_path)
+
+
+def torch_dtype(name: str):
+    import torch
+
+    return getattr(torch, name)
+
+
 # --------------------------------------------------------------------------------- inputs and the CLI
 @pytest.mark.parametrize("kernel", ["decode", "decode_generic", "prefill", "prefill_blocks"])
 def test_output_check_fails_a_wrong_variant(kernel):
@@ -305,7 +400,7 @@ def test_output_check_fails_a_wrong_variant(kernel):
 
     def args(out):
         given = dict(q=q, k_cache=k, v_cache=v, block_table=table, seq_lens=sl, out=out, lse=empty, o_part=empty,
-                     lse_part=empty, **extra)
+                     ms_part=empty, **extra)
         return [given[role] for role in tensor_params(kernel)]
 
     check = OutputCheck(kernel, scale)
@@ -340,6 +435,68 @@ def test_measurement_inputs_are_valid(target):
     assert not pages[0] & pages[1]  # the pool holds both tables on distinct pages
     assert wl.kv_bytes == 2 * sum(wl.seq_lens) * CFG.num_kv_heads * CFG.head_dim * 4
     assert max(wl.seq_lens) == 5 * CFG.page_size and min(wl.seq_lens) > 4 * CFG.page_size
+
+
+def test_fp8_measurement_codes_are_valid():
+    """NaN (and e5m2 inf) codes are replaced by finite ones; every other code is kept."""
+    import torch
+
+    codes = np.arange(256, dtype=np.uint8)
+    for name in ("float8_e4m3fn", "float8_e5m2"):
+        fixed = fp8_valid_codes(codes, name)
+        values = torch.from_numpy(fixed).view(torch_dtype(name)).float()
+        assert torch.isfinite(values).all(), name
+        original = torch.from_numpy(codes).view(torch_dtype(name)).float()
+        keep = torch.isfinite(original).numpy()
+        assert (fixed[keep] == codes[keep]).all() and (~keep).sum() == (2 if name == "float8_e4m3fn" else 8)
+
+
+@pytest.mark.parametrize("cfg", [
+    KernelConfig("decode", "float16", 4, 2, 64, 8, "float8_e4m3fn", window=True, soft_cap=True, alibi=True,
+                 sinks=True),
+    KernelConfig("prefill", "float32", 4, 2, 64, 8, "float8_e5m2", window=True, soft_cap=True),
+    KernelConfig("prefill", "float32", 4, 2, 64, 8, alibi=True, sinks=True),
+], ids=lambda c: c.name)
+def test_variant_measurement_inputs_and_check(target, cfg):
+    """What a variant kernel is measured on: its spec's tensors (scales of 1, the standard ALiBi slopes, zero
+    sinks), 8-bit caches of valid codes, the variants' scalars bound; the shipped kernel's output on them passes
+    the runner's check, which applies the same options (a check without them fails it)."""
+    import torch
+
+    wl = make_workload(cfg, Bucket(3, 5), pool_mb=1, pool_factor=4, tables=2, seed=7, q_len=8)
+    func = build_kernel(cfg, target)
+    args_info = [info.as_json() for info in tc.meta_schedule().arg_info.ArgInfo.from_entry_func(wl.shaped(func))]
+    roles = tensor_params(cfg)
+    assert roles == tuple(p.name for p in tp.spec.SPECS[cfg.kernel].params_for(cfg) if p.is_tensor)
+    sets = PagedInputs.of(wl)(tc.cpu_device(), args_info, 2)
+    fn = tc.compile_module(wl.module(func), targets.with_host(target)).mod["main"]
+    check = OutputCheck.of(wl)
+    for args in sets:
+        a = {role: torch.from_dlpack(x) for role, x in zip(roles, args)}
+        if cfg.is_fp8:
+            assert a["k_cache"].dtype == torch.uint8
+            values = a["k_cache"].view(torch_dtype(cfg.kv_dtype)).float()
+            assert torch.isfinite(values).all() and values.abs().max() > 0
+            assert (a["k_scale"] == 1).all() and (a["v_scale"] == 1).all()
+        if cfg.alibi:
+            assert torch.equal(a["alibi_slopes"], alibi_slopes(4, "cpu")) and (a["sinks"] == 0).all()
+        fn(*args)
+        check(args)
+    assert wl.kv_bytes == 2 * sum(wl.visible_keys) * 2 * 64 * cfg.kv_itemsize
+    if cfg.window:
+        assert wl.scalars["window_left"] == wl.window_left == 5 * 8 // 2
+        assert wl.scalars["logits_soft_cap"] == 30.0 and sum(wl.visible_keys) < sum(wl.seq_lens)
+        # The check applies the window it is given: another one fails the same output.
+        wrong = OutputCheck(cfg.kernel, wl.scale, cfg=cfg, options=tuple(
+            (k, 2 if k == "window_left" else v) for k, v in check.options))
+        with pytest.raises(WrongOutput):
+            wrong(sets[-1])
+    else:
+        assert "window_left" not in wl.scalars and wl.visible_keys == wl.seq_lens
+        # The check reads the slopes from the arguments: other slopes fail the output computed with these.
+        torch.from_dlpack(sets[-1][roles.index("alibi_slopes")]).mul_(2)
+        with pytest.raises(WrongOutput):
+            check(sets[-1])
 
 
 def test_cuda_target_without_gpu_fails_clearly(tmp_path, capsys):

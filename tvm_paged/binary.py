@@ -14,7 +14,9 @@ import struct
 from pathlib import Path
 
 MANIFEST = "manifest.json"
-FORMAT = "tvm_paged-export/2"  # 2: parameters recorded from the kernel specs (name, role, dtype, shape)
+# 2: parameters recorded from the kernel specs (name, role, dtype, shape). 3: kernels keyed by config name, each
+# with its family, variant tags, cache dtype and full signature; the config lists the kv_dtypes and variants.
+FORMAT = "tvm_paged-export/3"
 
 LIBRARY_BIN_SYMBOL = "__tvm_ffi__library_bin"
 

@@ -19,6 +19,54 @@ SUBCOMMANDS = {
 }
 
 
+# ------------------------------------------------------------------- variant selection (export and tune)
+# Tags of the attention variants on the command line (KernelConfig's name tags, plus their field names).
+VARIANT_TAGS = {"w": "window", "window": "window", "cap": "soft_cap", "soft_cap": "soft_cap", "alibi": "alibi",
+                "sink": "sinks", "sinks": "sinks"}
+VARIANTS_HELP = ("a combination is its tags joined by '+': w (sliding window, window_left >= 0), cap (logits soft-cap, "
+                 "logits_soft_cap > 0), alibi (ALiBi slopes), sink (attention-sink logits); e.g. w+cap")
+_FIELD_ORDER = ("window", "soft_cap", "alibi", "sinks")
+
+
+def variant_flags(combo) -> dict[str, bool]:
+    """One combination of attention variants -> ``{"window": .., "soft_cap": .., "alibi": .., "sinks": ..}``.
+
+    ``combo``: tags joined by ``+`` (``"w+cap"``; ``""``, ``"plain"`` or ``"none"``: no variant), an iterable of
+    tags or field names (``("w", "cap")``), or a dict of those fields."""
+    if isinstance(combo, dict):
+        unknown = set(combo) - set(_FIELD_ORDER)
+        if unknown:
+            raise ValueError(f"variants: unknown fields {sorted(unknown)} (one of {list(_FIELD_ORDER)})")
+        return {f: bool(combo.get(f, False)) for f in _FIELD_ORDER}
+    if isinstance(combo, str):
+        text = combo.strip().lower()
+        tags = [] if text in ("", "plain", "none") else [t.strip() for t in text.split("+")]
+    else:
+        tags = [str(t).strip().lower() for t in combo]
+    flags = dict.fromkeys(_FIELD_ORDER, False)
+    for tag in tags:
+        if tag not in VARIANT_TAGS:
+            raise ValueError(f"variants: unknown variant {tag!r} in {combo!r} ({VARIANTS_HELP})")
+        flags[VARIANT_TAGS[tag]] = True
+    return flags
+
+
+def parse_variants(values) -> list[dict[str, bool]]:
+    """``--variants`` values (each a comma-separated list of combinations, the option may repeat) -> the flags of
+    each combination, duplicates dropped, order kept. ``all``: every combination of the four variants."""
+    out: list[dict[str, bool]] = []
+    for value in values or ():
+        for part in str(value).split(","):
+            if not part.strip():
+                continue
+            if part.strip().lower() == "all":
+                combos = [{f: bool(i >> j & 1) for j, f in enumerate(_FIELD_ORDER)} for i in range(1, 16)]
+            else:
+                combos = [variant_flags(part)]
+            out.extend(c for c in combos if c not in out)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tvm-paged", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)

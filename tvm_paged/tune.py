@@ -5,6 +5,11 @@ Example (local CPU, two buckets, 24 trials each, resumable)::
     tvm-paged tune --target local --kernel decode --num-qo-heads 32 --num-kv-heads 8 --head-dim 128 \\
         --page-size 16 --dtype float16 --buckets 8x64,1x1024 --trials 24
 
+A variant configuration is tuned by naming it: ``--kv-dtype float8_e5m2`` (an 8-bit cache) and/or ``--variants w+cap``
+(one combination of attention variants: tags ``w``, ``cap``, ``alibi``, ``sink`` joined by ``+``). Its schedule file
+is ``schedules/<target_key>/<config name>.json`` (``decode_e5m2_f16_h32x8_d128_p16_w_cap.json``); a variant with no
+file of its own is built with its plain configuration's knobs (see :mod:`tvm_paged.tuned_knobs`).
+
 A CUDA target is measured on a GPU: on this machine if it has one, else through an RPC tracker
 (``--rpc-tracker HOST:PORT --rpc-key KEY``). The library itself lives in :mod:`tvm_paged.tuning`.
 """
@@ -16,7 +21,8 @@ import sys
 from pathlib import Path
 
 from . import tuned_knobs
-from .config import KernelConfig
+from .cli import VARIANTS_HELP, variant_flags
+from .config import FP8_DTYPES, KernelConfig
 from .targets import resolve_target
 
 # The tuning package (tvm_paged.tuning: MetaSchedule's glue, the search, its workers' pieces) is imported in the
@@ -33,6 +39,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--page-size", type=int, default=16)
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float16")
+    p.add_argument("--kv-dtype", choices=tuple(FP8_DTYPES), default=None,
+                   help="tune the kernel for 8-bit caches of this dtype (default: caches in --dtype)")
+    p.add_argument("--variants", "--variant", default="", metavar="COMBO", dest="variants",
+                   help=f"tune the kernel of this one attention-variant combination (default: none); {VARIANTS_HELP}. "
+                        "The measured calls use a window of half the bucket's context, a soft-cap of 30, the "
+                        "standard ALiBi slopes, zero sinks")
     p.add_argument("--buckets", default="8x64,1x1024",
                    help="workload buckets BATCHxPAGES (max pages per sequence), comma separated (default: 8x64,1x1024)")
     p.add_argument("--trials", type=int, default=16,
@@ -77,14 +89,23 @@ def _tracker(text: str | None) -> tuple[str, int] | None:
     return host, int(port)
 
 
+def tune_config(args: argparse.Namespace) -> KernelConfig:
+    """The one configuration a ``tvm-paged tune`` command names (its variants and cache dtype included)."""
+    combo = getattr(args, "variants", "") or ""
+    if "," in combo:
+        raise ValueError(f"--variants: tune tunes one configuration: give one combination (tags joined by '+'), "
+                         f"got {combo!r}")
+    return KernelConfig(args.kernel, args.dtype, args.num_qo_heads, args.num_kv_heads, args.head_dim,
+                        args.page_size, getattr(args, "kv_dtype", None), **variant_flags(combo))
+
+
 def run(args: argparse.Namespace) -> int:
     from .tuning.search import TuneError, TuneOptions, format_summary, tune  # noqa: PLC0415
     from .tuning.workload import parse_buckets  # noqa: PLC0415
 
     try:
         target = resolve_target(args.target)
-        cfg = KernelConfig(args.kernel, args.dtype, args.num_qo_heads, args.num_kv_heads, args.head_dim,
-                           args.page_size)
+        cfg = tune_config(args)
         buckets = parse_buckets(args.buckets)
         opts = TuneOptions(
             trials=args.trials, per_round=max(1, args.per_round), seed=args.seed, strategy=args.strategy,
@@ -119,8 +140,12 @@ def _run_block_form(cfg, target, buckets, opts, target_name: str, space_name: st
     from .tuning.block_spaces import SPACES, check_request, discard_database, tune_block_form  # noqa: PLC0415
     from .tuning.records import TuningLog  # noqa: PLC0415
     from .tuning.search import summarize, work_dir_for  # noqa: PLC0415
+    from .tuning.search import TuneError  # noqa: PLC0415
     from .tuning.space import KnobSpace  # noqa: PLC0415
 
+    if not cfg.is_plain:
+        raise TuneError(f"--space {space_name} tunes the plain block-form kernels only: {cfg.name} has variants or "
+                        "an 8-bit cache (tune it with --space knobs)")
     check_request(cfg, target, opts, space_name)
     work_dir = work_dir_for(cfg, target, opts)
     knob_best = {}

@@ -6,6 +6,14 @@ and the untuned default's. With no file for a (config, target), :func:`lookup` r
 built with its default knobs. A file that is corrupt, or written for another config, target or knob space, is
 never applied: :func:`lookup` warns and returns ``None``, so a stale file costs speed, never correctness.
 
+**Variants fall back to their plain configuration's file.** A configuration with attention variants or an 8-bit
+cache (``decode_e5m2_f16_h32x8_d128_p16_w``) uses its own file when it has one; with none, it uses the file of its
+plain configuration (same dtype, heads, head_dim and page size, caches in the dtype of q, no variant:
+:func:`plain_config`), since a variant's kernel is the same builder with the same knob space. Only the buckets
+whose knobs are also valid in the variant's own knob space are used (on CPU targets all are; a CUDA plan that
+depends on the cache's element size may differ), and :attr:`TunedSchedule.config` names the file's configuration.
+``tvm-paged tune --kv-dtype ... --variants ...`` writes a variant's own file.
+
 ``TVM_PAGED_SCHEDULES_DIR`` overrides where the files are read from (default: the repository's top-level
 ``schedules/`` beside the package, else ``./schedules``). This module imports nothing of the tuner.
 """
@@ -32,13 +40,16 @@ SCRIPT_SUFFIX = ".tvmscript"
 class TunedSchedule:
     """Builder knobs chosen by tuning for one (config, target), and where they came from.
 
-    ``bucket``: the tuned (batch, max_pages_per_seq) the knobs were measured on; ``gbps``: their K+V read rate.
+    ``bucket``: the tuned (batch, max_pages_per_seq) the knobs were measured on; ``gbps``: their K+V read rate;
+    ``config``: the name of the configuration they were tuned for (the plain configuration's when a variant fell
+    back to its file, see the module docstring).
     """
 
     knobs: dict = field(default_factory=dict)
     source: str = ""
     bucket: tuple[int, int] | None = None
     gbps: float | None = None
+    config: str = ""
 
 
 def schedules_dir() -> Path:
@@ -131,30 +142,73 @@ def knobs_for(doc: dict, batch: int | None = None, max_pages: int | None = None)
     return dict(_nearest(doc["buckets"], int(batch), int(max_pages))["knobs"])
 
 
-def load(cfg, target, path: Path | str | None = None) -> dict | None:
-    """The validated schedule document for (``cfg``, ``target``), ``None`` when there is none; a file that exists
-    but is corrupt or foreign warns and gives ``None``."""
-    path = Path(path) if path is not None else schedule_path(cfg, target)
+def plain_config(cfg):
+    """The configuration whose schedule file ``cfg`` falls back to when it has none of its own: the same kernel,
+    dtype, heads, head_dim and page size, caches in the dtype of q, no attention variant. ``None`` when ``cfg`` is
+    itself plain (or a ``copy_pages`` of 8-bit caches, whose dtype is the cache's)."""
+    if cfg.is_plain or cfg.kernel == "copy_pages":
+        return None
+    return cfg.with_variants(kv_dtype=cfg.dtype, window=False, soft_cap=False, alibi=False, sinks=False)
+
+
+def _read(cfg, target, path: Path, space: dict[str, list]) -> dict | None:
+    """The schedule document at ``path`` validated for (``cfg``, ``target``) and ``space``; ``None`` when there is no
+    file, a warning and ``None`` when the file is corrupt or foreign."""
     if not path.is_file():
         return None
     try:
         doc = json.loads(path.read_text())
-        space = knob_space(cfg, target)
         return _validate(doc, cfg, target, space)
     except Exception as exc:  # noqa: BLE001  (anything wrong with the file means: do not use it)
         warnings.warn(f"tvm_paged: ignoring schedule file {path}: {exc}; using the default schedule",
-                      RuntimeWarning, stacklevel=3)
+                      RuntimeWarning, stacklevel=4)
         return None
+
+
+def _fits(knobs: dict, space: dict[str, list]) -> bool:
+    try:
+        check_knobs(knobs, space)
+    except ValueError:
+        return False
+    return True
+
+
+def _find(cfg, target, path: Path | str | None = None) -> tuple[dict | None, Path]:
+    """(validated document, its path) for ``cfg``: its own file, else (no own file, ``path`` not given) its plain
+    configuration's, restricted to the buckets whose knobs fit ``cfg``'s knob space."""
+    own = Path(path) if path is not None else schedule_path(cfg, target)
+    space = knob_space(cfg, target)
+    if path is not None or own.is_file():
+        return _read(cfg, target, own, space), own
+    plain = plain_config(cfg)
+    if plain is None:
+        return None, own
+    fallback = schedule_path(plain, target)
+    doc = _read(plain, target, fallback, knob_space(plain, target))
+    if doc is None:
+        return None, fallback
+    buckets = [b for b in doc["buckets"] if _fits(b["knobs"], space)]
+    if not buckets:  # the plain knobs do not apply to this variant (another knob space): the default schedule
+        return None, fallback
+    knobs = doc["knobs"] if _fits(doc["knobs"], space) else buckets[0]["knobs"]
+    return {**doc, "knobs": knobs, "buckets": buckets}, fallback
+
+
+def load(cfg, target, path: Path | str | None = None) -> dict | None:
+    """The validated schedule document for (``cfg``, ``target``), ``None`` when there is none; a file that exists
+    but is corrupt or foreign warns and gives ``None``. Without ``path``, a variant configuration with no file of
+    its own gets its plain configuration's (see :func:`plain_config`); the document's ``config`` then names it."""
+    return _find(cfg, target, path)[0]
 
 
 def lookup(cfg, target, batch: int | None = None, max_pages: int | None = None) -> TunedSchedule | None:
     """The committed schedule for (``cfg``, ``target``), or ``None`` to use the default schedule.
 
     With ``batch`` and ``max_pages`` the knobs of the nearest tuned bucket; without, the file's default knobs
-    (those of its largest-traffic bucket).
+    (those of its largest-traffic bucket). A variant with no file of its own uses its plain configuration's
+    (``TunedSchedule.config`` then names that configuration).
     """
-    path = schedule_path(cfg, target)
-    doc = load(cfg, target, path)
+    doc, path = _find(cfg, target)
     if doc is None:
         return None
     if batch is None or max_pages is None:
@@ -164,7 +218,7 @@ def lookup(cfg, target, batch: int | None = None, max_pages: int | None = None) 
         chosen = _nearest(doc["buckets"], int(batch), int(max_pages))
         knobs = chosen["knobs"]
     return TunedSchedule(knobs=dict(knobs), source=str(path), bucket=(chosen["batch"], chosen["max_pages"]),
-                         gbps=chosen.get("gbps"))
+                         gbps=chosen.get("gbps"), config=str(doc["config"]))
 
 
 def write(cfg, target, buckets: list[dict], *, root: Path | str | None = None, database: str = "",

@@ -95,8 +95,10 @@ def make_runner(workload, device_type: str, opts: TuneOptions, inputs=None):
     """MetaSchedule's runner for ``workload``'s valid inputs (``inputs``: another argument maker, e.g. for the
     block-form kernel). A local runner also checks each variant's output against the float64 reference."""
     ms = tc.meta_schedule()
-    inputs = inputs or PagedInputs.of(workload)
-    check = OutputCheck(inputs.kernel, workload.scale)
+    if inputs is None:  # the shipped kernel of the workload's config (its variants' arguments and options)
+        inputs, check = PagedInputs.of(workload), OutputCheck.of(workload)
+    else:
+        check = OutputCheck(inputs.kernel, workload.scale)
     evaluator = ms.runner.EvaluatorConfig(number=1, repeat=opts.repeat, min_repeat_ms=opts.min_repeat_ms)
     if opts.rpc_tracker is not None:
         host, port = opts.rpc_tracker

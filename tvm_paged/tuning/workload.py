@@ -4,9 +4,13 @@ A bucket is ``batch x max_pages_per_seq`` (``8x64``). Every sequence of a bucket
 partly: lengths ``max_pages * page_size - r``, ``0 <= r < page_size``, one sequence at the maximum), so the bucket
 measures the most work its shape can hold, and GB/s is computed from the K+V bytes those lengths really read.
 
-The kernel measured is the one that ships, with symbolic dims; its scalars (``scale``, ``causal``) are bound,
-because MetaSchedule's runner only passes tensors, and the runner's argument shapes come from a copy specialized
-to the bucket's values (batch, pool size, max pages, splits / query rows, tiles).
+The kernel measured is the one that ships, with symbolic dims; its scalars (``scale``, ``causal``, ``split_pages``
+and the variants' ``window_left``, ``logits_soft_cap``) are bound, because MetaSchedule's runner only passes
+tensors, and the runner's argument shapes come from a copy specialized to the bucket's values (batch, pool size,
+max pages, splits / query rows, tiles). A variant configuration is measured with the values a model would use: a
+window of half the bucket's context (``window_left = max_pages * page_size // 2``), a soft-cap of 30, the
+standard ALiBi slopes, zero sinks, dequantization scales of 1 for 8-bit caches; with a window, its GB/s counts
+only the K+V bytes the window makes the kernel read.
 
 Picklable pieces run in MetaSchedule's builder worker processes (by reference: they import this module there):
 - :func:`build_module`: ``tvm.compile`` of one variant (MetaSchedule's default build first imports
@@ -28,18 +32,42 @@ import torch
 
 from .. import hostinfo
 from .. import tvm_compat as tc
-from ..plan import choose_num_splits
+from ..plan import choose_num_splits, first_visible_key
 from ..toolchain import run_python_with_cuda_stub
 from ..config import KernelConfig
-from ..spec import prefill_tiles, spec_for
+from ..spec import SPECS, prefill_tiles, spec_for
 
 
-
-def tensor_params(kernel: str) -> tuple[str, ...]:
+def tensor_params(kernel) -> tuple[str, ...]:
     """Parameter order of a specialized kernel (scalars bound), from its spec: the names each argument is filled
-    by. ``kernel``: a shipped family (``decode``, ``prefill``) or a block form (``decode_generic``,
+    by. ``kernel``: a KernelConfig of a shipped family (its variants' tensors included: ``spec.params_for``), or a
+    family or block-form name (``decode``, ``prefill``: the plain kernel's; ``decode_generic``,
     ``prefill_blocks``)."""
-    return spec_for(kernel).tensor_names
+    if isinstance(kernel, KernelConfig):
+        return tuple(p.name for p in SPECS[kernel.kernel].params_for(kernel) if p.is_tensor)
+    return tuple(p.name for p in spec_for(kernel).params if p.is_tensor and not p.when)
+
+
+# The scalar values a variant configuration is measured with (window_left: half the bucket's context, see
+# make_workload).
+SOFT_CAP = 30.0
+
+
+def alibi_slopes(num_heads: int) -> np.ndarray:
+    """The standard ALiBi slopes (Press et al.; as in Hugging Face's BLOOM / MPT): ``2^(-8 i / n)`` for ``i = 1..n``
+    when ``n`` is a power of two, else those of the next lower power of two followed by every other slope of the
+    next higher one. float32 ``[num_heads]``."""
+    def powers(n):
+        start = 2.0 ** (-(2.0 ** -(np.log2(n) - 3)))
+        return [start ** (i + 1) for i in range(n)]
+
+    closest = 2 ** int(np.floor(np.log2(num_heads)))
+    slopes = powers(closest)
+    if closest < num_heads:
+        slopes += powers(2 * closest)[0::2][: num_heads - closest]
+    return np.asarray(slopes, dtype=np.float32)
+
+
 ENTRY = "main"
 
 
@@ -93,6 +121,8 @@ class Workload:
     tables: int = 2
     seed: int = 0
     scale: float = field(default=0.0)
+    window_left: int = -1  # the window measured (configs with the window variant), -1 none
+    logits_soft_cap: float = 0.0  # the cap measured (configs with the soft_cap variant)
 
     @property
     def dims(self) -> dict[str, int]:
@@ -103,13 +133,34 @@ class Workload:
 
     @property
     def scalars(self) -> dict:
-        return {"scale": self.scale} if self.cfg.kernel == "decode" else {"scale": self.scale, "causal": 1}
+        """The kernel's scalar arguments, bound at build time (the variants' included)."""
+        base = ({"scale": self.scale, "split_pages": 0} if self.cfg.kernel == "decode"
+                else {"scale": self.scale, "causal": 1})
+        return {**base, **self.options}
+
+    @property
+    def options(self) -> dict:
+        """The scalar attention options of a call with these arguments (``tvm_paged.reference``'s keywords)."""
+        out = {}
+        if self.cfg.window:
+            out["window_left"] = self.window_left
+        if self.cfg.soft_cap:
+            out["logits_soft_cap"] = self.logits_soft_cap
+        return out
+
+    @property
+    def visible_keys(self) -> tuple[int, ...]:
+        """Per sequence, the cached tokens some query of the call sees (all of them without a window)."""
+        q_lens = self.q_lens if self.cfg.kernel == "prefill" else 1
+        first = first_visible_key(self.seq_lens, q_lens, self.window_left if self.cfg.window else -1)
+        return tuple(int(n - f) for n, f in zip(self.seq_lens, first))
 
     @property
     def kv_bytes(self) -> int:
-        """Bytes of K and V one call reads (each cached token once)."""
+        """Bytes of K and V one call reads: each visible cached token once, at the caches' element size (1 for an
+        8-bit cache)."""
         cfg = self.cfg
-        return 2 * sum(self.seq_lens) * cfg.num_kv_heads * cfg.head_dim * cfg.itemsize
+        return 2 * sum(self.visible_keys) * cfg.num_kv_heads * cfg.head_dim * cfg.kv_itemsize
 
     def gbps(self, seconds: float) -> float:
         return self.kv_bytes / seconds / 1e9
@@ -124,9 +175,12 @@ class Workload:
         2 for q.k and 2 for P.V. Prefill is arithmetic-bound, so this rate, not GB/s, is what it is judged by."""
         cfg = self.cfg
         if cfg.kernel == "decode":
-            pairs = sum(self.seq_lens)
-        else:  # causal: row i of the last q_len tokens sees seq_len - q_len + i + 1 keys
+            pairs = sum(self.visible_keys)
+        elif not cfg.window:  # causal: row i of the last q_len tokens sees seq_len - q_len + i + 1 keys
             pairs = sum(n * (s - n) + n * (n + 1) // 2 for s, n in zip(self.seq_lens, self.q_lens))
+        else:  # and at most window_left + 1 of them
+            pairs = sum(int(np.minimum(np.arange(s - n, s) + 1, self.window_left + 1).sum())
+                        for s, n in zip(self.seq_lens, self.q_lens))
         return 4 * pairs * cfg.num_qo_heads * cfg.head_dim
 
     def module(self, func):
@@ -173,7 +227,7 @@ def make_workload(cfg: KernelConfig, bucket: Bucket, *, device_kind: str = "cpu"
     lens[0] = bucket.pages * S
     lens = np.maximum(lens, 1).astype(np.int64)
     working = bucket.batch * bucket.pages
-    page_bytes = 2 * S * cfg.num_kv_heads * cfg.head_dim * cfg.itemsize
+    page_bytes = 2 * S * cfg.num_kv_heads * cfg.head_dim * cfg.kv_itemsize
     if pool_mb is None:
         honest = hostinfo.dram_pool_bytes() if device_kind == "cpu" else 512 << 20
         tables = max(tables, min(MAX_TABLES, -(-(honest // page_bytes) // working)))
@@ -181,10 +235,14 @@ def make_workload(cfg: KernelConfig, bucket: Bucket, *, device_kind: str = "cpu"
     else:
         cap = max(working, int(pool_mb * 2**20 // page_bytes))
         num_pages = max(working, min(working * max(pool_factor, tables), cap))
+    window_left = bucket.pages * S // 2 if cfg.window else -1
     common = dict(cfg=cfg, bucket=bucket, seq_lens=tuple(int(x) for x in lens), num_pages=int(num_pages),
-                  tables=tables, seed=seed, scale=float(cfg.head_dim ** -0.5))
-    if cfg.kernel == "decode":
-        splits = choose_num_splits(lens, S, torch.device(device_kind))
+                  tables=tables, seed=seed, scale=float(cfg.head_dim ** -0.5), window_left=window_left,
+                  logits_soft_cap=SOFT_CAP if cfg.soft_cap else 0.0)
+    if cfg.kernel == "decode":  # split as plan_decode does: over each sequence's visible pages
+        first_page = first_visible_key(lens, 1, window_left) // S
+        visible_pages = (lens + S - 1) // S - first_page
+        splits = choose_num_splits(visible_pages * S, S, torch.device(device_kind))
         return Workload(num_splits=int(splits), **common)
     q_lens = tuple(int(min(n, q_len)) if q_len > 0 else int(n) for n in lens)
     tiles = tuple(prefill_tiles(q_lens))
