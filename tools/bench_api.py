@@ -56,10 +56,10 @@ def main() -> None:
     kernel = kernel_for(cfg, q.device, plan)
     out, lse = torch.empty_like(q), torch.empty(batch, HQ)
     o_part = torch.empty(batch, plan.num_splits, HQ, D)
-    lse_part = torch.empty(batch, plan.num_splits, HQ)
+    ms_part = torch.empty(batch, plan.num_splits, HQ, 2)
 
     def raw():
-        kernel(q, k_cache, v_cache, plan.block_table, plan.seq_lens, out, lse, o_part, lse_part, D ** -0.5)
+        kernel(q, k_cache, v_cache, plan.block_table, plan.seq_lens, out, lse, o_part, ms_part, D ** -0.5, 0)
 
     rows = [
         ("kernel called directly", per_call_us(raw, args.calls, args.rounds)),

@@ -48,7 +48,7 @@ HQ, HKV, D, PAGE = 32, 8, 128, 16
 # ISA features named on the machine line (those LLVM reports for the local target).
 FEATURES = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512fp16", "avx512bf16", "amx-tile",
             "amx-bf16", "neon", "fullfp16")
-CASES = {"b8": (8, 1024), "b1x16k": (1, 16384), "b64x4k": (64, 4096)}
+CASES = {"b8": (8, 1024), "b1x16k": (1, 16384), "b64x4k": (64, 4096), "b8x4k": (8, 4096)}
 # Sequences checked against the float64 reference before timing (the reference is slow at batch 64).
 CHECKED_SEQS = 4
 
@@ -83,12 +83,13 @@ def target_of(device):
     return targets.target_for_device(device) or targets.local_target()
 
 
-def make_inputs(batch, length, dtype, device, copies_over_cache=4, seed=0):
+def make_inputs(batch, length, dtype, device, copies_over_cache=4, seed=0, item_bytes=None):
     """A pool of at least ``copies_over_cache`` copies of the working set that spans :func:`pool_bytes`, and one
-    disjoint table per copy."""
+    disjoint table per copy. ``item_bytes``: the bytes per element the pool will be stored in (an 8-bit cache
+    made from these values needs twice the copies to span the same bytes)."""
     torch.manual_seed(seed)
     pages = length // PAGE
-    work = 2 * batch * length * HKV * D * dtype.itemsize
+    work = 2 * batch * length * HKV * D * (item_bytes or dtype.itemsize)
     copies = max(copies_over_cache, -(-pool_bytes(device) // work))
     num_pages = batch * pages * copies
     k = torch.randn(num_pages, PAGE, HKV, D, dtype=dtype, device=device)
@@ -108,11 +109,11 @@ def tvm_paged_runner(cfg, q, k, v, tables, seq_lens, knobs):
     out = torch.empty_like(q)
     lse = torch.empty(batch, HQ, device=q.device)
     o_part = torch.empty(batch, splits, HQ, D, device=q.device)
-    lse_part = torch.empty(batch, splits, HQ, device=q.device)
+    ms_part = torch.empty(batch, splits, HQ, 2, device=q.device)
 
     def run(i):
         p = plans[i % len(plans)]
-        fn(q, k, v, p.block_table, p.seq_lens, out, lse, o_part, lse_part, D ** -0.5)
+        fn(q, k, v, p.block_table, p.seq_lens, out, lse, o_part, ms_part, D ** -0.5, 0)
         return out
 
     return run
@@ -287,6 +288,15 @@ def bench_case(name, dtype, rounds, with_mlc, device, with_hand_c=False):
         err = (run(0)[:nchk].double().cpu() - ref).abs().max().item()
         if not err < tol:
             raise SystemExit(f"{row}: max error {err:.3g} against the float64 reference")
+    print_table(f"{cfg.dtype}, batch {batch} x {length} tokens ({bytes_kv / 1e6:.0f} MB of K+V per call)",
+                runners, {row: bytes_kv for row in runners}, rounds, device)
+
+
+def print_table(title, runners, bytes_read, rounds, device):
+    """Time every row in ``rounds`` rounds interleaved with the read roof (row order alternating) and print the
+    table: median ms, GB/s of ``bytes_read[row]`` (the bytes that row's calls actually read) and the median
+    fraction of the same round's roof."""
+    gpu = device.type == "cuda"
     # CPU: an array as large as the pools; GPU: 4 GB.
     roof_buf = torch.ones((1 << 30) if gpu else pool_bytes(device) // 4, dtype=torch.float32, device=device)
     copy_rate = copy_bandwidth(roof_buf) if gpu else None
@@ -314,16 +324,99 @@ def bench_case(name, dtype, rounds, with_mlc, device, with_hand_c=False):
             synchronize(device)
             dt = (time.perf_counter() - t0) / reps
             times[row].append(dt)
-            fracs[row].append(bytes_kv / dt / 1e9 / roof)
+            fracs[row].append(bytes_read[row] / dt / 1e9 / roof)
     copy_note = f"; device-to-device copy {copy_rate:.0f} GB/s (read + written)" if copy_rate else ""
-    print(f"\n{cfg.dtype}, batch {batch} x {length} tokens ({bytes_kv / 1e6:.0f} MB of K+V per call), "
-          f"read-bandwidth roof median {statistics.median(roofs):.1f} GB/s (range {min(roofs):.1f}-{max(roofs):.1f})"
-          f"{copy_note}")
+    print(f"\n{title}, read-bandwidth roof median {statistics.median(roofs):.1f} GB/s "
+          f"(range {min(roofs):.1f}-{max(roofs):.1f}){copy_note}")
     print("| kernel | ms | GB/s | of roof |\n| --- | --- | --- | --- |")
     for row in runners:
         ms = statistics.median(times[row]) * 1e3
-        print(f"| {row} | {ms:.3f} | {bytes_kv / ms / 1e6:.1f} | {100 * statistics.median(fracs[row]):.0f}% |",
+        print(f"| {row} | {ms:.3f} | {bytes_read[row] / ms / 1e6:.1f} | {100 * statistics.median(fracs[row]):.0f}% |",
               flush=True)
+    del roof_buf
+    return {row: statistics.median(times[row]) for row in runners}
+
+
+# ============================================================================ 8-bit caches and the window
+FP8 = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
+
+
+def api_runner(q, k, v, tables, seq_lens, **options):
+    """tvm_paged through the public API (plans made once, as a serving loop's layers see them): the rows whose
+    kernels take variant arguments. ``window_left`` goes to the plans, the rest to each run."""
+    window_left = options.pop("window_left", -1)
+    plans = [ops.plan_decode(t, seq_lens, page_size=PAGE, num_pages=k.shape[0], window_left=window_left)
+             for t in tables]
+    out = torch.empty_like(q)
+
+    def run(i):
+        return ops.run_decode(plans[i % len(plans)], q, k, v, out=out, **options)
+
+    return run
+
+
+def check_row(run, q, k, v, table, seq_lens, dtype, **options):
+    """A row's first sequences against the float64 reference with the same options (8-bit caches dequantized)."""
+    n = min(q.shape[0], CHECKED_SEQS)
+    pages = table[:n].flatten().long().unique()
+    local = torch.searchsorted(pages, table[:n].long()).int()
+    ref, _ = reference.decode(q[:n], k[pages], v[pages], local, seq_lens[:n], **options)
+    err = (run(0)[:n].double().cpu() - ref).abs().max().item()
+    tol = 1e-4 if dtype == torch.float32 else 1e-2
+    if not err < tol:
+        raise SystemExit(f"max error {err:.3g} against the float64 reference ({options})")
+
+
+def quantized(cache, kv_dtype, scale, pages_per_chunk=4096):
+    """``cache`` as write_kv would store it in an 8-bit cache, converted a few thousand pages at a time (a
+    float32 copy of a whole DRAM-sized pool would not fit)."""
+    out = torch.empty(cache.shape, dtype=kv_dtype, device=cache.device)
+    for p0 in range(0, cache.shape[0], pages_per_chunk):
+        part = cache[p0:p0 + pages_per_chunk]
+        out[p0:p0 + pages_per_chunk] = reference.quantize_kv(part.reshape(-1, HKV, D), kv_dtype,
+                                                             scale.cpu()).view(part.shape).to(cache.device)
+    return out
+
+
+def bench_fp8(name, rounds, device):
+    """float16 decode from a float16 cache against e4m3 and e5m2 caches of the same values (q and out float16),
+    per-head scales, each pool DRAM-sized for its own bytes: ms per call and GB/s of the bytes actually read."""
+    batch, length = CASES[name]
+    runners, bytes_read = {}, {}
+    q, k, v, tables, seq_lens = make_inputs(batch, length, torch.float16, device)
+    runners["float16 cache"] = api_runner(q, k, v, tables, seq_lens)
+    check_row(runners["float16 cache"], q, k, v, tables[0], seq_lens, torch.float16)
+    bytes_read["float16 cache"] = 2 * batch * length * HKV * D * 2
+    del k, v
+    for tag, kv_dtype in FP8.items():
+        q, k16, v16, tables, seq_lens = make_inputs(batch, length, torch.float16, device, item_bytes=1)
+        scale = torch.full((HKV,), 0.05, device=device) + 0.01 * torch.arange(HKV, device=device)
+        k, v = quantized(k16, kv_dtype, scale), quantized(v16, kv_dtype, scale)
+        del k16, v16
+        row = f"{tag} cache (per-head scales)"
+        runners[row] = api_runner(q, k, v, tables, seq_lens, k_scale=scale, v_scale=scale)
+        check_row(runners[row], q, k, v, tables[0], seq_lens, torch.float16, k_scale=scale, v_scale=scale)
+        bytes_read[row] = 2 * batch * length * HKV * D
+    return print_table(f"8-bit KV caches, q float16, batch {batch} x {length} tokens", runners, bytes_read,
+                       rounds, device)
+
+
+def bench_window(rounds, device, window=4096):
+    """A ``window``-token sliding window over batch 8 x 16K against the full 16K context and against a plain
+    ``window``-token context (float16): the window reads only its own pages."""
+    runners, bytes_read = {}, {}
+    q, k, v, tables, seq_lens = make_inputs(8, 16384, torch.float16, device)
+    runners[f"{window // 1024}K window over 8 x 16K"] = api_runner(q, k, v, tables, seq_lens,
+                                                                  window_left=window - 1)
+    check_row(runners[f"{window // 1024}K window over 8 x 16K"], q, k, v, tables[0], seq_lens, torch.float16,
+              window_left=window - 1)
+    bytes_read[f"{window // 1024}K window over 8 x 16K"] = 2 * 8 * window * HKV * D * 2
+    runners["full 8 x 16K"] = api_runner(q, k, v, tables, seq_lens)
+    bytes_read["full 8 x 16K"] = 2 * 8 * 16384 * HKV * D * 2
+    q4, k4, v4, tables4, seq_lens4 = make_inputs(8, window, torch.float16, device)
+    runners[f"plain 8 x {window // 1024}K"] = api_runner(q4, k4, v4, tables4, seq_lens4)
+    bytes_read[f"plain 8 x {window // 1024}K"] = 2 * 8 * window * HKV * D * 2
+    return print_table("Sliding window, float16", runners, bytes_read, rounds, device)
 
 
 def main(argv=None):
@@ -336,6 +429,9 @@ def main(argv=None):
     ap.add_argument("--hand-c", action="store_true",
                     help="CPU, needs a C compiler: add the hand-written AVX2 decode (float16) and a read-only walk "
                          "of the same pages")
+    ap.add_argument("--kv", action="store_true",
+                    help="instead of the peers' tables: 8-bit caches (e4m3, e5m2) against float16 on b8x4k and "
+                         "b1x16k, and a 4K sliding window over 8 x 16K against the full context and a plain 4K one")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     torch.set_num_threads(allowed_cores())
@@ -344,6 +440,17 @@ def main(argv=None):
         props = torch.cuda.get_device_properties(device)
         print(f"GPU: {props.name}, {props.multi_processor_count} SMs, {props.total_memory / 2**30:.0f} GiB, "
               f"L2 {last_level_cache(device) / 2**20:.0f} MiB, target {target_of(device)}")
+    if args.kv:
+        for case in ("b8x4k", "b1x16k"):
+            t = bench_fp8(case, args.rounds, device)
+            base = t["float16 cache"]
+            print("speed-up over float16: " + ", ".join(f"{row.split()[0]} {base / v:.2f}x" for row, v in t.items()
+                                                       if row != "float16 cache"))
+        t = bench_window(args.rounds, device)
+        rows = list(t)
+        print(f"window / plain 4K context: {t[rows[0]] / t[rows[2]]:.2f}x; window / full context: "
+              f"{t[rows[0]] / t[rows[1]]:.2f}x")
+        return 0
     for dt in args.dtypes.split(","):
         for case in args.cases.split(","):
             bench_case(case, getattr(torch, dt), args.rounds, not args.no_mlc, device, args.hand_c)

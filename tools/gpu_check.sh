@@ -9,9 +9,13 @@
 #      on the GPU (TVM_PAGED_TEST_DEVICE=cuda);
 #   4. a short `tvm-paged tune` of the benchmark config for the card (knob space, measured on the GPU), its
 #      logs and schedule packed into tuned.tgz;
-#   5. a short MetaSchedule search over the CUDA paged decode space (--space paged) on the same config.
+#   5. a short MetaSchedule search over the CUDA paged decode space (--space paged) on the same config;
+#   6. "variants": the attention-variant, 8-bit KV and batch-invariance grids (tests/test_variants.py,
+#      test_batch_invariance.py) on the GPU;
+#   7. "kvbench": tools/bench_decode.py --kv --device cuda: e4m3 and e5m2 caches against float16, and a 4K window
+#      over 8 x 16K against the full and a plain 4K context.
 #
-# Each step has its own time limit (all five fit in about nine minutes), so a hang in one still leaves the
+# Each step has its own time limit (the first five fit in about nine minutes, the last two in about five more), so a hang in one still leaves the
 # others' results. Results go to $OUT (or ./gpu_out). TVM comes from .devkit/ when present (a packed copy of
 # the installed TVM with an activate.sh, for a machine without a package registry), else from python3's own
 # site; python3 must have torch with CUDA, numpy and pytest.
@@ -22,7 +26,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-gpu_out}
 mkdir -p "$out"
-steps=${STEPS:-"bench tests tune paged"}
+steps=${STEPS:-"bench tests variants kvbench tune paged"}
 py=${PYTHON:-python3}
 if [ -f .devkit/activate.sh ]; then
   # shellcheck disable=SC1091
@@ -62,6 +66,22 @@ for step in $steps; do
         "${xdist[@]}" -rfE tests/test_decode.py tests/test_prefill.py tests/test_page_ops.py > "$out/tests.txt" 2>&1
       log "tests: exit $?"
       tail -n 25 "$out/tests.txt"
+      ;;
+    variants)
+      log "variants: attention variants, 8-bit KV and batch invariance on the GPU"
+      xdist=()
+      "$py" -c 'import xdist' 2>/dev/null && xdist=(-n 8)
+      TVM_PAGED_TEST_DEVICE=cuda timeout "${VARIANTS_TIMEOUT:-200}" "$py" -m pytest -q -p no:cacheprovider \
+        "${xdist[@]}" -rfE tests/test_variants.py tests/test_batch_invariance.py > "$out/variants.txt" 2>&1
+      log "variants: exit $?"
+      tail -n 25 "$out/variants.txt"
+      ;;
+    kvbench)
+      log "kvbench: tools/bench_decode.py --kv --device cuda"
+      timeout "${KVBENCH_TIMEOUT:-120}" "$py" tools/bench_decode.py --kv --device cuda \
+        --rounds "${BENCH_ROUNDS:-3}" > "$out/kvbench.txt" 2>&1
+      log "kvbench: exit $?"
+      tail -n 30 "$out/kvbench.txt"
       ;;
     tune)
       log "tune: benchmark config, fp16, buckets 8x64 and 1x1024"
