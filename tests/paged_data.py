@@ -155,3 +155,13 @@ def pool_from_sequences(kvs, *, page_size, cache_dtype, extra_pages=3, seed=0):
         assert k.dtype == cache_dtype or torch.equal(k.to(cache_dtype).float(), k.float()), "not exact in cache"
     return (kc.to(DEVICE), vc.to(DEVICE), torch.from_numpy(table).to(DEVICE),
             torch.tensor(lens, dtype=torch.int32, device=DEVICE))
+
+
+def dense_table(lens):
+    """A page-size-1 table over tokens stored back to back (sequence b's tokens after those of b - 1)."""
+    table = torch.full((len(lens), max(lens)), -1, dtype=torch.int32)
+    start = 0
+    for b, n in enumerate(lens):
+        table[b, :n] = torch.arange(start, start + n)
+        start += n
+    return table

@@ -20,8 +20,8 @@ import torch
 
 import tvm_paged as tp
 from tvm_paged import reference
-from paged_data import (ATOL, DEVICE, DTYPES, FP8_DTYPES, LSE_ATOL, alibi_slopes, assert_close, make_pool,
-                        make_variant_pool, random_q)
+from paged_data import (ATOL, DEVICE, DTYPES, FP8_DTYPES, LSE_ATOL, alibi_slopes, assert_close, dense_table,
+                        make_pool, make_variant_pool, random_q)
 
 E4M3, E5M2 = "float8_e4m3fn", "float8_e5m2"
 FP8_MAX = {E4M3: 448.0, E5M2: 57344.0}
@@ -586,19 +586,9 @@ def test_write_kv_then_decode_fp8():
     assert_close(out, ref_out, ATOL[cfg.dtype])
     _check_lse(lse, ref_lse, cfg.dtype)
     # And close to attention over the unquantized values (e4m3's rounding: 2^-4 relative at most).
-    dense, _ = reference.decode(q, k.view(-1, 1, cfg.hkv, cfg.d), v.view(-1, 1, cfg.hkv, cfg.d), _dense_table(lens),
+    dense, _ = reference.decode(q, k.view(-1, 1, cfg.hkv, cfg.d), v.view(-1, 1, cfg.hkv, cfg.d), dense_table(lens),
                                 sl)
     assert (dense - ref_out).abs().max() < 0.2
-
-
-def _dense_table(lens):
-    """A page-size-1 table over tokens stored back to back (sequence b's tokens after those of b - 1)."""
-    table = torch.full((len(lens), max(lens)), -1, dtype=torch.int32)
-    start = 0
-    for b, n in enumerate(lens):
-        table[b, :n] = torch.arange(start, start + n)
-        start += n
-    return table
 
 
 # ===================================================================================== bad input

@@ -19,7 +19,7 @@ import torch
 
 from tvm_paged import reference
 from tvm_paged.cache import PagedKVCache
-from paged_data import ATOL, DEVICE, alibi_slopes, assert_close
+from paged_data import ATOL, DEVICE, alibi_slopes, assert_close, dense_table
 
 PAGE, HKV, HQ, D, LAYERS, W = 5, 2, 8, 64, 2, 12
 VOCAB, MAX_POS = 1000, 400
@@ -37,16 +37,6 @@ def _one_torch_thread():
 
 def ceil_div(a, b):
     return -(-a // b)
-
-
-def dense_table(lens):
-    """A page-size-1 table over tokens stored back to back (sequence b's tokens after those of b - 1)."""
-    table = torch.full((len(lens), max(lens)), -1, dtype=torch.int32)
-    start = 0
-    for b, n in enumerate(lens):
-        table[b, :n] = torch.arange(start, start + n)
-        start += n
-    return table
 
 
 class Harness:
