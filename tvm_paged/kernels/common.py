@@ -209,6 +209,24 @@ def lanes_at(start, count: int):
     return start if count == 1 else T.ramp(start, 1, count)
 
 
+def q_multiplier(cfg, scale, cap, KS, kvh):
+    """What the CUDA kernels multiply q by: the scale into the log2 domain, or (soft-cap) into the tanh's
+    argument; an 8-bit cache's widening factor and K scale folded in."""
+    mult = scale / cap if cfg.soft_cap else scale * T.float32(LOG2E)
+    return mult * (T.float32(kv_widen_factor(cfg)) * KS[kvh]) if cfg.is_fp8 else mult
+
+
+def variant_logit(cfg, x, cap, slope, head, rel):
+    """A reduced q.k ``x`` (scaled by :func:`q_multiplier`) as the log2-domain logit of key offset ``rel`` =
+    key position - query position, for query head ``head``: the soft-cap's tanh and the ALiBi bias (mask
+    aside)."""
+    if cfg.soft_cap:
+        x = (cap * T.float32(LOG2E)) * tanh(x)
+    if cfg.alibi:
+        x = x + slope[head] * T.Cast("float32", rel)
+    return x
+
+
 _FULL_MASK = 0xFFFFFFFF
 
 

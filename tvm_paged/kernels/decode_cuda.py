@@ -49,8 +49,8 @@ from ..config import KernelConfig
 from ..spec import DECODE
 from ..tvm_compat import T
 from .common import (
-    LN2, LOG2E, from_f32, is_pow2, kv_to_f32, kv_widen_factor, largest_divisor_at_most, online_softmax_update, tanh,
-    to_f32, warp_allreduce_sum,
+    LN2, LOG2E, from_f32, is_pow2, kv_to_f32, kv_widen_factor, largest_divisor_at_most, online_softmax_update,
+    q_multiplier, to_f32, variant_logit, warp_allreduce_sum,
 )
 from .signatures import decode_args, finish
 
@@ -229,18 +229,10 @@ def build_decode_cuda(cfg: KernelConfig, target=None, **knobs):
 
     # Expressions of the variants (Python helpers: a plain config's code is the base kernel's).
     def q_mult(scale, cap, KS, kvh):
-        """What q is multiplied by: scores in the log2 domain, or (soft-cap) the tanh's argument; an 8-bit
-        cache's widen factor and k_scale folded in."""
-        mult = scale / cap if soft_cap else scale * T.float32(LOG2E)
-        return mult * (T.float32(WIDEN) * KS[kvh]) if fp8 else mult
+        return q_multiplier(cfg, scale, cap, KS, kvh)
 
     def logit(x, cap, slope, g, rel):
-        """A reduced q.k (``x``) as a log2-domain logit of key offset ``rel`` = j - p (mask aside)."""
-        if soft_cap:
-            x = (cap * T.float32(LOG2E)) * tanh(x)
-        if alibi:
-            x = x + slope[g] * T.Cast("float32", rel)
-        return x
+        return variant_logit(cfg, x, cap, slope, g, rel)
 
     def kv_val(widened, raw, j, v):
         """Element ``v`` of loaded cache row ``j`` in float32 (8-bit: widened once per row beforehand)."""

@@ -31,8 +31,10 @@ from __future__ import annotations
 from ..config import KernelConfig
 from ..spec import PREFILL
 from ..tvm_compat import T
-from .common import LN2, LOG2E, from_f32, kv_to_f32, kv_widen_factor, online_softmax_update, tanh, to_f32, \
-    warp_allreduce_sum
+from .common import (
+    LN2, LOG2E, from_f32, kv_to_f32, kv_widen_factor, online_softmax_update, q_multiplier, to_f32,
+    variant_logit, warp_allreduce_sum,
+)
 from .decode_cuda import feasible_space, head_dim_lanes, target_limits
 from .signatures import finish, prefill_args
 
@@ -161,19 +163,10 @@ def build_prefill_cuda(cfg: KernelConfig, target=None, **knobs):
 
     # Expressions of the variants (Python helpers: a plain config's code is the base kernel's).
     def q_mult(scale, cap, KS, kvh):
-        """What q is multiplied by: scores in the log2 domain, or (soft-cap) the tanh's argument; an 8-bit
-        cache's widen factor and k_scale folded in."""
-        mult = scale / cap if soft_cap else scale * T.float32(LOG2E)
-        return mult * (T.float32(WIDEN) * KS[kvh]) if fp8 else mult
+        return q_multiplier(cfg, scale, cap, KS, kvh)
 
     def logit(x, cap, slope, i, rel):
-        """A reduced q.k (``x``) of query ``i`` as a log2-domain logit of key offset ``rel`` = j - pos (mask
-        aside)."""
-        if soft_cap:
-            x = (cap * T.float32(LOG2E)) * tanh(x)
-        if alibi:
-            x = x + slope[i] * T.Cast("float32", rel)
-        return x
+        return variant_logit(cfg, x, cap, slope, i, rel)
 
     def visible(window_left, key, pos):
         """The window's part of the mask (the rest: a real row, key < kv_hi, causal)."""
