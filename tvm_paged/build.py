@@ -23,8 +23,9 @@ from .targets import resolve_target, target_kind, target_key, with_host
 
 
 def cache_dir() -> Path:
-    """On-disk compile cache; ``TVM_PAGED_CACHE_DIR`` overrides ``~/.cache/tvm_paged``."""
-    root = os.environ.get("TVM_PAGED_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "tvm_paged")
+    """On-disk compile cache: ``<TVM_PAGED_CACHE_DIR or the user's tvm_paged folder>/tvm-<version>`` (see
+    :func:`tvm_paged.tuned_knobs.user_root`: ``~/.cache/tvm_paged`` by default)."""
+    root = os.environ.get("TVM_PAGED_CACHE_DIR") or tuned_knobs.user_root()
     return Path(root) / f"tvm-{tc.TVM_VERSION}"
 
 

@@ -14,7 +14,7 @@ import sys
 SUBCOMMANDS = {
     "demo": ("tvm_paged.demo.serve", "serve chat requests with SmolLM2-135M-Instruct (or --gguf PATH) on the paged "
              "cache; --model synthetic: a tiny random Llama"),
-    "tune": ("tvm_paged.tune", "tune kernels for a target and write tuning_logs/ and schedules/"),
+    "tune": ("tvm_paged.tune", "tune kernels for a target and write their schedules (~/.cache/tvm_paged/schedules)"),
     "export": ("tvm_paged.export", "compile one configuration's kernels into a loadable library + manifest"),
 }
 

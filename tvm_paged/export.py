@@ -260,8 +260,9 @@ def _export_in_stub_process(base: KernelConfig, kvs: list[str], combos: list[dic
 def add_arguments(parser) -> None:
     """The ``tvm-paged export`` options."""
     parser.add_argument("--target", default="local",
-                        help="'local' (this CPU), a TVM tag (nvidia/nvidia-h100, nvidia/jetson-orin-nano, "
-                             "nvidia/jetson-agx-orin-64gb) or a JSON target dict")
+                        help="'local' (this CPU), an Arm CPU (arm/jetson-orin-cpu, aws/graviton3, raspberry-pi/5), "
+                             "a TVM tag (nvidia/nvidia-h100, nvidia/jetson-orin-nano, nvidia/jetson-agx-orin-64gb) "
+                             "or a JSON target dict")
     parser.add_argument("--num-qo-heads", type=int, default=32)
     parser.add_argument("--num-kv-heads", type=int, default=8)
     parser.add_argument("--head-dim", type=int, default=128)

@@ -22,19 +22,68 @@ _LLVM_MATH_FLAGS = {
     "fast-math-arcp": True,
 }
 
+# ISA features that change what the kernels can use, by the tag a target key shows them with when a target's
+# ``mattr`` adds them to (``+tag``) or removes them from (``+no<tag>``) what its ``mcpu`` implies. Other features
+# (``pku``, ``rdpru``, ...) change nothing in these kernels and stay out of the key, so it stays short and stable.
+KEY_FEATURES = {"avx2": "avx2", "fma": "fma", "avx512f": "avx512", "avx512fp16": "fp16", "avx512bf16": "bf16",
+                "amx-tile": "amx", "neon": "neon", "fullfp16": "fp16", "bf16": "bf16", "dotprod": "dotprod",
+                "i8mm": "i8mm", "sve": "sve", "prefer-256-bit": "ymm"}
+# Removals shown by their effect rather than as "no<tag>".
+_REMOVED_TAGS = {"prefer-256-bit": "zmm"}
+# LLVM's tuning flag for Intel's AVX-512 cores (rocketlake, icelake, sapphirerapids: not the Zen 4/5 names): it
+# legalizes 512-bit vectors as pairs of 256-bit ones, so the kernels' 16-lane float32 code (cpu_vector_lanes) ran
+# mostly on ymm registers (decode float16 for rocketlake: 379 zmm and 903 ymm operands; without the flag 942 and
+# 112). A local target on an AVX-512 host turns it off.
+_SPLIT_512 = "prefer-256-bit"
+
+
+def host_mattr(mcpu: str, host_features: dict[str, bool]) -> list[str]:
+    """The ``mattr`` that makes an ``mcpu`` target match this machine: ``+f`` for each feature the host has and
+    the CPU name lacks (LLVM names a Xeon with AVX512-FP16 and AMX ``rocketlake``, which has neither), ``-f`` for
+    each one the name implies and the host lacks (a VM that hides AVX-512). Features the host list does not cover
+    (LLVM's tuning flags) are left as the name sets them, except ``prefer-256-bit`` on an AVX-512 host (see
+    ``_SPLIT_512``)."""
+    implied = tc.cpu_features(tc.Target({"kind": "llvm", "mcpu": mcpu}))
+    add = sorted(f for f, present in host_features.items() if present and f not in implied)
+    drop = sorted(f for f, present in host_features.items() if not present and f in implied)
+    if host_features.get("avx512f") and _SPLIT_512 in implied:
+        drop.append(_SPLIT_512)
+    return [f"+{f}" for f in add] + [f"-{f}" for f in drop]
+
+
 @functools.lru_cache(maxsize=1)
 def local_target() -> "tc.Target":
-    """The CPU this process runs on: LLVM with the host's own ``mcpu`` and the cores it may use (built once per
-    process: asking LLVM for the host CPU and constructing the target cost about 0.15 ms, on every decode step)."""
-    return tc.Target({"kind": "llvm", "mcpu": tc.host_cpu(), "num-cores": tc.allowed_cores(), **_LLVM_MATH_FLAGS})
+    """The CPU this process runs on: LLVM with the host's own ``mcpu``, the features the chip really has
+    (:func:`host_mattr`) and the cores it may use (built once per process: asking LLVM for the host CPU and
+    constructing the target cost about 0.15 ms, on every decode step)."""
+    mcpu = tc.host_cpu()
+    spec = {"kind": "llvm", "mcpu": mcpu, "num-cores": tc.allowed_cores(), **_LLVM_MATH_FLAGS}
+    mattr = host_mattr(mcpu, tc.host_cpu_features())
+    if mattr:
+        spec["mattr"] = mattr
+    return tc.Target(spec)
+
+
+# Arm CPUs of edge boards and servers that TVM 0.27 has no tag for (its arm/* tags are older boards), by the tag
+# this project gives them: LLVM's name for the core and its usual core count. All have NEON and fullfp16 (float16
+# arithmetic; the kernels still accumulate in float32, as the peers do, and use it to widen); Neoverse-V1 adds SVE
+# and BF16.
+CPU_TAGS = {
+    "arm/jetson-orin-cpu": {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a78", "num-cores": 6},
+    "aws/graviton3": {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "neoverse-v1", "num-cores": 64},
+    "raspberry-pi/5": {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a76", "num-cores": 4},
+}
 
 
 def resolve_target(spec: Any = None) -> "tc.Target":
-    """``None``/``"local"`` -> :func:`local_target`; a TVM tag (``nvidia/nvidia-h100``); a JSON/dict target."""
+    """``None``/``"local"`` -> :func:`local_target`; one of :data:`CPU_TAGS`; a TVM tag (``nvidia/nvidia-h100``);
+    a JSON/dict target."""
     if spec is None or spec == "local":
         return local_target()
     if isinstance(spec, tc.Target):
         return spec
+    if isinstance(spec, str) and spec.strip() in CPU_TAGS:
+        spec = CPU_TAGS[spec.strip()]
     if isinstance(spec, str):
         text = spec.strip()
         if text.startswith("{"):
@@ -82,14 +131,28 @@ def target_kind(target: "tc.Target") -> str:
 
 
 def target_key(target: "tc.Target") -> str:
-    """A short, stable, filesystem-safe name for a target (``llvm-znver3-2c``, ``cuda-sm_90a``)."""
+    """A short, stable, filesystem-safe name for a target: ``llvm-znver3-2c``, ``llvm-aarch64-cortex-a78-6c``,
+    ``cuda-sm_90a``; a CPU whose ``mattr`` changes a :data:`KEY_FEATURES` feature shows it after the CPU name,
+    sorted (``llvm-rocketlake+amx+bf16+fp16-2c``)."""
     kind = target_kind(target)
     if kind == "cpu":
         attrs = target.attrs
-        mcpu = str(attrs.get("mcpu", "generic"))
+        mcpu = str(attrs.get("mcpu", "generic")) + "".join(_feature_tags(attrs.get("mattr") or ()))
         triple = str(attrs.get("mtriple", "")).split("-")[0]
         return "-".join(p for p in ("llvm", triple, mcpu, f"{int(attrs.get('num-cores', 1))}c") if p)
     return f"cuda-{target.attrs.get('arch', 'unknown')}"
+
+
+def _feature_tags(mattr) -> list[str]:
+    tags = set()
+    for entry in (str(m) for m in mattr):
+        sign, name = entry[:1], entry[1:]
+        tag = KEY_FEATURES.get(name)
+        if tag and sign == "+":
+            tags.add(f"+{tag}")
+        elif tag and sign == "-":
+            tags.add(f"+{_REMOVED_TAGS.get(name, 'no' + tag)}")
+    return sorted(tags)
 
 
 def cpu_vector_lanes(target: "tc.Target") -> int:

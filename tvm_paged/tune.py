@@ -1,4 +1,9 @@
-"""``tvm-paged tune``: tune a kernel's builder knobs for a target and write ``tuning_logs/`` and ``schedules/``.
+"""``tvm-paged tune``: tune a kernel's builder knobs for a target; write its log and its schedule file.
+
+The schedule goes to the user's folder (``~/.cache/tvm_paged/schedules/<target_key>/``, or
+``TVM_PAGED_SCHEDULES_DIR``), which every later build on this machine searches before the schedules shipped with
+the package; the log to ``~/.cache/tvm_paged/tuning_logs/``. ``--schedules-dir schedules --work-dir
+tuning_logs/<target_key>/<config>`` from a checkout adds them to the project instead.
 
 Example (local CPU, two buckets, 24 trials each, resumable)::
 
@@ -7,7 +12,7 @@ Example (local CPU, two buckets, 24 trials each, resumable)::
 
 A variant configuration is tuned by naming it: ``--kv-dtype float8_e5m2`` (an 8-bit cache) and/or ``--variants w+cap``
 (one combination of attention variants: tags ``w``, ``cap``, ``alibi``, ``sink`` joined by ``+``). Its schedule file
-is ``schedules/<target_key>/<config name>.json`` (``decode_e5m2_f16_h32x8_d128_p16_w_cap.json``); a variant with no
+is ``<target_key>/<config name>.json`` (``decode_e5m2_f16_h32x8_d128_p16_w_cap.json``); a variant with no
 file of its own is built with its plain configuration's knobs (see :mod:`tvm_paged.tuned_knobs`).
 
 A CUDA target is measured on a GPU: on this machine if it has one, else through an RPC tracker
@@ -54,9 +59,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="after the first random points: XGBoost cost model over knob features (default), "
                         "mutate-the-best, or random only")
     p.add_argument("--work-dir", type=Path, default=None,
-                   help="tuning log folder (default: tuning_logs/<target_key>/<config name>)")
+                   help="tuning log folder (default: ~/.cache/tvm_paged/tuning_logs/<target_key>/<config name>; "
+                        "tuning_logs/<target_key>/<config name> to add it to the project)")
     p.add_argument("--schedules-dir", type=Path, default=None,
-                   help="where to write the schedule file (default: $TVM_PAGED_SCHEDULES_DIR or schedules/)")
+                   help="where to write the schedule file (default: $TVM_PAGED_SCHEDULES_DIR, else "
+                        "~/.cache/tvm_paged/schedules, which lookups search before the schedules shipped with the "
+                        "package; schedules/ to add it to the project)")
     p.add_argument("--rpc-tracker", default=None, metavar="HOST:PORT", help="measure through this RPC tracker")
     p.add_argument("--rpc-key", default=None, help="device key registered with the RPC tracker")
     p.add_argument("--seed", type=int, default=0)

@@ -14,8 +14,13 @@ whose knobs are also valid in the variant's own knob space are used (on CPU targ
 depends on the cache's element size may differ), and :attr:`TunedSchedule.config` names the file's configuration.
 ``tvm-paged tune --kv-dtype ... --variants ...`` writes a variant's own file.
 
-``TVM_PAGED_SCHEDULES_DIR`` overrides where the files are read from (default: the repository's top-level
-``schedules/`` beside the package, else ``./schedules``). This module imports nothing of the tuner.
+**Where the files are.** Lookups search, in order: the user's own schedules (:func:`user_dir`:
+``TVM_PAGED_SCHEDULES_DIR``, else ``$XDG_CACHE_HOME/tvm_paged/schedules``, by default
+``~/.cache/tvm_paged/schedules``), then the schedules shipped with the package (:func:`packaged_dir`: the
+project's ``schedules/`` folder, installed as ``tvm_paged/_schedules`` in a wheel). A configuration's own file is
+looked for in every folder before its plain configuration's. ``tvm-paged tune`` writes to the user's folder unless
+told otherwise (``--schedules-dir schedules/`` to add a schedule to the project). This module imports nothing of
+the tuner.
 """
 
 from __future__ import annotations
@@ -52,22 +57,43 @@ class TunedSchedule:
     config: str = ""
 
 
-def schedules_dir() -> Path:
-    """Where schedule files are read (and by default written): ``TVM_PAGED_SCHEDULES_DIR``, else the repository's
-    top-level ``schedules/`` (found beside the package), else ``./schedules``."""
+def user_root() -> Path:
+    """This user's tvm_paged folder: ``$XDG_CACHE_HOME/tvm_paged``, by default ``~/.cache/tvm_paged`` (tuned
+    schedules, tuning logs)."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "tvm_paged"
+
+
+def user_dir() -> Path:
+    """The user's own schedules, searched first and written by ``tvm-paged tune``: ``TVM_PAGED_SCHEDULES_DIR``,
+    else ``<user_root>/schedules``."""
     env = os.environ.get("TVM_PAGED_SCHEDULES_DIR")
-    if env:
-        return Path(env)
-    beside = Path(__file__).resolve().parent.parent / "schedules"
-    if beside.is_dir():
-        return beside
-    return Path.cwd() / "schedules"
+    return Path(env) if env else user_root() / "schedules"
+
+
+def packaged_dir() -> Path | None:
+    """The schedules that ship with tvm_paged: ``tvm_paged/_schedules`` in an installed wheel, the project's
+    ``schedules/`` beside the package in a source checkout (or an editable install); None when neither exists."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "_schedules", here.parent / "schedules"):
+        if candidate.is_dir():
+            return candidate
+    return None
+
+
+def search_dirs() -> list[Path]:
+    """Where :func:`lookup` looks, first match wins: :func:`user_dir`, then :func:`packaged_dir`."""
+    dirs = [user_dir()]
+    shipped = packaged_dir()
+    if shipped is not None and shipped.resolve() != dirs[0].resolve():
+        dirs.append(shipped)
+    return dirs
 
 
 def schedule_path(cfg, target, root: Path | str | None = None) -> Path:
-    """``<root>/<target_key>/<cfg.name>.json``."""
+    """``<root>/<target_key>/<cfg.name>.json``; ``root`` defaults to :func:`user_dir` (where a tune writes)."""
 
-    return Path(root if root is not None else schedules_dir()) / target_key(target) / f"{cfg.name}{SUFFIX}"
+    return Path(root if root is not None else user_dir()) / target_key(target) / f"{cfg.name}{SUFFIX}"
 
 
 def knob_space(cfg, target) -> dict[str, list]:
@@ -173,25 +199,34 @@ def _fits(knobs: dict, space: dict[str, list]) -> bool:
     return True
 
 
-def _find(cfg, target, path: Path | str | None = None) -> tuple[dict | None, Path]:
-    """(validated document, its path) for ``cfg``: its own file, else (no own file, ``path`` not given) its plain
-    configuration's, restricted to the buckets whose knobs fit ``cfg``'s knob space."""
-    own = Path(path) if path is not None else schedule_path(cfg, target)
+def _find(cfg, target, path: Path | str | None = None) -> tuple[dict | None, Path | None]:
+    """(validated document, its path) for ``cfg``: ``path`` when given; else its own file in the first folder of
+    :func:`search_dirs` that has a valid one, else its plain configuration's, restricted to the buckets whose knobs
+    fit ``cfg``'s knob space. A corrupt or foreign file warns and the search goes on."""
     space = knob_space(cfg, target)
-    if path is not None or own.is_file():
-        return _read(cfg, target, own, space), own
+    if path is not None:
+        return _read(cfg, target, Path(path), space), Path(path)
+    dirs = search_dirs()
+    for root in dirs:
+        own = schedule_path(cfg, target, root)
+        doc = _read(cfg, target, own, space)
+        if doc is not None:
+            return doc, own
     plain = plain_config(cfg)
     if plain is None:
-        return None, own
-    fallback = schedule_path(plain, target)
-    doc = _read(plain, target, fallback, knob_space(plain, target))
-    if doc is None:
-        return None, fallback
-    buckets = [b for b in doc["buckets"] if _fits(b["knobs"], space)]
-    if not buckets:  # the plain knobs do not apply to this variant (another knob space): the default schedule
-        return None, fallback
-    knobs = doc["knobs"] if _fits(doc["knobs"], space) else buckets[0]["knobs"]
-    return {**doc, "knobs": knobs, "buckets": buckets}, fallback
+        return None, None
+    plain_space = knob_space(plain, target)
+    for root in dirs:
+        fallback = schedule_path(plain, target, root)
+        doc = _read(plain, target, fallback, plain_space)
+        if doc is None:
+            continue
+        buckets = [b for b in doc["buckets"] if _fits(b["knobs"], space)]
+        if not buckets:  # the plain knobs do not apply to this variant (another knob space): the default schedule
+            return None, fallback
+        knobs = doc["knobs"] if _fits(doc["knobs"], space) else buckets[0]["knobs"]
+        return {**doc, "knobs": knobs, "buckets": buckets}, fallback
+    return None, None
 
 
 def load(cfg, target, path: Path | str | None = None) -> dict | None:

@@ -46,6 +46,18 @@ def host_cpu() -> str:
     return str(_codegen.llvm_get_system_cpu())
 
 
+def host_cpu_features() -> dict[str, bool]:
+    """The ISA features LLVM detects on this machine's CPU (CPUID on x86): feature name -> present. Unlike the
+    features of :func:`host_cpu`'s name, these are what the chip (or the VM) really offers."""
+    detect = tvm_ffi.get_global_func("tvm.codegen.llvm.GetHostCPUFeatures")
+    return {str(name): bool(present) for name, present in detect().items()}
+
+
+def cpu_features(target: Target) -> set[str]:
+    """The ISA and tuning features LLVM enables for a CPU target (its ``mcpu``, ``mattr`` applied)."""
+    return {str(name) for name in _codegen.llvm_get_cpu_features(target)}
+
+
 def cpu_has_feature(feature: str, target: Target) -> bool:
     """Whether an LLVM CPU target has an ISA feature (``avx2``, ``avx512f``); False for foreign architectures."""
     try:
@@ -69,6 +81,36 @@ def cpu_device():
 
 def cuda_device(index: int = 0):
     return tvm.cuda(index)
+
+
+def from_numpy(array):
+    """A TVM tensor over a C-contiguous numpy array's memory (zero copy: a kernel writes through it).
+
+    tvm-ffi takes an object with ``__dlpack__`` as is, but numpy's legacy export refuses read-only arrays and
+    knows no ml_dtypes dtype (bfloat16, float8), and numpy gives empty arrays zero strides, which compiled
+    kernels reject. So: DLPack 1.0 (which flags read-only, ignored here: the API refuses read-only arrays it
+    writes), ml_dtypes' arrays exported as unsigned integers of their size, and a compact view
+    (``runtime.TVMTensorCreateView``, which keeps the tensor it views alive) in the dtype the kernel checks."""
+    bits = array.view(f"uint{8 * array.itemsize}") if array.dtype.kind == "V" else array
+    try:
+        tensor = tvm_ffi.from_dlpack(bits.__dlpack__(max_version=(1, 0)))
+    except TypeError:  # numpy < 2.1: legacy DLPack (a read-only array is copied: the kernel only reads it)
+        tensor = tvm_ffi.from_dlpack(bits if bits.flags.writeable else bits.copy())
+    if bits is array and tuple(tensor.strides) == _compact_strides(array.shape):
+        return tensor
+    return _TENSOR_VIEW(tensor, tvm_ffi.Shape(array.shape), tvm_ffi.dtype(array.dtype.name), 0)
+
+
+_TENSOR_VIEW = tvm_ffi.get_global_func("runtime.TVMTensorCreateView")
+
+
+def _compact_strides(shape) -> tuple:
+    """Row-major strides in elements (DLPack's unit)."""
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= int(size)
+    return tuple(reversed(strides))
 
 
 def prefetch(address):

@@ -25,6 +25,7 @@ import struct
 import time
 from pathlib import Path
 
+from .. import tuned_knobs
 from .. import tvm_compat as tc
 
 SIDE_TABLE = "trials.jsonl"
@@ -32,9 +33,9 @@ FAILED_SECS = 1e10  # what MetaSchedule records for a failed build or run
 
 
 def default_root() -> Path:
-    """``tuning_logs/`` at the repository's top level (beside the package), else under the current directory."""
-    beside = Path(__file__).resolve().parents[2] / "tuning_logs"
-    return beside if beside.is_dir() else Path.cwd() / "tuning_logs"
+    """Where a tune's logs go unless ``--work-dir`` says otherwise: ``tuning_logs/`` in the user's tvm_paged folder
+    (``~/.cache/tvm_paged/tuning_logs``), beside the schedules the tune writes there."""
+    return tuned_knobs.user_root() / "tuning_logs"
 
 
 def workload_hash(mod) -> str:

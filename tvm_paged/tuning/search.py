@@ -46,8 +46,8 @@ class TuneOptions:
     per_round: int = 8
     seed: int = 0
     strategy: str = "xgb"
-    work_dir: Path | None = None  # default: tuning_logs/<target_key>/<cfg.name>
-    schedules_root: Path | None = None  # default: tuned_knobs.schedules_dir()
+    work_dir: Path | None = None  # default: records.default_root()/<target_key>/<cfg.name>
+    schedules_root: Path | None = None  # default: tuned_knobs.user_dir()
     rpc_tracker: tuple[str, int] | None = None
     rpc_key: str | None = None
     pool_mb: float | None = None  # None: DRAM-honest for this machine (see make_workload); 512 over RPC
