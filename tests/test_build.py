@@ -150,3 +150,21 @@ def test_arm_cpu_tags_compile_neon_kernels(tag, mcpu, key):
     asm = tc.compile_module(build_kernel(cfg, t), t).mod.inspect_source("asm")
     assert re.search(r"fmla\s+v\d+\.4s", asm) and re.search(r"fcvtl2?\s+v\d+\.4s", asm)
     assert bool(re.search(r"\bz\d+\.[shd]", asm)) == (mcpu == "neoverse-v1")
+
+
+def test_tvm_cannot_feed_bfloat16_vectors_to_llvm():
+    """Why no kernel uses AVX512-BF16's vdpbf16ps: TVM 0.27 legalizes every bfloat16 value to float32 before
+    codegen, so the intrinsic gets ``<32 x float>`` operands and LLVM rejects the module. When a TVM release
+    compiles this, the bfloat16 dot products become usable (and this test says so by failing)."""
+    from tvm_paged.tvm_compat import T
+
+    @T.prim_func
+    def dot(a: T.Buffer((16,), "float32"), b: T.Buffer((32,), "uint16"), c: T.Buffer((32,), "uint16")):
+        T.func_attr({"global_symbol": "dot", "tir.noalias": True})
+        a[T.ramp(0, 1, 16)] = T.call_llvm_pure_intrin(
+            "float32x16", "llvm.x86.avx512bf16.dpbf16ps.512", a[T.ramp(0, 1, 16)],
+            T.reinterpret("bfloat16x32", b[T.ramp(0, 1, 32)]), T.reinterpret("bfloat16x32", c[T.ramp(0, 1, 32)]))
+
+    target = targets.resolve_target({"kind": "llvm", "mcpu": "sapphirerapids"})
+    with pytest.raises(Exception, match="does not match function signature"):
+        tc.compile_module(dot, target)

@@ -1,0 +1,90 @@
+"""The CPU's arithmetic roof, measured with kernels TVM compiles for the local target (the same code generator the
+attention kernels go through), on every core:
+
+- ``fma``: float32 fused multiply-adds on the widest vectors the target has (16 lanes on AVX-512, 8 on AVX2, 4 on
+  NEON), enough independent accumulator chains to cover the FMA latency, everything in registers. 2 FLOP per
+  lane per FMA.
+
+AVX512-BF16's ``vdpbf16ps`` (bfloat16 pair dot products into float32) would double that for bfloat16 prefill, but
+TVM 0.27 cannot reach it: its bfloat16 legalization (always on for LLVM targets) turns every bfloat16 value into a
+float32 before code generation, so ``T.call_llvm_pure_intrin`` passes ``<32 x float>`` where
+``llvm.x86.avx512bf16.dpbf16ps.512`` takes ``<32 x bfloat>`` and LLVM's verifier rejects the module
+(``tests/test_build.py::test_tvm_cannot_feed_bfloat16_vectors_to_llvm`` keeps that fact checked). AMX tiles have no
+TIR type at all (TVM 0.27's x86 tensor intrinsics are the int8 VNNI dot products only).
+
+Used by ``tools/bench_prefill.py`` (prefill is judged against the FMA roof) and runnable alone::
+
+    python tools/compute_roof.py
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from tvm_paged import targets
+from tvm_paged import tvm_compat as tc
+from tvm_paged.tvm_compat import T
+
+
+def _fma_func(threads: int, chains: int, lanes: int):
+    @T.prim_func
+    def fma(a: T.Buffer((threads, chains, lanes), "float32", align=4), b: T.Buffer((lanes,), "float32", align=4),
+            c: T.Buffer((lanes,), "float32", align=4), n: T.int32):
+        T.func_attr({"global_symbol": "fma", "tir.noalias": True})
+        for t in T.parallel(threads):
+            acc = T.alloc_buffer((chains, lanes), "float32")
+            for j in T.unroll(chains):
+                for lane in T.vectorized(lanes):
+                    acc[j, lane] = a[t, j, lane]
+            for _ in range(n):
+                for j in T.unroll(chains):
+                    for lane in T.vectorized(lanes):
+                        acc[j, lane] = acc[j, lane] * b[lane] + c[lane]
+            for j in T.unroll(chains):
+                for lane in T.vectorized(lanes):
+                    a[t, j, lane] = acc[j, lane]
+
+    return fma
+
+
+# Buffers are aligned to their element size only (numpy's arrays are not 64-byte aligned).
+
+
+def _time(fn, args, n_iters: int, repeat: int) -> float:
+    fn(*args, 1)
+    best = float("inf")
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn(*args, n_iters)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def fma_roof(repeat: int = 5, n_iters: int = 2_000_000) -> dict:
+    """``{"gflops", "lanes", "chains", "threads"}``: float32 FMA throughput of every core."""
+    target = targets.local_target()
+    lanes = targets.cpu_vector_lanes(target)
+    # Independent accumulators (the FMA latency times its ports is about 8 here); a local buffer stays in registers
+    # only below TVM's 1 KiB stack-buffer limit, so 12 vectors of 16 lanes at most.
+    chains = 12 if lanes == 16 else 10
+    threads = tc.allowed_cores()
+    fn = tc.compile_module(_fma_func(threads, chains, lanes), target).mod["fma"]
+    rng = np.random.default_rng(0)
+    a = tc.from_numpy(rng.standard_normal((threads, chains, lanes), dtype=np.float32))
+    b = tc.from_numpy(np.full(lanes, 0.999, np.float32))
+    c = tc.from_numpy(np.full(lanes, 1e-3, np.float32))
+    secs = _time(fn, (a, b, c), n_iters, repeat)
+    return {"gflops": 2 * lanes * chains * threads * n_iters / secs / 1e9, "lanes": lanes, "chains": chains,
+            "threads": threads}
+
+
+def main() -> None:
+    fma = fma_roof()
+    print(f"float32 FMA roof: {fma['gflops']:.1f} GFLOP/s ({fma['threads']} cores, {fma['lanes']} lanes, "
+          f"{fma['chains']} chains)")
+
+
+if __name__ == "__main__":
+    main()
