@@ -116,6 +116,11 @@ def build_decode_cpu(cfg: KernelConfig, *, lanes: int = 8, group_tile: int | Non
             return T.max(pos - T.Cast("int64", window_left), T.int64(0))
         return T.int64(0)
 
+    def split_chunk(n_pages, first, split_pages):
+        """Pages per split of a sequence whose visible pages are [first, n_pages): ``split_pages`` when fixed,
+        else the visible pages in NS equal parts. Its splits with pages are a prefix of the NS."""
+        return T.Select(split_pages > 0, T.Cast("int64", split_pages), (n_pages - first + NS - 1) // NS)
+
     @T.macro
     def init_state(qf, acc, m, lsum, Q, KS, b, scale):
         """Sequence ``b``'s q in float32 with the softmax scale and log2(e) folded in (scores come out in the
@@ -263,24 +268,27 @@ def build_decode_cpu(cfg: KernelConfig, *, lanes: int = 8, group_tile: int | Non
                     OP[b, s, h, d] = T.float32(0)
 
     @T.macro
-    def merge_splits(O, LSE, OP, LP, SK, mx, tot, w, o, b, h):
-        """``out[b, h]`` and ``lse[b, h]`` from the NS partial states: split ``s`` weighs ``sum_s * 2^(max_s -
-        max)`` (the difference of two maxima is exact, where a difference of two log-sum-exps near 7e5 is not); a
-        sink logit joins the denominator here, once. A lone split's weight over the total is exactly 1."""
+    def merge_splits(O, LSE, OP, LP, SK, mx, tot, w, o, b, h, used):
+        """``out[b, h]`` and ``lse[b, h]`` from the first ``used`` partial states (the splits with pages): split
+        ``s`` weighs ``sum_s * 2^(max_s - max)`` (the difference of two maxima is exact, where a difference of two
+        log-sum-exps near 7e5 is not); a sink logit joins the denominator here, once. A lone split's weight over
+        the total is exactly 1. The sums run over the sequence's own splits only, never the batch's NS: under
+        fast-math reassociation LLVM vectorizes a sum by its trip count, so trailing empty splits would change
+        its rounding and a sequence's result would follow the longest one in the batch."""
         mx[0] = neg_inf
-        for s in range(NS):
+        for s in range(used):
             mx[0] = T.max(mx[0], LP[b, s, h, 0])
         if cfg.sinks:
             mx[0] = T.max(mx[0], SK[h] * T.float32(LOG2E))
         tot[0] = T.float32(0)
-        for s in range(NS):
+        for s in range(used):
             w[s] = LP[b, s, h, 1] * T.exp2(LP[b, s, h, 0] - mx[0])
             tot[0] = tot[0] + w[s]
         if cfg.sinks:
             tot[0] = tot[0] + T.exp2(SK[h] * T.float32(LOG2E) - mx[0])
         for d in range(D):
             o[d] = T.float32(0)
-        for s in range(NS):
+        for s in range(used):
             for d in range(D):
                 o[d] = o[d] + OP[b, s, h, d] * (w[s] / tot[0])
         for d in range(D):
@@ -314,8 +322,7 @@ def build_decode_cpu(cfg: KernelConfig, *, lanes: int = 8, group_tile: int | Non
             # The window's first key and page (pages before it are never read); 0 without a window.
             lo: T.let[T.int64] = window_start(seq_len - 1, window_left)
             first: T.let[T.int64] = lo // S
-            chunk: T.let[T.int64] = T.Select(split_pages > 0, T.Cast("int64", split_pages),
-                                             (n_pages - first + NS - 1) // NS)
+            chunk: T.let[T.int64] = split_chunk(n_pages, first, split_pages)
             p_begin: T.let[T.int64] = first + T.min(s * chunk, n_pages - first)
             p_end: T.let[T.int64] = T.min(p_begin + chunk, n_pages)  # split s: pages [p_begin, p_end)
             init_state(qf, acc, m, lsum, Q, KS, b, scale)
@@ -342,6 +349,10 @@ def build_decode_cpu(cfg: KernelConfig, *, lanes: int = 8, group_tile: int | Non
             o = T.alloc_buffer((D,), "float32")
             b: T.let[T.int64] = bh // Hq
             h: T.let[T.int64] = bh % Hq
-            merge_splits(O, LSE, OP, LP, SK, mx, tot, w, o, b, h)
+            n_pages: T.let[T.int64] = (T.Cast("int64", SL[b]) + S - 1) // S
+            first: T.let[T.int64] = window_start(T.Cast("int64", SL[b]) - 1, window_left) // S
+            chunk: T.let[T.int64] = split_chunk(n_pages, first, split_pages)
+            used: T.let[T.int64] = T.min(T.int64(NS), (n_pages - first + chunk - 1) // chunk)
+            merge_splits(O, LSE, OP, LP, SK, mx, tot, w, o, b, h, used)
 
     return finish(DECODE, cfg, decode)
