@@ -1,14 +1,18 @@
-"""aarch64 CPU exports run under emulation: an export for a Cortex-A78 (Orin's cores) is loaded in an arm64 Debian
-root under qemu-user-static (``tools/setup_arm64.sh``) with TVM's runtime and numpy alone, and its kernels are
-compared there with float64 references computed on the host (npz in, npz out). Correctness only: speed under
-emulation means nothing. Skipped, with the reason, when the root or the cross compiler is absent.
+"""aarch64 exports under emulation, through tvm_paged's own API on an edge device's software: an arm64 Debian root
+under qemu-user-static (``tools/setup_arm64.sh``) with TVM's runtime, numpy and ml_dtypes and no torch.
 
-The kernels are called through TVM's runtime directly, with the argument order of ``tvm_paged.spec``: the
-package's own ``tp.load`` path still needs torch, which the root (like an edge device) does not have.
+The package's source is copied into the root and put on its ``PYTHONPATH``; there ``tvm_paged.load`` opens an
+export for a Cortex-A78 (Orin's cores) and runs decode (plain, and e4m3 caches with a sliding window and
+per-head scales), prefill, write_kv (e4m3) and copy_pages on numpy arrays, compared with float64 references
+computed on the host (npz in, npz out). The Jetson Orin export (CUDA kernels, aarch64 host code) is loaded
+there too and refused with a :class:`~tvm_paged.loader.LoadError` saying why: the root has no CUDA driver.
+Correctness only: speed under emulation means nothing. Skipped, with the reason, when the root or the cross
+compiler is absent (the Jetson check alone when nvcc is).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -18,9 +22,9 @@ import numpy as np
 import pytest
 import torch
 
+import tvm_paged
 from tvm_paged import export, reference
 from tvm_paged.config import KernelConfig
-from tvm_paged.spec import DECODE, PREFILL, WRITE_KV, COPY_PAGES
 
 from paged_data import make_pool, random_q
 
@@ -29,29 +33,43 @@ TARGET = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a78"}
 HQ, HKV, D, S = 8, 2, 64, 5
 E4M3 = torch.float8_e4m3fn
 
-# Runs inside the root: loads the library, calls each listed kernel on the npz's arrays (arguments by name, in the
-# spec's order), writes the outputs back.
+PACKAGE = Path(tvm_paged.__file__).resolve().parent
+WINDOW = 20
+
+# Runs inside the root, with torch blocked as well as absent: loads the CPU export with tvm_paged, runs the calls
+# on the npz's arrays (8-bit caches as their codes, viewed as ml_dtypes' e4m3), writes the results back, then
+# tries the Jetson export and prints what happened as JSON.
 DEVICE_SCRIPT = r"""
-import json, sys
-import numpy as np, tvm
-calls = json.load(open("/work/calls.json"))
-data = dict(np.load("/work/in.npz"))
-mod = tvm.runtime.load_module("/work/lib.so")
-dev = tvm.cpu()
+import json, platform, sys
+sys.modules["torch"] = None
+import ml_dtypes
+import numpy as np
+import tvm_paged as tp
+from tvm_paged.loader import LoadError
+
+d = dict(np.load("/work/in.npz"))
+e4m3 = lambda a: a.view(ml_dtypes.float8_e4m3fn)
+lib = tp.load("/work/cpu")
 out = {}
-for call in calls:
-    arrays = {}
-    args = []
-    for name, kind in call["args"]:
-        if kind == "scalar":
-            args.append(call["scalars"][name])
-        else:
-            arrays[name] = tvm.runtime.tensor(np.ascontiguousarray(data[call["prefix"] + name]), dev)
-            args.append(arrays[name])
-    mod[call["symbol"]](*args)
-    for name in call["outputs"]:
-        out[call["prefix"] + name] = arrays[name].numpy()
+out["d_out"], out["d_lse"] = lib.paged_decode(d["q"], d["k"], d["v"], d["bt"], d["sl"], return_lse=True)
+out["f_out"], out["f_lse"] = lib.paged_decode(d["q"], e4m3(d["k8"]), e4m3(d["v8"]), d["bt"], d["sl"],
+                                              window_left=int(d["window"]), k_scale=d["scales"],
+                                              v_scale=d["scales"], return_lse=True)
+out["p_out"], out["p_lse"] = lib.paged_prefill(d["qp"], d["k"], d["v"], d["bt"], d["sl"], d["cu"], return_lse=True)
+wk, wv = e4m3(d["w_cache"].copy()), e4m3(d["w_cache"].copy())
+lib.write_kv(d["new"], d["new"], wk, wv, d["slots"], k_scale=d["scales"], v_scale=d["scales"] * 2)
+ck, cv = e4m3(d["c_k_cache"].copy()), e4m3(d["c_v_cache"].copy())
+lib.copy_pages(ck, cv, d["src"], d["dst"])
+out.update(w_k_cache=wk.view(np.uint8), w_v_cache=wv.view(np.uint8), c_k_cache=ck.view(np.uint8),
+           c_v_cache=cv.view(np.uint8))
+seen = {"machine": platform.machine(), "types": sorted({type(a).__name__ for a in out.values()}),
+        "torch_modules": sorted(m for m, mod in sys.modules.items() if m.split(".")[0] == "torch" and mod)}
+try:
+    seen["jetson"] = repr(tp.load("/work/jetson")) if len(sys.argv) > 1 else None
+except LoadError as exc:
+    seen["jetson"] = f"{type(exc).__name__}: {exc}"
 np.savez("/work/out.npz", **out)
+print(json.dumps(seen))
 """
 
 
@@ -69,99 +87,95 @@ pytestmark = pytest.mark.skipif(_skip_reason() is not None, reason=_skip_reason(
 
 
 @pytest.fixture(scope="module")
-def library(tmp_path_factory):
+def library(tmp_path_factory) -> Path:
+    """The Cortex-A78 export: float32, e4m3 caches besides float32 ones, the window variant besides none."""
     out = tmp_path_factory.mktemp("a64")
     manifest = export.export(KernelConfig("decode", "float32", HQ, HKV, D, S), TARGET, out,
                              kv_dtypes=["float8_e4m3fn"], variants=[("w",)])
-    return out / manifest["library"]["file"], manifest
+    assert manifest["target"]["host_machine"] == "aarch64"
+    return out
 
 
-def _call(spec, cfg, prefix, scalars, outputs):
-    """One kernel call of the device script: its symbol, its arguments in the spec's order (tensors by prefixed
-    name in the npz), its scalar values and the outputs to send back."""
-    return {"symbol": cfg.name, "prefix": prefix, "scalars": scalars, "outputs": outputs,
-            "args": [[p.name, "scalar" if p.role == "scalar" else "tensor"] for p in spec.params_for(cfg)]}
+@pytest.fixture(scope="module")
+def jetson_library(tmp_path_factory) -> Path | None:
+    """The Jetson Orin export of the same configuration (plain kernels only), None without nvcc (or the gcc that
+    builds the libcuda stub a CUDA export compiles under)."""
+    if shutil.which("nvcc") is None or shutil.which("gcc") is None:
+        return None
+    out = tmp_path_factory.mktemp("a64_jetson")
+    manifest = export.export(KernelConfig("decode", "float32", HQ, HKV, D, S), "nvidia/jetson-orin-nano", out)
+    assert manifest["target"]["kind"] == "cuda" and manifest["target"]["host_machine"] == "aarch64"
+    return out
 
 
-def _run_on_device(lib: Path, calls: list, arrays: dict) -> dict:
-    """Run ``calls`` in the arm64 root on ``arrays`` (name -> numpy); returns the outputs by prefixed name."""
-    import json  # noqa: PLC0415
-
+def _run_on_device(lib: Path, jetson: Path | None, arrays: dict) -> tuple[dict, dict]:
+    """Run DEVICE_SCRIPT in the arm64 root on ``arrays`` (name -> numpy), with the tvm_paged source and the
+    exports copied in; returns (what it printed, its outputs by name)."""
     work = ROOT / "work"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir()
     try:
-        shutil.copy(lib, work / "lib.so")
-        (work / "calls.json").write_text(json.dumps(calls))
+        shutil.copytree(PACKAGE, work / "pkg" / "tvm_paged", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        shutil.copytree(lib, work / "cpu")
+        if jetson is not None:
+            shutil.copytree(jetson, work / "jetson")
         (work / "run.py").write_text(DEVICE_SCRIPT)
         np.savez(work / "in.npz", **arrays)
-        proc = subprocess.run(["chroot", str(ROOT), "/opt/venv/bin/python", "/work/run.py"], capture_output=True,
-                              text=True, timeout=600)
+        cmd = ["chroot", str(ROOT), "/usr/bin/env", "PYTHONPATH=/work/pkg", "/opt/venv/bin/python", "/work/run.py"]
+        proc = subprocess.run(cmd + (["jetson"] if jetson is not None else []), capture_output=True, text=True,
+                              timeout=900)
         assert proc.returncode == 0, proc.stderr[-3000:]
-        return dict(np.load(work / "out.npz"))
+        return json.loads(proc.stdout.strip().splitlines()[-1]), dict(np.load(work / "out.npz"))
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def test_aarch64_export_matches_float64_under_emulation(library):
-    lib, manifest = library
-    assert manifest["target"]["host_machine"] == "aarch64"
+def _inputs() -> tuple[dict, dict]:
+    """(arrays for the device script, host-side tensors for the references)."""
     lens, q_lens = [1, 54, 97, 6, 23], [1, 10, 17, 6, 2]
     k, v, bt, sl = make_pool(lens, page_size=S, num_kv_heads=HKV, head_dim=D)  # NaN in every unused slot
-    kq = reference.quantize_kv(k.reshape(-1, HKV, D), E4M3, 0.5).reshape(k.shape)
-    vq = reference.quantize_kv(v.reshape(-1, HKV, D), E4M3, 0.5).reshape(v.shape)
-    scales = np.full(HKV, 0.5, np.float32)
-    b = len(lens)
-    q = random_q(b, HQ, D, seed=3)
+    scales = np.array([0.5, 0.25], np.float32)  # per KV head
+    k8 = reference.quantize_kv(k.reshape(-1, HKV, D), E4M3, torch.from_numpy(scales)).reshape(k.shape)
+    v8 = reference.quantize_kv(v.reshape(-1, HKV, D), E4M3, torch.from_numpy(scales)).reshape(v.shape)
+    q = random_q(len(lens), HQ, D, seed=3)
     cu = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
     qp = random_q(int(cu[-1]), HQ, D, seed=4)
-    tiles = np.array([(i, r, min(r + 16, n)) for i, n in enumerate(q_lens) for r in range(0, n, 16)], np.int32)
-    arrays, calls, expect = {}, [], {}
-
-    def decode(prefix, cfg, kc, vc, opts, extra=None, scalars=None):
-        """Queue a decode call (and its plain reference, replaced below for the 8-bit one)."""
-        arrays.update({prefix + "q": q.numpy(), prefix + "k_cache": kc, prefix + "v_cache": vc,
-                       prefix + "block_table": bt.numpy(), prefix + "seq_lens": sl.numpy(),
-                       prefix + "out": np.zeros((b, HQ, D), np.float32), prefix + "lse": np.zeros((b, HQ), np.float32),
-                       prefix + "o_part": np.zeros((b, 1, HQ, D), np.float32),
-                       prefix + "ms_part": np.zeros((b, 1, HQ, 2), np.float32)})
-        arrays.update({prefix + n: a for n, a in (extra or {}).items()})
-        calls.append(_call(DECODE, cfg, prefix, {"scale": D ** -0.5, "split_pages": 0, **(scalars or {})},
-                           ["out", "lse"]))
-        expect[prefix] = reference.decode(q, *opts)
-
-    decode("d_", KernelConfig("decode", "float32", HQ, HKV, D, S), k.numpy(), v.numpy(), (k, v, bt, sl))
-    decode("f_", KernelConfig("decode", "float32", HQ, HKV, D, S, "float8_e4m3fn", window=True),
-           kq.view(torch.uint8).numpy(), vq.view(torch.uint8).numpy(), (kq, vq, bt, sl),
-           {"k_scale": scales, "v_scale": scales}, {"window_left": 20})
-    expect["f_"] = reference.decode(q, kq, vq, bt, sl, k_scale=0.5, v_scale=0.5, window_left=20)
-    pcfg = KernelConfig("prefill", "float32", HQ, HKV, D, S)
-    arrays.update({"p_q": qp.numpy(), "p_k_cache": k.numpy(), "p_v_cache": v.numpy(), "p_block_table": bt.numpy(),
-                   "p_seq_lens": sl.numpy(), "p_cu_seqlens_q": cu, "p_tiles": tiles,
-                   "p_out": np.zeros(tuple(qp.shape), np.float32), "p_lse": np.zeros(tuple(qp.shape[:2]), np.float32)})
-    calls.append(_call(PREFILL, pcfg, "p_", {"scale": D ** -0.5, "causal": 1}, ["out", "lse"]))
-    expect["p_"] = reference.prefill(qp, k, v, bt, sl, torch.from_numpy(cu))
-    # write_kv into an e4m3 cache, then copy_pages of it
-    new = torch.randn(7, HKV, D) * 40
-    slots = np.array([0, 3, 9, -1, 12, 20, 24], np.int64)
+    new = torch.randn(7, HKV, D, generator=torch.Generator().manual_seed(5)) * 40
     cache = np.full((6, S, HKV, D), 0x7F, np.uint8)  # NaN codes where nothing is written
-    arrays.update({"w_k": new.numpy(), "w_v": new.numpy(), "w_k_cache": cache, "w_v_cache": cache.copy(),
-                   "w_slot_mapping": slots, "w_k_scale": scales, "w_v_scale": scales * 2})
-    calls.append(_call(WRITE_KV, KernelConfig.for_pages("write_kv", "float32", HKV, D, S, "float8_e4m3fn"), "w_",
-                       {}, ["k_cache", "v_cache"]))
-    arrays.update({"c_k_cache": cache.copy(), "c_v_cache": np.arange(cache.size, dtype=np.uint8).reshape(cache.shape),
-                   "c_src_pages": np.array([0, 2], np.int32), "c_dst_pages": np.array([4, 5], np.int32)})
-    calls.append(_call(COPY_PAGES, KernelConfig.for_pages("copy_pages", "float8_e4m3fn", HKV, D, S), "c_", {},
-                       ["k_cache", "v_cache"]))
+    arrays = {"q": q.numpy(), "k": k.numpy(), "v": v.numpy(), "k8": k8.view(torch.uint8).numpy(),
+              "v8": v8.view(torch.uint8).numpy(), "bt": bt.numpy(), "sl": sl.numpy(), "cu": cu, "qp": qp.numpy(),
+              "window": np.array(WINDOW), "scales": scales, "new": new.numpy(),
+              "slots": np.array([0, 3, 9, -1, 12, 20, 24], np.int64), "w_cache": cache,
+              "c_k_cache": cache.copy(), "c_v_cache": np.arange(cache.size, dtype=np.uint8).reshape(cache.shape),
+              "src": np.array([0, 2], np.int32), "dst": np.array([4, 5], np.int32)}
+    host = {"q": q, "qp": qp, "k": k, "v": v, "k8": k8, "v8": v8, "bt": bt, "sl": sl, "new": new, "scales": scales}
+    return arrays, host
 
-    got = _run_on_device(lib, calls, arrays)
+
+@pytest.fixture(scope="module")
+def device_run(library, jetson_library):
+    arrays, host = _inputs()
+    seen, got = _run_on_device(library, jetson_library, arrays)
+    return seen, got, arrays, host
+
+
+def test_aarch64_export_matches_float64_under_emulation(device_run):
+    seen, got, arrays, h = device_run
+    assert seen["machine"] == "aarch64" and seen["torch_modules"] == [] and seen["types"] == ["ndarray"]
+    scales = torch.from_numpy(h["scales"])
+    expect = {"d_": reference.decode(h["q"], h["k"], h["v"], h["bt"], h["sl"]),
+              "f_": reference.decode(h["q"], h["k8"], h["v8"], h["bt"], h["sl"], k_scale=scales, v_scale=scales,
+                                     window_left=WINDOW),
+              "p_": reference.prefill(h["qp"], h["k"], h["v"], h["bt"], h["sl"], torch.from_numpy(arrays["cu"]))}
     for prefix, (ref_out, ref_lse) in expect.items():
         out = got[prefix + "out"].astype(np.float64)
         assert not np.isnan(out).any(), prefix
         assert np.abs(out - ref_out.numpy()).max() < 2e-5, prefix
         assert np.abs(got[prefix + "lse"] - ref_lse.numpy()).max() < 2e-5, prefix
-    want_k = reference.quantize_kv(new, E4M3, torch.from_numpy(scales)).view(torch.uint8).numpy()
-    want_v = reference.quantize_kv(new, E4M3, torch.from_numpy(scales * 2)).view(torch.uint8).numpy()
+    # write_kv into an e4m3 cache: the reference's codes in the live slots, the NaN fill elsewhere
+    slots = arrays["slots"]
+    want_k = reference.quantize_kv(h["new"], E4M3, scales).view(torch.uint8).numpy()
+    want_v = reference.quantize_kv(h["new"], E4M3, scales * 2).view(torch.uint8).numpy()
     flat_k = got["w_k_cache"].reshape(-1, HKV, D)
     flat_v = got["w_v_cache"].reshape(-1, HKV, D)
     live = slots >= 0
@@ -172,3 +186,14 @@ def test_aarch64_export_matches_float64_under_emulation(library):
     src_v = arrays["c_v_cache"]
     assert np.array_equal(cv[4], src_v[0]) and np.array_equal(cv[5], src_v[2]) and np.array_equal(cv[:4], src_v[:4])
     assert np.array_equal(ck, arrays["c_k_cache"])
+
+
+def test_jetson_export_refused_without_cuda(device_run):
+    """The Jetson library passes every check an aarch64 device can make (architecture, versions, manifest) and is
+    then refused, before TVM opens it, because this "device" has no CUDA driver."""
+    seen = device_run[0]
+    if seen["jetson"] is None:
+        pytest.skip("nvcc or gcc is not on the PATH: no Jetson export to load")
+    assert seen["jetson"].startswith("LoadError: /work/jetson/"), seen["jetson"]
+    assert "holds CUDA kernels, but TVM's CUDA runtime is not available" in seen["jetson"]
+    assert "libcuda.so.1" in seen["jetson"]

@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
-# An arm64 (aarch64) Debian root that runs under qemu-user-static, with Python, numpy and TVM's runtime from
-# PyPI's manylinux aarch64 wheels: where aarch64 exports are loaded and checked without an Arm machine.
+# An arm64 (aarch64) Debian root that runs under qemu-user-static, with Python, numpy, ml_dtypes and TVM's runtime
+# from PyPI's manylinux aarch64 wheels (no torch, like an edge device): where aarch64 exports are loaded with
+# tvm_paged and checked without an Arm machine.
 #
 #   bash tools/setup_arm64.sh            # builds $ARM64_ROOT (default ~/.cache/tvm_paged/arm64-root) once
 #   sudo chroot "$ARM64_ROOT" python3 -c 'import tvm_ffi, numpy'
 #
 # Steps: Debian's qemu-user-static and debootstrap on the host; binfmt_misc mounted so the kernel runs aarch64
 # binaries through qemu; a minimal bookworm arm64 root with python3 and pip (about 4 minutes); the wheels of
-# apache-tvm, apache-tvm-ffi and numpy downloaded on the host (pip inside the root cannot verify the index's
-# certificate) and installed in the root from files. A finished root is marked by .tvm_paged-ready and reused.
+# apache-tvm, apache-tvm-ffi, numpy and ml_dtypes (numpy's bfloat16 and float8) downloaded on the host (pip inside
+# the root cannot verify the index's certificate) and installed in the root from files. A finished root is marked by .tvm_paged-ready and reused.
 set -euo pipefail
 root=${ARM64_ROOT:-$HOME/.cache/tvm_paged/arm64-root}
 suite=${ARM64_SUITE:-bookworm}
@@ -49,13 +50,13 @@ trap 'rm -rf "$wheels"' EXIT
 py_version=$(chroot "$root" python3 -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')
 log "downloading aarch64 wheels for Python $py_version"
 python3 -m pip download -q --disable-pip-version-check --only-binary=:all: --platform manylinux_2_28_aarch64 --python-version "$py_version" \
-  -d "$wheels" "apache-tvm==$tvm_version" "apache-tvm-ffi==$ffi_version" numpy
+  -d "$wheels" "apache-tvm==$tvm_version" "apache-tvm-ffi==$ffi_version" numpy ml_dtypes
 mkdir -p "$root/tmp/wheels"
 cp "$wheels"/*.whl "$root/tmp/wheels/"
 log "installing them in the root"
 chroot "$root" python3 -m venv /opt/venv
 chroot "$root" sh -c '/opt/venv/bin/python -m pip install -q --no-index --no-deps /tmp/wheels/*.whl'
 rm -rf "$root/tmp/wheels"
-chroot "$root" /opt/venv/bin/python -c 'import numpy, tvm_ffi, tvm; print("arm64 root:", tvm.__version__, numpy.__version__)'
+chroot "$root" /opt/venv/bin/python -c 'import ml_dtypes, numpy, tvm_ffi, tvm; print("arm64 root:", tvm.__version__, numpy.__version__)'
 touch "$root/.tvm_paged-ready"
 log "$root ready"

@@ -6,7 +6,6 @@ Cache layout: ``k_cache``, ``v_cache`` ``[num_pages, page_size, num_kv_heads, he
 import importlib
 
 from .allocator import OutOfPages, PageAllocator
-from .cache import PagedKVCache
 from .config import KernelConfig
 from .loader import PagedLibrary, load
 from .ops import copy_pages, paged_decode, paged_prefill, run_decode, run_prefill, write_kv
@@ -14,10 +13,10 @@ from .plan import AttentionPlan, plan_decode, plan_prefill
 
 __version__ = "0.1.0"
 
-# Serving a GGUF model needs the ``serve`` extra (gguf, tokenizers, jinja2): imported on first use, so that a
-# device that only loads exported kernels imports none of it.
+# Imported on first use, so that a device that only loads exported kernels (TVM's runtime and numpy) imports
+# none of it: serving a GGUF model needs the ``serve`` extra (gguf, tokenizers, jinja2), and the KV cache torch.
 _LAZY = {"LLM": "tvm_paged.llm", "SamplingParams": "tvm_paged.sampling", "RequestOutput": "tvm_paged.llm",
-         "CompletionOutput": "tvm_paged.llm"}
+         "CompletionOutput": "tvm_paged.llm", "PagedKVCache": "tvm_paged.cache"}
 
 
 def __getattr__(name: str):

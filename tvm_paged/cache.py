@@ -26,6 +26,7 @@ from typing import Hashable, Sequence
 import numpy as np
 import torch
 
+from . import arrays as A
 from . import ops
 from . import validate as V
 from .allocator import OutOfPages, PageAllocator
@@ -85,15 +86,15 @@ class PagedKVCache:
         self.num_layers, self.num_kv_heads, self.head_dim = int(num_layers), int(num_kv_heads), int(head_dim)
         self.page_size, self.num_pages = int(page_size), int(num_pages)
         self.dtype, self.device = dtype, torch.device(device)
-        if dtype in V.TORCH_FP8_NAMES:
+        if dtype in A.TORCH_FP8_NAMES:
             raise ValueError(f"dtype: {dtype} is the dtype of q, k and v (float32, float16, bfloat16); give an "
                              "8-bit cache as kv_dtype")
         kv_dtype = dtype if kv_dtype is None else kv_dtype
-        if kv_dtype != dtype and kv_dtype not in V.TORCH_FP8_NAMES:
-            raise ValueError(f"kv_dtype: expected None (dtype {dtype}) or one of {list(V.TORCH_FP8_NAMES)}, "
+        if kv_dtype != dtype and kv_dtype not in A.TORCH_FP8_NAMES:
+            raise ValueError(f"kv_dtype: expected None (dtype {dtype}) or one of {list(A.TORCH_FP8_NAMES)}, "
                              f"got {kv_dtype}")
         self.kv_dtype = kv_dtype
-        fp8 = kv_dtype in V.TORCH_FP8_NAMES
+        fp8 = kv_dtype in A.TORCH_FP8_NAMES
         self.k_scales = self._layer_scales(k_scale, "k_scale", fp8)
         self.v_scales = self._layer_scales(v_scale, "v_scale", fp8)
         self.allocator = PageAllocator(num_pages, page_size, window_left=window_left)

@@ -22,6 +22,7 @@ from typing import Sequence as Seq
 import torch
 from tqdm import tqdm
 
+from .arrays import TORCH_DTYPE_NAMES
 from .cache import PagedKVCache
 from .generation import GenerationRequest, Generator
 from .models.gguf_file import default_model_path, open_gguf
@@ -29,7 +30,6 @@ from .loader import load
 from .models.llama import LlamaModel
 from .models.tokenizer import Tokenizer
 from .sampling import SamplingParams
-from .validate import TORCH_DTYPE_NAMES
 
 
 

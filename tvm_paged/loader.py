@@ -18,6 +18,10 @@ Loading compiles nothing: this module reaches TVM only through ``tvm_compat``'s 
 ``tvm_paged.build``'s compile path, nor ``tvm_paged.kernels``, nor MetaSchedule, and needs no C or CUDA compiler.
 A CUDA library holds compiled device code; the machine needs the CUDA driver and TVM's CUDA runtime only.
 
+Nor does it need torch: a CPU library runs on numpy arrays (bfloat16 and 8-bit caches as ``ml_dtypes`` arrays)
+with TVM's runtime, numpy and ml_dtypes alone, and returns numpy arrays; torch tensors in give torch tensors out
+(the library follows the inputs: :mod:`tvm_paged.arrays`).
+
 **Loading a library runs its code** (its initialisers when it is opened, its kernels when called): load only
 libraries you trust. The SHA-256 check (``verify=True``, the default) refuses a library changed since its
 manifest was written; it cannot catch a library and manifest replaced together.

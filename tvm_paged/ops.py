@@ -1,7 +1,10 @@
 """The functional API: validate, then call the compiled kernel through a plan's bound arguments.
 
 Cache layout, one for the whole project: ``k_cache``, ``v_cache`` ``[num_pages, page_size, num_kv_heads,
-head_dim]``. Arguments may be torch tensors (zero copy) or numpy arrays; results come back in the type of ``q``.
+head_dim]``. Arguments are torch tensors or numpy arrays, and the library follows them (:mod:`tvm_paged.arrays`):
+a call on numpy arrays alone runs on numpy end to end and returns numpy arrays (bfloat16 as ``ml_dtypes``'), with
+no torch call at all, so TVM's runtime and numpy are all a device needs to run an exported library; a call with
+any torch tensor runs on torch, its numpy arrays viewed as torch tensors (zero copy), and returns torch tensors.
 Attention is split FlashInfer-style into a plan (``tvm_paged.plan``: built once per batch, it checks the page
 table and lengths, picks the KV split and, at its first run, binds the kernel and its scratch) and a run (once per
 layer). ``paged_decode`` / ``paged_prefill`` do both. Which arguments are read, written in place or written, and
@@ -13,8 +16,8 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import torch
 
+from . import arrays as A
 from . import validate as V
 from .config import KernelConfig
 from .spec import COPY_PAGES, WRITE_KV
@@ -25,7 +28,7 @@ __all__ = ["AttentionPlan", "plan_decode", "plan_prefill", "run_decode", "run_pr
            "paged_prefill", "write_kv", "copy_pages", "use_kernels", "choose_num_splits"]
 
 
-def _check_q(q: torch.Tensor, k_cache: torch.Tensor, rows: int | None, rows_name: str):
+def _check_q(q, k_cache, rows: int | None, rows_name: str):
     """q against the (already checked) caches: rank, heads, head_dim, dtype (the caches', or any of q's dtypes
     for 8-bit caches), device, row count."""
     V.check_rank(q, 3, "q", f"[{rows_name}, num_qo_heads, head_dim]")
@@ -38,26 +41,25 @@ def _check_q(q: torch.Tensor, k_cache: torch.Tensor, rows: int | None, rows_name
         V.dtype_name(q, "q")
     elif q.dtype != k_cache.dtype:
         raise ValueError(f"q: dtype {q.dtype} differs from the caches' {k_cache.dtype}")
-    if q.device != k_cache.device:
-        raise ValueError(f"q: device {q.device} differs from the caches' {k_cache.device}")
+    if A.device(q) != A.device(k_cache):
+        raise ValueError(f"q: device {A.device(q)} differs from the caches' {A.device(k_cache)}")
     if rows is not None and q.shape[0] != rows:
         raise ValueError(f"q: expected {rows} rows ({rows_name}), got {q.shape[0]}")
 
 
-def _operands(plan: AttentionPlan, q, k_cache, v_cache, rows: int, rows_name: str):
-    """q and the caches as tensors, checked against each other and the plan -> (q, k_cache, v_cache, head_dim)."""
-    q, kc, vc = V.as_tensor(q, "q"), V.as_tensor(k_cache, "k_cache"), V.as_tensor(v_cache, "v_cache")
+def _operands(plan: AttentionPlan, q, kc, vc, rows: int, rows_name: str) -> int:
+    """q and the caches (arrays of one library) checked against each other and the plan -> head_dim."""
     num_pages, page_size, _, head_dim = V.check_cache_pair(kc, vc)
     _check_q(q, kc, rows, rows_name)
     if (num_pages, page_size) != (plan.num_pages, plan.page_size):
         raise ValueError(f"k_cache: pool ({num_pages} pages of {page_size}) differs from the plan's "
                          f"({plan.num_pages} of {plan.page_size})")
-    if plan.block_table.device != kc.device:
-        raise ValueError(f"plan: built for {plan.block_table.device}, the caches are on {kc.device}")
-    return q, kc, vc, head_dim
+    if not A.same_device(plan.device, A.device(kc)):
+        raise ValueError(f"plan: built for {plan.device}, the caches are on {A.device(kc)}")
+    return head_dim
 
 
-def _config(kernel: str, q: torch.Tensor, k_cache: torch.Tensor, variants: tuple) -> KernelConfig:
+def _config(kernel: str, q, k_cache, variants: tuple) -> KernelConfig:
     _, page_size, num_kv_heads, head_dim = k_cache.shape
     window, soft_cap, alibi, sinks = variants
     return KernelConfig(kernel, V.dtype_name(q, "q"), int(q.shape[1]), int(num_kv_heads), int(head_dim),
@@ -71,22 +73,21 @@ class _Options:
 
     __slots__ = ("variants", "args")
 
-    def __init__(self, plan: AttentionPlan, q: torch.Tensor, kc: torch.Tensor, logits_soft_cap, alibi_slopes,
-                 sinks, k_scale, v_scale):
+    def __init__(self, plan: AttentionPlan, q, kc, logits_soft_cap, alibi_slopes, sinks, k_scale, v_scale):
         args = {}
         cap = V.check_soft_cap(logits_soft_cap) if logits_soft_cap else 0.0
         if cap > 0:
             args["logits_soft_cap"] = cap
         if alibi_slopes is not None:
             args["alibi_slopes"] = V.check_head_vector(alibi_slopes, "alibi_slopes", q.shape[1], "num_qo_heads",
-                                                       kc.device)
+                                                       A.device(kc))
         if sinks is not None:
-            args["sinks"] = V.check_head_vector(sinks, "sinks", q.shape[1], "num_qo_heads", kc.device)
+            args["sinks"] = V.check_head_vector(sinks, "sinks", q.shape[1], "num_qo_heads", A.device(kc))
         fp8 = V.is_fp8(kc)
         if fp8 or not (_is_one(k_scale) and _is_one(v_scale)):
-            num_kv_heads = kc.shape[2] if kc.dim() == 4 else 0
+            num_kv_heads, device = kc.shape[2] if kc.ndim == 4 else 0, A.device(kc)
             for name, value in (("k_scale", k_scale), ("v_scale", v_scale)):
-                t = V.check_kv_scale(value, name, num_kv_heads, fp8, kc.device)
+                t = V.check_kv_scale(value, name, num_kv_heads, fp8, device)
                 if t is not None:
                     args[name] = t
         self.variants = (plan.window_left >= 0, cap > 0, alibi_slopes is not None, sinks is not None)
@@ -115,19 +116,16 @@ def _scale(scale, bound: BoundKernel) -> float:
     return scale
 
 
-def _output(result: torch.Tensor, like) -> torch.Tensor | np.ndarray:
-    if isinstance(like, np.ndarray):
-        if result.dtype == torch.bfloat16:
-            return result  # numpy has no bfloat16 of its own
-        return result.numpy()
-    return result
-
-
-def _binding(plan: AttentionPlan, kernel: str, q, k_cache, v_cache, rows_of, options: dict) -> tuple:
-    """(q, k_cache, v_cache as the kernel takes it, bound kernel, option arguments) for a run of ``plan``: the
-    plan's binding for operands and options of this kind, made (after full validation) the first time.
-    ``rows_of(plan)``: q's expected row count; ``options``: the run's attention options."""
-    q, kc, vc = V.as_tensor(q, "q"), V.as_tensor(k_cache, "k_cache"), V.as_tensor(v_cache, "v_cache")
+def _binding(plan: AttentionPlan, kernel: str, q, k_cache, v_cache, out, rows_of, options: dict) -> tuple:
+    """(q, k_cache, v_cache as the kernel takes it, out, bound kernel, option arguments) for a run of ``plan``:
+    the plan's binding for operands and options of this kind, made (after full validation) the first time.
+    ``rows_of(plan)``: q's expected row count; ``options``: the run's attention options; ``out``: the caller's
+    output array or None (a new one)."""
+    # Decided by q alone when it is a torch tensor: the serving loop's run pays one check.
+    torch_call = isinstance(q, A.Tensor) or A.uses_torch(k_cache, v_cache, out, options["alibi_slopes"],
+                                                         options["sinks"], options["k_scale"], options["v_scale"])
+    q, kc, vc = A.as_array(q, "q", torch_call), A.as_array(k_cache, "k_cache", torch_call), \
+        A.as_array(v_cache, "v_cache", torch_call)
     opts = _Options(plan, q, kc, **options)
     key = (*operand_key(q, kc, vc), opts.variants)
     bound = plan.bindings.get(key)
@@ -136,29 +134,33 @@ def _binding(plan: AttentionPlan, kernel: str, q, k_cache, v_cache, rows_of, opt
             _operands(plan, q, kc, vc, rows_of(plan), "total_q" if kernel == "prefill" else "batch")
             return _config(kernel, q, kc, opts.variants)
 
-        bound = bind(plan, key, validate)
-    elif not (kc.is_contiguous() and vc.is_contiguous()):  # the only property the key does not pin
+        bound = bind(plan, key, validate, A.device(kc))
+    elif not (A.is_contiguous(kc) and A.is_contiguous(vc)):  # the only property the key does not pin
         V.check_cache_pair(kc, vc)
-    return q.contiguous(), V.kernel_view(kc), V.kernel_view(vc), bound, opts.args
+    q, kc, vc = A.contiguous(q), V.kernel_view(kc), V.kernel_view(vc)
+    out = _result(q, out, torch_call, {"q": q, "k_cache": kc, "v_cache": vc, **_arrays(opts.args)})
+    return q, kc, vc, out, bound, opts.args
 
 
-def _result(q: torch.Tensor, out, inputs: dict) -> torch.Tensor:
-    """The output tensor of a run: ``out`` if the caller gave one (checked: q's shape, dtype and device,
-    contiguous, writable, sharing memory with no input), else a new one."""
+def _result(q, out, torch_call: bool, inputs: dict):
+    """The output array of a run: ``out`` if the caller gave one (checked: q's shape, dtype and device,
+    contiguous, writable, sharing memory with no input), else a new one in q's library."""
     if out is None:
-        return torch.empty_like(q)
+        return A.empty_like(q)
     V.check_writable(out, "out")
-    t = V.as_tensor(out, "out")
-    if t.shape != q.shape or t.dtype != q.dtype or t.device != q.device or not t.is_contiguous():
-        raise ValueError(f"out: expected a contiguous {tuple(q.shape)} {q.dtype} tensor on {q.device}, got "
-                         f"{tuple(t.shape)} {t.dtype} on {t.device}{'' if t.is_contiguous() else ' (strided)'}")
+    t = A.as_array(out, "out", torch_call)
+    if t.shape != q.shape or t.dtype != q.dtype or (torch_call and t.device != q.device) or not A.is_contiguous(t):
+        raise ValueError(f"out: expected a contiguous {tuple(q.shape)} {q.dtype} tensor on {A.device(q)}, got "
+                         f"{tuple(t.shape)} {t.dtype} on {A.device(t)}"
+                         f"{'' if A.is_contiguous(t) else ' (strided)'}")
     V.check_disjoint({"out": t}, inputs)
     return t
 
 
-def _finish(out: torch.Tensor, lse: torch.Tensor, q_in, return_lse: bool):
-    out = _output(out, q_in)
-    return (out, _output(lse, q_in)) if return_lse else out
+def _lse(q):
+    """A new LSE array ``[rows, num_qo_heads]`` float32 for the caller (without ``return_lse``, the kernel writes
+    the binding's scratch)."""
+    return A.empty(tuple(q.shape[:2]), "float32", A.device(q))
 
 
 def run_decode(plan: AttentionPlan, q, k_cache, v_cache, *, scale=None, logits_soft_cap=0.0, alibi_slopes=None,
@@ -167,13 +169,11 @@ def run_decode(plan: AttentionPlan, q, k_cache, v_cache, *, scale=None, logits_s
     (and ``lse`` [batch, num_qo_heads] float32 when ``return_lse``). ``out``: write the result there instead of a
     new tensor (a serving loop or a CUDA graph reuses one buffer). The options are :func:`paged_decode`'s; the
     sliding window and batch invariance are the plan's."""
-    q_in = q
-    q, kc, vc, bound, extra = _binding(plan, "decode", q, k_cache, v_cache, _batch_rows, dict(
+    q, kc, vc, out, bound, extra = _binding(plan, "decode", q, k_cache, v_cache, out, _batch_rows, dict(
         logits_soft_cap=logits_soft_cap, alibi_slopes=alibi_slopes, sinks=sinks, k_scale=k_scale, v_scale=v_scale))
-    out = _result(q, out, {"q": q, "k_cache": kc, "v_cache": vc, **_tensors(extra)})
-    lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device) if return_lse else bound.lse
+    lse = _lse(q) if return_lse else bound.lse
     bound.fn(*bound.binder(q=q, k_cache=kc, v_cache=vc, out=out, lse=lse, scale=_scale(scale, bound), **extra))
-    return _finish(out, lse, q_in, return_lse)
+    return (out, lse) if return_lse else out
 
 
 def run_prefill(plan: AttentionPlan, q, k_cache, v_cache, *, scale=None, causal=True, logits_soft_cap=0.0,
@@ -183,18 +183,16 @@ def run_prefill(plan: AttentionPlan, q, k_cache, v_cache, *, scale=None, causal=
     :func:`run_decode`."""
     if not plan.is_prefill:
         raise ValueError("plan: a decode plan was given to run_prefill (use plan_prefill)")
-    q_in = q
-    q, kc, vc, bound, extra = _binding(plan, "prefill", q, k_cache, v_cache, _query_rows, dict(
+    q, kc, vc, out, bound, extra = _binding(plan, "prefill", q, k_cache, v_cache, out, _query_rows, dict(
         logits_soft_cap=logits_soft_cap, alibi_slopes=alibi_slopes, sinks=sinks, k_scale=k_scale, v_scale=v_scale))
-    out = _result(q, out, {"q": q, "k_cache": kc, "v_cache": vc, **_tensors(extra)})
-    lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device) if return_lse else bound.lse
+    lse = _lse(q) if return_lse else bound.lse
     bound.fn(*bound.binder(q=q, k_cache=kc, v_cache=vc, out=out, lse=lse, scale=_scale(scale, bound),
                            causal=int(bool(causal)), **extra))
-    return _finish(out, lse, q_in, return_lse)
+    return (out, lse) if return_lse else out
 
 
-def _tensors(args: dict) -> dict:
-    return {n: t for n, t in args.items() if isinstance(t, torch.Tensor)}
+def _arrays(args: dict) -> dict:
+    return {n: t for n, t in args.items() if A.is_array(t)}
 
 
 def _batch_rows(plan: AttentionPlan) -> int:
@@ -213,7 +211,8 @@ def paged_decode(q, k_cache, v_cache, block_table, seq_lens, *, scale=None, wind
     Args:
         q: ``[batch, num_qo_heads, head_dim]`` float32/float16/bfloat16.
         k_cache, v_cache: ``[num_pages, page_size, num_kv_heads, head_dim]``, q's dtype or 8-bit
-            (``torch.float8_e4m3fn``, ``torch.float8_e5m2``), contiguous.
+            (``torch.float8_e4m3fn`` / ``torch.float8_e5m2``, numpy: ``ml_dtypes.float8_e4m3fn`` /
+            ``ml_dtypes.float8_e5m2``), contiguous.
         block_table: ``[batch, max_pages_per_seq]`` int32; entries past a sequence's last page (and, with a
             window, those of pages wholly behind it) are ignored.
         seq_lens: ``[batch]`` int32, tokens in the cache (the query's own token included), each >= 1.
@@ -233,9 +232,10 @@ def paged_decode(q, k_cache, v_cache, block_table, seq_lens, *, scale=None, wind
     Returns:
         ``out`` ``[batch, num_qo_heads, head_dim]`` in q's dtype, or ``(out, lse)``.
     """
-    kc = V.as_tensor(k_cache, "k_cache")
-    num_pages, page_size, _, _ = V.check_cache_pair(kc, V.as_tensor(v_cache, "v_cache"))
-    plan = plan_decode(block_table, seq_lens, page_size=page_size, num_pages=num_pages, device=kc.device,
+    torch_call = A.uses_torch(k_cache, v_cache, q, block_table, seq_lens, out, alibi_slopes, sinks, k_scale, v_scale)
+    kc = A.as_array(k_cache, "k_cache", torch_call)
+    num_pages, page_size, _, _ = V.check_cache_pair(kc, A.as_array(v_cache, "v_cache", torch_call))
+    plan = plan_decode(block_table, seq_lens, page_size=page_size, num_pages=num_pages, device=A.device(kc),
                        window_left=window_left, batch_invariant=batch_invariant)
     return run_decode(plan, q, k_cache, v_cache, scale=scale, logits_soft_cap=logits_soft_cap,
                       alibi_slopes=alibi_slopes, sinks=sinks, k_scale=k_scale, v_scale=v_scale,
@@ -258,12 +258,14 @@ def paged_prefill(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, *, c
             :func:`paged_decode`, per query position ``p``.
         return_lse: also return ``lse`` ``[total_q, num_qo_heads]`` float32.
     """
-    kc = V.as_tensor(k_cache, "k_cache")
-    num_pages, page_size, _, _ = V.check_cache_pair(kc, V.as_tensor(v_cache, "v_cache"))
-    qt = V.as_tensor(q, "q")
+    torch_call = A.uses_torch(k_cache, v_cache, q, block_table, seq_lens, cu_seqlens_q, out, alibi_slopes, sinks,
+                              k_scale, v_scale)
+    kc = A.as_array(k_cache, "k_cache", torch_call)
+    num_pages, page_size, _, _ = V.check_cache_pair(kc, A.as_array(v_cache, "v_cache", torch_call))
+    qt = A.as_array(q, "q", torch_call)
     V.check_rank(qt, 3, "q", "[total_q, num_qo_heads, head_dim]")
     plan = plan_prefill(block_table, seq_lens, cu_seqlens_q, int(qt.shape[0]), page_size=page_size,
-                        num_pages=num_pages, device=kc.device, window_left=window_left,
+                        num_pages=num_pages, device=A.device(kc), window_left=window_left,
                         batch_invariant=batch_invariant)
     return run_prefill(plan, q, k_cache, v_cache, scale=scale, causal=causal, logits_soft_cap=logits_soft_cap,
                        alibi_slopes=alibi_slopes, sinks=sinks, k_scale=k_scale, v_scale=v_scale,
@@ -283,10 +285,12 @@ def write_kv(k, v, k_cache, v_cache, slot_mapping, *, k_scale=1.0, v_scale=1.0) 
             rounded to nearest even and clamped to the format's finite range (448 for e4m3, 57344 for e5m2):
             a large value never becomes inf or NaN. The same for v.
     """
-    kt, vt = V.as_tensor(k, "k"), V.as_tensor(v, "v")
-    kc, vc = V.as_tensor(k_cache, "k_cache"), V.as_tensor(v_cache, "v_cache")
+    torch_call = A.uses_torch(k_cache, v_cache, k, v, slot_mapping, k_scale, v_scale)
+    kt, vt = A.as_array(k, "k", torch_call), A.as_array(v, "v", torch_call)
+    kc, vc = A.as_array(k_cache, "k_cache", torch_call), A.as_array(v_cache, "v_cache", torch_call)
     num_pages, page_size, num_kv_heads, head_dim = V.check_cache_pair(kc, vc)
-    slots = V.as_tensor(slot_mapping, "slot_mapping")
+    device = A.device(kc)
+    slots = A.as_array(slot_mapping, "slot_mapping", torch_call)
     _check_written(WRITE_KV, dict(k=k, v=v, k_cache=k_cache, v_cache=v_cache, slot_mapping=slot_mapping),
                    dict(k=kt, v=vt, k_cache=kc, v_cache=vc, slot_mapping=slots))
     for t, name in ((kt, "k"), (vt, "v")):
@@ -298,16 +302,16 @@ def write_kv(k, v, k_cache, v_cache, slot_mapping, *, k_scale=1.0, v_scale=1.0) 
             V.dtype_name(t, name)
         elif t.dtype != kc.dtype:
             raise ValueError(f"{name}: dtype {t.dtype} differs from the caches' {kc.dtype}")
-        if t.device != kc.device:
-            raise ValueError(f"{name}: device {t.device} differs from the caches' {kc.device}")
+        if A.device(t) != device:
+            raise ValueError(f"{name}: device {A.device(t)} differs from the caches' {device}")
     if kt.shape[0] != vt.shape[0]:
         raise ValueError(f"v: {vt.shape[0]} tokens, k has {kt.shape[0]}")
     V.check_rank(slots, 1, "slot_mapping", "[num_tokens]")
-    if slots.dtype not in (torch.int32, torch.int64):
+    if A.dtype_name(slots) not in ("int32", "int64"):
         raise ValueError(f"slot_mapping: expected int32 or int64, got {slots.dtype}")
     if slots.shape[0] != kt.shape[0]:
         raise ValueError(f"slot_mapping: {slots.shape[0]} slots for {kt.shape[0]} tokens")
-    s = slots.cpu().numpy().astype(np.int64)
+    s = A.host_numpy(slots).astype(np.int64)
     capacity = num_pages * page_size
     bad = (s < -1) | (s >= capacity)
     if bad.any():
@@ -317,17 +321,17 @@ def write_kv(k, v, k_cache, v_cache, slot_mapping, *, k_scale=1.0, v_scale=1.0) 
     if len(np.unique(live)) != len(live):
         raise ValueError("slot_mapping: two tokens map to the same slot")
     fp8 = V.is_fp8(kc)
-    scales = [V.check_kv_scale(x, name, num_kv_heads, fp8, kc.device) for x, name in ((k_scale, "k_scale"),
-                                                                                     (v_scale, "v_scale"))]
+    scales = [V.check_kv_scale(x, name, num_kv_heads, fp8, device) for x, name in ((k_scale, "k_scale"),
+                                                                                  (v_scale, "v_scale"))]
     if fp8 and kt.dtype != vt.dtype:
         raise ValueError(f"v: dtype {vt.dtype} differs from k's {kt.dtype}")
     if kt.shape[0] == 0:
         return
     cfg = KernelConfig.for_pages("write_kv", V.dtype_name(kt, "k"), num_kv_heads, head_dim, page_size,
                                  V.cache_dtype_name(kc, "k_cache"))
-    fn = kernel_for(cfg, kc.device)
-    fn(kt.contiguous(), vt.contiguous(), V.kernel_view(kc), V.kernel_view(vc),
-       slots.to(device=kc.device, dtype=torch.int64).contiguous(), *(s for s in scales if s is not None))
+    fn = kernel_for(cfg, device)
+    fn(A.contiguous(kt), A.contiguous(vt), V.kernel_view(kc), V.kernel_view(vc),
+       A.indices_on(slots, device, "int64"), *(s for s in scales if s is not None))
 
 
 def copy_pages(k_cache, v_cache, src_pages, dst_pages) -> None:
@@ -336,15 +340,16 @@ def copy_pages(k_cache, v_cache, src_pages, dst_pages) -> None:
     ``src_pages``, ``dst_pages``: ``[num_copies]`` int32 in ``[0, num_pages)``; destinations distinct and
     disjoint from the sources, so the result does not depend on copy order.
     """
-    kc, vc = V.as_tensor(k_cache, "k_cache"), V.as_tensor(v_cache, "v_cache")
+    torch_call = A.uses_torch(k_cache, v_cache, src_pages, dst_pages)
+    kc, vc = A.as_array(k_cache, "k_cache", torch_call), A.as_array(v_cache, "v_cache", torch_call)
     num_pages, page_size, num_kv_heads, head_dim = V.check_cache_pair(kc, vc)
-    src = V.index_array(src_pages, "src_pages", 1, "[num_copies]")
-    dst = V.index_array(dst_pages, "dst_pages", 1, "[num_copies]")
+    src = V.index_array(src_pages, "src_pages", 1, "[num_copies]", torch_call)
+    dst = V.index_array(dst_pages, "dst_pages", 1, "[num_copies]", torch_call)
     _check_written(COPY_PAGES, dict(k_cache=k_cache, v_cache=v_cache, src_pages=src_pages, dst_pages=dst_pages),
                    dict(k_cache=kc, v_cache=vc, src_pages=src, dst_pages=dst))
     if src.shape != dst.shape:
         raise ValueError(f"dst_pages: {dst.shape[0]} entries, src_pages has {src.shape[0]}")
-    s, d = src.cpu().numpy(), dst.cpu().numpy()
+    s, d = A.host_numpy(src), A.host_numpy(dst)
     for arr, name in ((s, "src_pages"), (d, "dst_pages")):
         bad = (arr < 0) | (arr >= num_pages)
         if bad.any():
@@ -357,5 +362,6 @@ def copy_pages(k_cache, v_cache, src_pages, dst_pages) -> None:
     if len(s) == 0:
         return
     cfg = KernelConfig.for_pages("copy_pages", V.cache_dtype_name(kc, "k_cache"), num_kv_heads, head_dim, page_size)
-    fn = kernel_for(cfg, kc.device)
-    fn(V.kernel_view(kc), V.kernel_view(vc), src.to(kc.device), dst.to(kc.device))
+    device = A.device(kc)
+    fn = kernel_for(cfg, device)
+    fn(V.kernel_view(kc), V.kernel_view(vc), A.indices_on(src, device, "int32"), A.indices_on(dst, device, "int32"))

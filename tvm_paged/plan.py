@@ -6,6 +6,10 @@ allocates the scratch it needs (split partials, and the ``lse`` when the caller 
 run with the same kind of operands is one dictionary hit, a few checks that differ per layer, and one call. That
 a step's kernels and scratch are fixed at plan time is also what lets a CUDA graph capture a step. Scratch comes
 from a per-thread workspace shared by plans of the same shapes (see ``workspace_tensor``).
+
+A plan's tables are in the library of the arrays it was built from (see :mod:`tvm_paged.arrays`): numpy tables
+(on the host) or torch tensors on ``device``. A run binds them in the library of its own operands, so a plan of
+numpy tables also runs torch CPU operands (and the other way round), zero copy.
 """
 
 from __future__ import annotations
@@ -16,12 +20,13 @@ import contextvars
 import os
 import threading
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
-import torch
 
+from . import arrays as A
 from . import targets
+from . import tvm_compat as tc
 from . import validate as V
 from .config import KernelConfig
 from .spec import DECODE, PREFILL, Binder, decode_splits, invariant_split_pages, prefill_tiles
@@ -44,9 +49,24 @@ def use_kernels(provider):
         _KERNEL_PROVIDER.reset(token)
 
 
-def kernel_for(cfg: KernelConfig, device: torch.device, plan: "AttentionPlan | None" = None) -> Callable:
+def kernel_for(cfg: KernelConfig, device, plan: "AttentionPlan | None" = None) -> Callable:
     """The compiled function for ``cfg`` on ``device``: the installed provider's, else built (attention kernels
-    with the knobs tuned for the bucket nearest the plan's batch)."""
+    with the knobs tuned for the bucket nearest the plan's batch). On numpy's host device (:data:`arrays.CPU`)
+    it takes numpy arrays."""
+    fn = _kernel(cfg, device, plan)
+    return fn if A.on_torch(device) else _numpy_kernel(fn)
+
+
+def _numpy_kernel(fn: Callable) -> Callable:
+    """``fn`` called with numpy arrays: each reaches TVM as a tensor over its memory (zero copy)."""
+
+    def call(*args):
+        return fn(*[tc.from_numpy(a) if isinstance(a, np.ndarray) else a for a in args])
+
+    return call
+
+
+def _kernel(cfg: KernelConfig, device, plan: "AttentionPlan | None") -> Callable:
     provider = _KERNEL_PROVIDER.get()
     if provider is not None:
         return provider(cfg, device)
@@ -65,21 +85,22 @@ class AttentionPlan:
     """A validated batch: page table, lengths and the work split, reusable across layers.
 
     ``block_table`` [batch, max_pages_per_seq] int32, ``seq_lens`` [batch] int32 (contiguous, on the caches'
-    device). Decode: ``num_splits`` KV splits per sequence, of ``split_pages`` pages each (0: each sequence's
-    visible pages in ``num_splits`` equal parts). Prefill: ``cu_seqlens_q`` [batch + 1] int32 and ``tiles``
-    [num_tiles, 3] int32 rows of (sequence, first query row, end query row) relative to the sequence.
+    device: numpy arrays on the host, or torch tensors). Decode: ``num_splits`` KV splits per sequence, of
+    ``split_pages`` pages each (0: each sequence's visible pages in ``num_splits`` equal parts). Prefill:
+    ``cu_seqlens_q`` [batch + 1] int32 and ``tiles`` [num_tiles, 3] int32 rows of (sequence, first query row, end
+    query row) relative to the sequence.
     ``window_left`` (-1: none) is the sliding window every run of the plan uses: the table's entries for pages
     wholly behind it are not read (they may be -1). ``batch_invariant``: splits and kernels chosen so that a
     sequence's result does not depend on the rest of the batch.
     """
 
-    block_table: torch.Tensor
-    seq_lens: torch.Tensor
+    block_table: Any
+    seq_lens: Any
     page_size: int
     num_pages: int
     num_splits: int = 1
-    cu_seqlens_q: torch.Tensor | None = None
-    tiles: torch.Tensor | None = None
+    cu_seqlens_q: Any = None
+    tiles: Any = None
     window_left: int = -1
     batch_invariant: bool = False
     split_pages: int = 0
@@ -96,6 +117,11 @@ class AttentionPlan:
     def is_prefill(self) -> bool:
         return self.cu_seqlens_q is not None
 
+    @property
+    def device(self):
+        """Where the tables are: :data:`arrays.CPU` (numpy) or a ``torch.device``."""
+        return A.device(self.block_table)
+
 
 class BoundKernel:
     """One compiled function bound to a plan: its argument order with the plan's tables and scratch filled in.
@@ -103,28 +129,32 @@ class BoundKernel:
 
     __slots__ = ("cfg", "fn", "binder", "default_scale", "lse")
 
-    def __init__(self, cfg: KernelConfig, fn: Callable, binder: Binder, default_scale: float, lse: torch.Tensor):
+    def __init__(self, cfg: KernelConfig, fn: Callable, binder: Binder, default_scale: float, lse):
         self.cfg, self.fn, self.binder, self.default_scale, self.lse = cfg, fn, binder, default_scale, lse
 
 
-def operand_key(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple:
-    """What a binding depends on: the kernel source and the operands' shapes, dtypes and device."""
+def operand_key(q, k_cache, v_cache) -> tuple:
+    """What a binding depends on: the kernel source and the operands' shapes, dtypes and device (numpy arrays:
+    their dtypes, which differ from torch's, say the library; they are all on the host)."""
+    if isinstance(q, np.ndarray):
+        return (_KERNEL_PROVIDER.get(), q.shape, q.dtype, k_cache.shape, k_cache.dtype, v_cache.shape,
+                v_cache.dtype)
     return (_KERNEL_PROVIDER.get(), q.shape, q.dtype, q.device, k_cache.shape, k_cache.dtype, v_cache.shape,
             v_cache.dtype, v_cache.device)
 
 
-def bind(plan: AttentionPlan, key: tuple, validate: Callable[[], KernelConfig]) -> BoundKernel:
-    """The kernel for operands of kind ``key`` bound to ``plan``, with scratch from this thread's workspace.
+def bind(plan: AttentionPlan, key: tuple, validate: Callable[[], KernelConfig], device) -> BoundKernel:
+    """The kernel for operands of kind ``key`` on ``device`` (the caches') bound to ``plan``, with scratch from
+    this thread's workspace, and the plan's tables in the operands' library.
 
     ``validate()`` checks the operands against the plan and returns their configuration. It runs once per kind of
     operands and plan shape in a thread: a later plan of the same shape (a serving loop's next step) reuses the
     checked configuration and the scratch, and only looks up its kernel and binds its own tables."""
     spec = PREFILL if plan.is_prefill else DECODE
     dims = plan.dims
-    shared_key = (key, plan.page_size, plan.block_table.device, tuple(dims.values()))
+    shared_key = (key, plan.page_size, device, tuple(dims.values()))
     shared = _thread_workspace().bound
     entry = shared.get(shared_key)
-    device = plan.block_table.device
     if entry is None:
         cfg = validate()
         scratch = {p.name: workspace_tensor(spec, p.name, cfg, dims, device)
@@ -137,9 +167,9 @@ def bind(plan: AttentionPlan, key: tuple, validate: Callable[[], KernelConfig]) 
     # Asked of the kernel source every time (a dictionary hit in build's cache), so clearing that cache or
     # committing new tuned knobs takes effect for the next plan.
     fn = kernel_for(cfg, device, plan)
-    tables = {"block_table": plan.block_table, "seq_lens": plan.seq_lens}
+    tables = {"block_table": A.to_device(plan.block_table, device), "seq_lens": A.to_device(plan.seq_lens, device)}
     if plan.is_prefill:
-        tables.update(cu_seqlens_q=plan.cu_seqlens_q, tiles=plan.tiles)
+        tables.update(cu_seqlens_q=A.to_device(plan.cu_seqlens_q, device), tiles=A.to_device(plan.tiles, device))
     else:
         tables["split_pages"] = plan.split_pages
     if cfg.window:
@@ -149,10 +179,6 @@ def bind(plan: AttentionPlan, key: tuple, validate: Callable[[], KernelConfig]) 
         plan.bindings.clear()
     plan.bindings[key] = bound
     return bound
-
-
-_TORCH_DTYPES = {**{name: dt for dt, name in V.TORCH_DTYPE_NAMES.items()}, "int32": torch.int32,
-                 "int64": torch.int64}
 
 
 # Scratch per thread, shared by every plan whose kernels need the same buffer: a serving loop builds a plan per
@@ -170,16 +196,17 @@ def _thread_workspace():
     return ws
 
 
-def workspace_tensor(spec, name: str, cfg: KernelConfig, dims: dict, device) -> torch.Tensor:
-    """This thread's scratch tensor for parameter ``name`` of ``spec`` at the given dimensions (uninitialized)."""
-    shape, dtype = spec.shape_of(name, cfg, dims), _TORCH_DTYPES[spec.dtype_of(name, cfg)]
+def workspace_tensor(spec, name: str, cfg: KernelConfig, dims: dict, device):
+    """This thread's scratch array for parameter ``name`` of ``spec`` at the given dimensions (uninitialized):
+    numpy on :data:`arrays.CPU`, else a torch tensor on ``device``."""
+    shape, dtype = spec.shape_of(name, cfg, dims), spec.dtype_of(name, cfg)
     pool = _thread_workspace().tensors
-    key = (spec.family, name, shape, dtype, torch.device(device))
+    key = (spec.family, name, shape, dtype, device)
     t = pool.get(key)
     if t is None:
         if len(pool) >= _MAX_WORKSPACE_TENSORS:
             pool.clear()
-        t = pool[key] = torch.empty(shape, dtype=dtype, device=device)
+        t = pool[key] = A.empty(shape, dtype, device)
     return t
 
 
@@ -193,7 +220,7 @@ def _num_threads() -> int:
         return 1
 
 
-def choose_num_splits(seq_lens: np.ndarray, page_size: int, device: torch.device) -> int:
+def choose_num_splits(seq_lens: np.ndarray, page_size: int, device) -> int:
     """Enough (sequence, split) tasks to keep every core busy, none shorter than the spec's minimum split.
     ``seq_lens``: the tokens each sequence attends to (its window's, with a sliding window)."""
     # A GPU: the streaming multiprocessors of a large one (over-splitting a small one is harmless).
@@ -211,7 +238,7 @@ def first_visible_key(seq_lens: np.ndarray, q_lens, window_left: int) -> np.ndar
 
 
 def _decode_split(lens: np.ndarray, page_size: int, window_left: int, batch_invariant: bool,
-                  device: torch.device) -> tuple[int, int]:
+                  device) -> tuple[int, int]:
     """(num_splits, split_pages) of a decode batch: splits over each sequence's visible pages only."""
     first_page = first_visible_key(lens, 1, window_left) // page_size
     visible_pages = (lens + page_size - 1) // page_size - first_page
@@ -225,25 +252,31 @@ def plan_decode(block_table, seq_lens, *, page_size: int, num_pages: int, device
                 batch_invariant: bool = False) -> AttentionPlan:
     """Validate a decode batch against a pool of ``num_pages`` pages of ``page_size`` tokens.
 
-    ``block_table`` [batch, max_pages_per_seq] int32 (int64 accepted), ``seq_lens`` [batch] int32; ``device``:
-    where the kernels run (default: the table's device). ``window_left``: the sliding window of the runs (each
-    query sees its last ``window_left + 1`` keys; -1 none): pages wholly behind it are neither read nor checked.
+    ``block_table`` [batch, max_pages_per_seq] int32 (int64 accepted), ``seq_lens`` [batch] int32, numpy arrays
+    or torch tensors (any torch tensor: torch tables, see :mod:`tvm_paged.arrays`); ``device``: where the kernels
+    run (default: the table's device; numpy tables stay numpy on ``"cpu"``). ``window_left``: the sliding window
+    of the runs (each query sees its last ``window_left + 1`` keys; -1 none): pages wholly behind it are neither
+    read nor checked.
     ``batch_invariant``: split each sequence by its own length only (a fixed number of tokens per split), so its
     output is bitwise the same whatever else is in the batch."""
     window_left = V.check_window_left(window_left)
-    bt = V.index_array(block_table, "block_table", 2, "[batch, max_pages_per_seq]")
-    sl = V.index_array(seq_lens, "seq_lens", 1, "[batch]")
+    torch_call = _torch_tables(device, block_table, seq_lens)
+    bt = V.index_array(block_table, "block_table", 2, "[batch, max_pages_per_seq]", torch_call)
+    sl = V.index_array(seq_lens, "seq_lens", 1, "[batch]", torch_call)
     lens = V.check_block_table(bt, sl, page_size, num_pages,
                                first_key=lambda n: first_visible_key(n, 1, window_left))
-    device = torch.device(device) if device is not None else bt.device
+    device = A.as_device(device, bt)
     splits, split_pages = _decode_split(lens, page_size, window_left, bool(batch_invariant), device)
     dims = {"B": int(bt.shape[0]), "P": int(num_pages), "M": int(bt.shape[1]), "NS": splits}
-    return AttentionPlan(_on(bt, device), _on(sl, device), page_size, num_pages, num_splits=splits, dims=dims,
-                         window_left=window_left, batch_invariant=bool(batch_invariant), split_pages=split_pages)
+    return AttentionPlan(A.to_device(bt, device), A.to_device(sl, device), page_size, num_pages, num_splits=splits,
+                         dims=dims, window_left=window_left, batch_invariant=bool(batch_invariant),
+                         split_pages=split_pages)
 
 
-def _on(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    return t if t.device == device else t.to(device)
+def _torch_tables(device, *tables) -> bool:
+    """Whether a plan's tables are torch tensors: any given is one, or ``device`` is a torch device (numpy
+    tables for ``device=None`` or ``"cpu"`` stay numpy)."""
+    return A.uses_torch(*tables) or (device is not None and A.on_torch(A.as_device(device, tables[0])))
 
 
 def plan_prefill(block_table, seq_lens, cu_seqlens_q, total_q: int, *, page_size: int, num_pages: int,
@@ -253,9 +286,10 @@ def plan_prefill(block_table, seq_lens, cu_seqlens_q, total_q: int, *, page_size
     one sequence's query rows) never depends on the rest of the batch: ``batch_invariant`` only pins the
     kernel's knobs (no batch-size bucket)."""
     window_left = V.check_window_left(window_left)
-    bt = V.index_array(block_table, "block_table", 2, "[batch, max_pages_per_seq]")
-    sl = V.index_array(seq_lens, "seq_lens", 1, "[batch]")
-    cu = V.index_array(cu_seqlens_q, "cu_seqlens_q", 1, "[batch + 1]")
+    torch_call = _torch_tables(device, block_table, seq_lens, cu_seqlens_q)
+    bt = V.index_array(block_table, "block_table", 2, "[batch, max_pages_per_seq]", torch_call)
+    sl = V.index_array(seq_lens, "seq_lens", 1, "[batch]", torch_call)
+    cu = V.index_array(cu_seqlens_q, "cu_seqlens_q", 1, "[batch + 1]", torch_call)
     checked = {}
 
     def first_key(lens):
@@ -267,10 +301,8 @@ def plan_prefill(block_table, seq_lens, cu_seqlens_q, total_q: int, *, page_size
     if q_lens is None:
         q_lens = V.check_cu_seqlens(cu, bt.shape[0], total_q, sl)
     tiles = prefill_tiles(q_lens)
-    # An empty tensor built from an empty array gets zero strides, which TVM rejects: build it directly.
-    tiles_t = torch.tensor(tiles, dtype=torch.int32) if tiles else torch.zeros((0, 3), dtype=torch.int32)
-    device = torch.device(device) if device is not None else bt.device
+    device = A.as_device(device, bt)
     dims = {"TQ": int(total_q), "B": int(bt.shape[0]), "P": int(num_pages), "M": int(bt.shape[1]), "NT": len(tiles)}
-    return AttentionPlan(_on(bt, device), _on(sl, device), page_size, num_pages, cu_seqlens_q=_on(cu, device),
-                         tiles=tiles_t.to(device), dims=dims, window_left=window_left,
-                         batch_invariant=bool(batch_invariant))
+    return AttentionPlan(A.to_device(bt, device), A.to_device(sl, device), page_size, num_pages,
+                         cu_seqlens_q=A.to_device(cu, device), tiles=A.index_table(tiles, 3, device), dims=dims,
+                         window_left=window_left, batch_invariant=bool(batch_invariant))

@@ -4,64 +4,35 @@ naming the offending argument, so bad input never reaches compiled code (no cras
 from __future__ import annotations
 
 import math
-import warnings
 
 import numpy as np
-import torch
 
+from . import arrays as A
 from .config import DTYPES, FP8_DTYPES
 
-# The dtypes of q and out (and of caches in q's dtype), by torch dtype.
-TORCH_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
-# 8-bit cache dtypes, by torch dtype.
-TORCH_FP8_NAMES = {torch.float8_e4m3fn: "float8_e4m3fn", torch.float8_e5m2: "float8_e5m2"}
-assert set(TORCH_FP8_NAMES.values()) == set(FP8_DTYPES)
+
+def dtype_name(t, name: str) -> str:
+    """The dtype name of q, out, or k and v written: one of ``DTYPES``."""
+    found = A.dtype_name(t)
+    if found not in DTYPES:
+        raise ValueError(f"{name}: dtype {t.dtype} is not supported (one of {tuple(DTYPES)})")
+    return found
 
 
-def as_tensor(x, name: str) -> torch.Tensor:
-    """A torch view of ``x`` (a torch tensor or numpy array, zero copy)."""
-    if isinstance(x, torch.Tensor):
-        return x
-    if isinstance(x, np.ndarray):
-        if x.dtype.name == "bfloat16":  # ml_dtypes: reinterpret the bits
-            return torch.from_numpy(x.view(np.uint16)).view(torch.bfloat16)
-        try:
-            if not x.flags.writeable:  # an input may be read-only; check_writable refuses it where it is written
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", UserWarning)
-                    return torch.from_numpy(x)
-            return torch.from_numpy(x)
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"{name}: unsupported array ({exc})") from exc
-    raise ValueError(f"{name}: expected a torch.Tensor or numpy.ndarray, got {type(x).__name__}")
-
-
-def dtype_name(t: torch.Tensor, name: str) -> str:
-    try:
-        return TORCH_DTYPE_NAMES[t.dtype]
-    except KeyError:
-        raise ValueError(f"{name}: dtype {t.dtype} is not supported (one of {tuple(DTYPES)})") from None
-
-
-def cache_dtype_name(t: torch.Tensor, name: str) -> str:
+def cache_dtype_name(t, name: str) -> str:
     """The dtype name of a cache: one of q's dtypes or an 8-bit one."""
-    fp8 = TORCH_FP8_NAMES.get(t.dtype)
-    if fp8 is not None:
-        return fp8
-    try:
-        return TORCH_DTYPE_NAMES[t.dtype]
-    except KeyError:
-        raise ValueError(f"{name}: dtype {t.dtype} is not supported (one of {tuple(DTYPES) + tuple(FP8_DTYPES)})") \
-            from None
+    found = A.dtype_name(t)
+    if found not in DTYPES and found not in FP8_DTYPES:
+        raise ValueError(f"{name}: dtype {t.dtype} is not supported (one of {tuple(DTYPES) + tuple(FP8_DTYPES)})")
+    return found
 
 
-def is_fp8(t: torch.Tensor) -> bool:
-    return t.dtype in TORCH_FP8_NAMES
+is_fp8 = A.is_fp8
 
 
-def kernel_view(cache: torch.Tensor) -> torch.Tensor:
+def kernel_view(cache):
     """A cache as its kernels take it: 8-bit caches as their bytes (``uint8``, zero copy), others unchanged."""
-    return cache.view(torch.uint8) if cache.dtype in TORCH_FP8_NAMES else cache
+    return A.byte_view(cache) if A.is_fp8(cache) else cache
 
 
 def check_window_left(window_left) -> int:
@@ -85,38 +56,39 @@ def check_soft_cap(cap) -> float:
     return value
 
 
-def check_head_vector(x, name: str, heads: int, heads_name: str, device) -> torch.Tensor | None:
-    """An optional ``[heads]`` float32 tensor of finite values on ``device`` (ALiBi slopes, sink logits)."""
+def check_head_vector(x, name: str, heads: int, heads_name: str, device):
+    """An optional ``[heads]`` float32 array of finite values on ``device`` (ALiBi slopes, sink logits), in the
+    call's library (see :mod:`tvm_paged.arrays`)."""
     if x is None:
         return None
-    t = as_tensor(x, name)
-    if t.dtype != torch.float32:
+    t = A.as_array(x, name, A.on_torch(device))
+    if A.dtype_name(t) != "float32":
         raise ValueError(f"{name}: expected float32 [{heads_name}], got dtype {t.dtype}")
-    if t.dim() != 1 or t.shape[0] != heads:
+    if t.ndim != 1 or t.shape[0] != heads:
         raise ValueError(f"{name}: expected shape [{heads_name}] = [{heads}], got {tuple(t.shape)}")
-    if t.device != torch.device(device):
-        raise ValueError(f"{name}: device {t.device} differs from the caches' {device}")
-    if not bool(torch.isfinite(t).all()):
+    if not A.same_device(A.device(t), device):
+        raise ValueError(f"{name}: device {A.device(t)} differs from the caches' {device}")
+    if not A.all_finite(t):
         raise ValueError(f"{name}: every value must be finite")
-    return t.contiguous()
+    return A.contiguous(t)
 
 
-def check_kv_scale(x, name: str, num_kv_heads: int, fp8: bool, device) -> torch.Tensor | None:
-    """``k_scale`` / ``v_scale``: for 8-bit caches a positive finite float or ``[num_kv_heads]`` float32 tensor,
-    returned as a ``[num_kv_heads]`` float32 tensor on ``device``; caches in q's dtype take none (the default
+def check_kv_scale(x, name: str, num_kv_heads: int, fp8: bool, device):
+    """``k_scale`` / ``v_scale``: for 8-bit caches a positive finite float or ``[num_kv_heads]`` float32 array,
+    returned as a ``[num_kv_heads]`` float32 array on ``device``; caches in q's dtype take none (the default
     1.0), and get None."""
-    if isinstance(x, (torch.Tensor, np.ndarray)):
-        t = as_tensor(x, name)
+    if A.is_array(x):
+        t = A.as_array(x, name, A.on_torch(device))
         if not fp8:
             raise ValueError(f"{name}: scales apply to 8-bit caches only (these caches hold values unscaled)")
-        if t.dtype != torch.float32 or t.dim() != 1 or t.shape[0] != num_kv_heads:
+        if A.dtype_name(t) != "float32" or t.ndim != 1 or t.shape[0] != num_kv_heads:
             raise ValueError(f"{name}: expected a float or a float32 [num_kv_heads] = [{num_kv_heads}] tensor, got "
                              f"{t.dtype} {tuple(t.shape)}")
-        if t.device != torch.device(device):
-            raise ValueError(f"{name}: device {t.device} differs from the caches' {device}")
-        if not bool((torch.isfinite(t) & (t > 0)).all()):
+        if not A.same_device(A.device(t), device):
+            raise ValueError(f"{name}: device {A.device(t)} differs from the caches' {device}")
+        if not A.all_finite(t, positive=True):
             raise ValueError(f"{name}: every scale must be positive and finite")
-        return t.contiguous()
+        return A.contiguous(t)
     if not _is_real(x):
         raise ValueError(f"{name}: expected a float or a float32 [num_kv_heads] tensor, got {x!r}")
     value = float(x)
@@ -126,7 +98,7 @@ def check_kv_scale(x, name: str, num_kv_heads: int, fp8: bool, device) -> torch.
         return None
     if not (math.isfinite(value) and value > 0):
         raise ValueError(f"{name}: must be positive and finite, got {value}")
-    return _broadcast_scale(value, num_kv_heads, torch.device(device))
+    return _broadcast_scale(value, num_kv_heads, device)
 
 
 def _is_real(x) -> bool:
@@ -137,30 +109,31 @@ def _is_real(x) -> bool:
 _SCALES: dict = {}
 
 
-def _broadcast_scale(value: float, heads: int, device: torch.device) -> torch.Tensor:
-    """A per-tensor scale as the ``[heads]`` float32 tensor the kernels take (one per value, kept: a serving loop
+def _broadcast_scale(value: float, heads: int, device):
+    """A per-tensor scale as the ``[heads]`` float32 array the kernels take (one per value, kept: a serving loop
     passes the same scales every layer)."""
     key = (value, heads, device)
     t = _SCALES.get(key)
     if t is None:
         if len(_SCALES) >= 256:
             _SCALES.clear()
-        t = _SCALES[key] = torch.full((heads,), value, dtype=torch.float32, device=device)
+        t = _SCALES[key] = A.full((heads,), value, "float32", device)
     return t
 
 
-def check_rank(t: torch.Tensor, rank: int, name: str, shape_doc: str) -> None:
-    if t.dim() != rank:
+def check_rank(t, rank: int, name: str, shape_doc: str) -> None:
+    if t.ndim != rank:
         raise ValueError(f"{name}: expected rank {rank} {shape_doc}, got shape {tuple(t.shape)}")
 
 
-def check_contiguous_cache(t: torch.Tensor, name: str) -> None:
-    if not t.is_contiguous():
+def check_contiguous_cache(t, name: str) -> None:
+    if not A.is_contiguous(t):
         raise ValueError(f"{name}: the cache must be contiguous (it is written in place)")
 
 
-def check_cache_pair(k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[int, int, int, int]:
-    """-> (num_pages, page_size, num_kv_heads, head_dim)."""
+def check_cache_pair(k_cache, v_cache) -> tuple[int, int, int, int]:
+    """Two caches ``[num_pages, page_size, num_kv_heads, head_dim]`` of one shape, dtype and device, contiguous
+    -> (num_pages, page_size, num_kv_heads, head_dim)."""
     doc = "[num_pages, page_size, num_kv_heads, head_dim]"
     check_rank(k_cache, 4, "k_cache", doc)
     check_rank(v_cache, 4, "v_cache", doc)
@@ -169,8 +142,8 @@ def check_cache_pair(k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[int,
     if k_cache.dtype != v_cache.dtype:
         raise ValueError(f"v_cache: dtype {v_cache.dtype} differs from k_cache {k_cache.dtype}")
     cache_dtype_name(k_cache, "k_cache")
-    if k_cache.device != v_cache.device:
-        raise ValueError(f"v_cache: device {v_cache.device} differs from k_cache {k_cache.device}")
+    if A.device(k_cache) != A.device(v_cache):
+        raise ValueError(f"v_cache: device {A.device(v_cache)} differs from k_cache {A.device(k_cache)}")
     check_contiguous_cache(k_cache, "k_cache")
     check_contiguous_cache(v_cache, "v_cache")
     if min(k_cache.shape) <= 0:
@@ -178,22 +151,22 @@ def check_cache_pair(k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[int,
     return tuple(int(s) for s in k_cache.shape)
 
 
-def index_array(x, name: str, rank: int, shape_doc: str, dtypes=(torch.int32,)) -> torch.Tensor:
-    """An integer tensor of the given rank on its own device, as int32 contiguous (int64 accepted and narrowed
-    when the values fit)."""
-    t = as_tensor(x, name)
+def index_array(x, name: str, rank: int, shape_doc: str, torch_call: bool):
+    """An integer array of the given rank, a torch tensor (``torch_call``) or numpy array on its own device, as
+    int32 contiguous (int64 accepted and narrowed when the values fit)."""
+    t = A.as_array(x, name, torch_call)
     check_rank(t, rank, name, shape_doc)
-    if t.dtype not in (torch.int32, torch.int64):
+    found = A.dtype_name(t)
+    if found not in ("int32", "int64"):
         raise ValueError(f"{name}: expected int32 {shape_doc}, got dtype {t.dtype}")
-    if t.dtype not in dtypes:
-        if t.numel() and (int(t.max()) > 2**31 - 1 or int(t.min()) < -(2**31)):
+    if found == "int64":
+        if A.numel(t) and (int(t.max()) > 2**31 - 1 or int(t.min()) < -(2**31)):
             raise ValueError(f"{name}: values do not fit int32")
-        t = t.to(torch.int32)
-    return t.contiguous()
+        t = A.cast(t, "int32")
+    return A.contiguous(t)
 
 
-def check_block_table(block_table: torch.Tensor, seq_lens: torch.Tensor, page_size: int, num_pages: int,
-                      first_key=None) -> np.ndarray:
+def check_block_table(block_table, seq_lens, page_size: int, num_pages: int, first_key=None) -> np.ndarray:
     """Lengths positive and within the table; every page a sequence uses inside ``[0, num_pages)``.
     Entries past a sequence's last page are ignored (they may be -1), and so are those of pages wholly before
     ``first_key(lens)`` (a function of the lengths giving each sequence's first visible key: a sliding window's
@@ -203,7 +176,7 @@ def check_block_table(block_table: torch.Tensor, seq_lens: torch.Tensor, page_si
         raise ValueError(f"seq_lens: length {seq_lens.shape[0]} does not match block_table's batch {batch}")
     if batch == 0:
         raise ValueError("block_table: batch must be at least 1")
-    lens = seq_lens.cpu().numpy().astype(np.int64)
+    lens = A.host_numpy(seq_lens).astype(np.int64)
     lo, hi = int(np.min(lens)), int(np.max(lens))
     if lo <= 0:
         b = int(np.argmax(lens <= 0))
@@ -215,7 +188,7 @@ def check_block_table(block_table: torch.Tensor, seq_lens: torch.Tensor, page_si
             f"seq_lens: seq_lens[{b}] = {lens[b]} exceeds what block_table holds "
             f"({max_pages} pages x page_size {page_size} = {capacity})"
         )
-    table = block_table.cpu().numpy()
+    table = A.host_numpy(block_table)
     if 0 <= table.min() and table.max() < num_pages:  # every entry valid, used or not: nothing to mask
         return lens
     used = np.arange(max_pages)[None, :] < ((lens + page_size - 1) // page_size)[:, None]
@@ -231,12 +204,12 @@ def check_block_table(block_table: torch.Tensor, seq_lens: torch.Tensor, page_si
     return lens
 
 
-def check_cu_seqlens(cu_seqlens_q: torch.Tensor, batch: int, total_q: int, seq_lens: torch.Tensor) -> np.ndarray:
+def check_cu_seqlens(cu_seqlens_q, batch: int, total_q: int, seq_lens) -> np.ndarray:
     """``cu_seqlens_q`` [batch + 1]: starts at 0, monotone, ends at ``total_q``, each query count at most its
     sequence's length. Returns the per-sequence query counts."""
     if cu_seqlens_q.shape[0] != batch + 1:
         raise ValueError(f"cu_seqlens_q: expected {batch + 1} entries (batch + 1), got {cu_seqlens_q.shape[0]}")
-    cu = cu_seqlens_q.cpu().numpy().astype(np.int64)
+    cu = A.host_numpy(cu_seqlens_q).astype(np.int64)
     if cu[0] != 0:
         raise ValueError(f"cu_seqlens_q: must start at 0, got {cu[0]}")
     q_lens = np.diff(cu)
@@ -244,7 +217,7 @@ def check_cu_seqlens(cu_seqlens_q: torch.Tensor, batch: int, total_q: int, seq_l
         raise ValueError("cu_seqlens_q: must be monotone non-decreasing")
     if cu[-1] != total_q:
         raise ValueError(f"cu_seqlens_q: last entry {cu[-1]} does not match q's {total_q} rows")
-    lens = seq_lens.cpu().numpy().astype(np.int64)
+    lens = A.host_numpy(seq_lens).astype(np.int64)
     if (q_lens > lens).any():
         b = int(np.argmax(q_lens > lens))
         raise ValueError(
@@ -256,24 +229,10 @@ def check_cu_seqlens(cu_seqlens_q: torch.Tensor, batch: int, total_q: int, seq_l
 
 def check_writable(x, name: str) -> None:
     """An argument the kernel writes must be writable: a read-only numpy array (a view of a file, a broadcast,
-    ``flags.writeable = False``) would be written anyway through its data pointer."""
-    if isinstance(x, np.ndarray) and not x.flags.writeable:
+    ``flags.writeable = False``) would be written anyway through its data pointer. ``x``: the argument as
+    given (a torch view of it would not say)."""
+    if not A.is_writable(x):
         raise ValueError(f"{name}: the array is read-only, and it is written in place")
-
-
-def _span(t: torch.Tensor) -> tuple[int, int] | None:
-    """The byte range [first, last + 1) a tensor's elements occupy, None when it has none."""
-    if t.numel() == 0:
-        return None
-    lo = hi = 0
-    for size, stride in zip(t.shape, t.stride()):
-        reach = (size - 1) * stride
-        if reach < 0:
-            lo += reach
-        else:
-            hi += reach
-    start, item = t.data_ptr(), t.element_size()
-    return start + lo * item, start + (hi + 1) * item
 
 
 def check_disjoint(written: dict, others: dict) -> None:
@@ -281,13 +240,16 @@ def check_disjoint(written: dict, others: dict) -> None:
     any tensor in ``others`` (name -> tensor it reads). Overlap is judged on the byte ranges, so it also catches a
     view of the same storage (``k_cache`` and ``k_cache[:]``) and interleaved views (conservatively)."""
     items = list(written.items())
-    spans = {n: (t.device, _span(t)) for n, t in (*items, *others.items()) if t is not None}
-    for i, (name, _) in enumerate(items):
-        dev, span = spans[name]
+    arrays = {n: t for n, t in (*items, *others.items()) if t is not None}
+    spans = {n: A.byte_span(t) for n, t in arrays.items()}
+    for i, (name, t) in enumerate(items):
+        span = spans[name]
         if span is None:
             continue
         for other in [n for n, _ in items[:i]] + [n for n in others if n not in written]:
-            odev, ospan = spans.get(other, (None, None))
-            if ospan is not None and odev == dev and span[0] < ospan[1] and ospan[0] < span[1]:
+            ospan = spans.get(other)
+            # Addresses on two devices may coincide: only arrays on one device can alias.
+            if ospan is not None and span[0] < ospan[1] and ospan[0] < span[1] and \
+                    A.device(t) == A.device(arrays[other]):
                 raise ValueError(f"{name}: shares memory with {other}; an argument that is written may not "
                                  "alias another argument")
