@@ -12,6 +12,7 @@ in it), and its tests share that config, ``_opts``, the target fixture and one m
 
 from __future__ import annotations
 
+import argparse
 import json
 import random
 import warnings
@@ -298,6 +299,23 @@ def test_lookup_picks_nearest_bucket(target, tmp_path, monkeypatch):
     assert tuned_knobs.lookup(CFG, target, batch=16, max_pages=4).knobs == small
     assert tuned_knobs.lookup(CFG, target, batch=1, max_pages=512).bucket == (1, 1024)
     assert tuned_knobs.lookup(KernelConfig("decode", "float32", 8, 2, 64, 8), target) is None  # no file: silent
+
+
+def test_describe_names_the_schedule_or_the_tune_command(target, tmp_path, monkeypatch):
+    """The demo's "kernels" line: the file a tuned kernel's knobs come from, else a tune command that parses."""
+    from tvm_paged.tune import add_arguments, tune_config
+
+    monkeypatch.setenv("TVM_PAGED_SCHEDULES_DIR", str(tmp_path))
+    other = KernelConfig("decode", "float16", 6, 3, 80, 5)
+    line = tuned_knobs.describe(other, target)
+    assert line.startswith(f"{other.name}: no tuned schedule for {targets.target_key(target)}, default knobs")
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert tune_config(parser.parse_args(line.split("tvm-paged tune ")[1].rstrip(")").split())) == other
+    tuned_knobs.write(CFG, target, [{"batch": 8, "max_pages": 8, "knobs": KnobSpace(
+        tuned_knobs.knob_space(CFG, target)).knobs(1), "gbps": 1.0}])
+    assert tuned_knobs.describe(CFG, target) == (f"{CFG.name} tuned for {targets.target_key(target)} "
+                                                f"({tuned_knobs.schedule_path(CFG, target, tmp_path).resolve()})")
 
 
 def test_run_time_uses_the_nearest_bucket(target, fresh_build, monkeypatch):

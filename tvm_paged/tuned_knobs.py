@@ -256,6 +256,21 @@ def lookup(cfg, target, batch: int | None = None, max_pages: int | None = None) 
                          gbps=chosen.get("gbps"), config=str(doc["config"]))
 
 
+def describe(cfg, target) -> str:
+    """One line for a summary: which schedule ``cfg``'s kernel gets on ``target`` (the file it comes from), or that
+    it runs its default knobs and the command that tunes it for this CPU kind."""
+    doc, path = _find(cfg, target)
+    key = target_key(target)
+    if doc is not None:
+        shown = path.resolve()
+        if shown.is_relative_to(Path.cwd()):  # a checkout's own schedules/, as the user would type it
+            shown = shown.relative_to(Path.cwd())
+        return f"{cfg.name} tuned for {key} ({shown})"
+    return (f"{cfg.name}: no tuned schedule for {key}, default knobs (tune it here: tvm-paged tune --target local "
+            f"--kernel {cfg.kernel} --dtype {cfg.dtype} --num-qo-heads {cfg.num_qo_heads} --num-kv-heads "
+            f"{cfg.num_kv_heads} --head-dim {cfg.head_dim} --page-size {cfg.page_size})")
+
+
 def write(cfg, target, buckets: list[dict], *, root: Path | str | None = None, database: str = "",
           tvmscript: str | None = None) -> Path:
     """Write the schedule file (and the tuned PrimFunc's TVMScript beside it) for (``cfg``, ``target``).

@@ -12,7 +12,10 @@ from collections import Counter
 import torch
 from tqdm import tqdm
 
+from .. import targets, tuned_knobs
+from ..arrays import TORCH_DTYPE_NAMES
 from ..cache import PagedKVCache
+from ..config import KernelConfig
 from ..models import Tokenizer, default_model_path, open_gguf
 from ..models.llama import LlamaModel
 from ..scheduler import Scheduler, Sequence
@@ -266,6 +269,12 @@ class Engine:
                 self.tokenizer.decode(q.tokens[len(r.prompt):], skip_special_tokens=True).strip() for q in seqs]})
         return out
 
+    def kernels_line(self) -> str:
+        """Which decode schedule this run used on this CPU (tuned, or defaults and how to tune them)."""
+        cfg = KernelConfig("decode", TORCH_DTYPE_NAMES[self.cache.dtype], self.cfg.num_qo_heads, self.cache.num_kv_heads,
+                           self.cache.head_dim, self.cache.page_size)
+        return tuned_knobs.describe(cfg, targets.local_target())
+
     def _summary(self, wall: float, compile_s: float) -> dict:
         st, sc, k, ps = self.stats, self.sched.counters, self.kv, self.cache.page_size
         serving = max(1e-9, wall - self.check_s)
@@ -293,6 +302,7 @@ class Engine:
             preempted_tokens=sc["preempted_tokens"],
             recompute_cached_tokens=sc["recompute_cached_tokens"],
             checks=st["checks"], checks_passed=st["checks_passed"], max_abs_logit_diff=self.max_abs_diff,
+            kernels=self.kernels_line(),
             model=self.args.model if self.tokenizer is None else str(self.args.gguf or default_model_path().name),
             answers=self.answers(self.args.show),
         )

@@ -89,6 +89,7 @@ def format_summary(s: dict) -> str:
         ("chunked prefill", f"{s['chunked_prefills']} chunks continued a prompt"),
         ("preemptions", f"{s['preemptions']} (pages of {s['preempted_tokens']} computed tokens freed; on "
                         f"readmission {s['recompute_cached_tokens']} tokens came back from the prefix cache)"),
+        ("kernels", s["kernels"]),
         ("logits checks", f"{s['checks_passed']}/{s['checks']} passed (max |diff| {s['max_abs_logit_diff']:.2e})"),
     ]
     width = max(len(k) for k, _ in rows)
