@@ -138,13 +138,14 @@ def _binding(plan: AttentionPlan, kernel: str, q, k_cache, v_cache, out, rows_of
     elif not (A.is_contiguous(kc) and A.is_contiguous(vc)):  # the only property the key does not pin
         V.check_cache_pair(kc, vc)
     q, kc, vc = A.contiguous(q), V.kernel_view(kc), V.kernel_view(vc)
-    out = _result(q, out, torch_call, {"q": q, "k_cache": kc, "v_cache": vc, **_arrays(opts.args)})
+    out = _result(q, out, torch_call, kc, vc, opts.args)
     return q, kc, vc, out, bound, opts.args
 
 
-def _result(q, out, torch_call: bool, inputs: dict):
+def _result(q, out, torch_call: bool, kc, vc, args: dict):
     """The output array of a run: ``out`` if the caller gave one (checked: q's shape, dtype and device,
-    contiguous, writable, sharing memory with no input), else a new one in q's library."""
+    contiguous, writable, sharing memory with no input: q, the caches or an option array in ``args``), else a new
+    one in q's library."""
     if out is None:
         return A.empty_like(q)
     V.check_writable(out, "out")
@@ -153,7 +154,7 @@ def _result(q, out, torch_call: bool, inputs: dict):
         raise ValueError(f"out: expected a contiguous {tuple(q.shape)} {q.dtype} tensor on {A.device(q)}, got "
                          f"{tuple(t.shape)} {t.dtype} on {A.device(t)}"
                          f"{'' if A.is_contiguous(t) else ' (strided)'}")
-    V.check_disjoint({"out": t}, inputs)
+    V.check_disjoint({"out": t}, {"q": q, "k_cache": kc, "v_cache": vc, **_arrays(args)})
     return t
 
 
