@@ -43,11 +43,17 @@ def knob_space(cfg: KernelConfig, lanes: int) -> dict[str, list]:
     ``lanes``: float32 SIMD lanes per vector op; ``group_tile``: query heads of a group accumulated together
     (register pressure vs K reuse); ``prefetch``: software prefetch of this page's V rows during q.k ("v"),
     plus the next page's K spread over P.V ("v+k") or over q.k ("kv"), or none; ``qk_tokens`` and ``pv_vecs``: the
-    register tiles of the two products.
+    register tiles of the two products (``pv_vecs`` up to a whole head_dim row; values that do not divide the
+    row's vectors fall back to 1).
     """
     lane_opts = [n for n in (lanes, lanes * 2, lanes // 2) if n >= 4 and cfg.head_dim % n == 0]
+    # A P.V tile as wide as the whole head_dim row (8 vectors of head_dim 128 at 16 lanes) reads each V row in
+    # one pass: narrower tiles revisit a page's rows at a stride of num_kv_heads * head_dim elements (4 KB for
+    # 8 x 128 float32), which maps all of a page's rows onto the same few L1 sets.
+    row_vecs = cfg.head_dim // lanes if lanes and cfg.head_dim % lanes == 0 else 1
+    pv_opts = [2, 1, 4] + ([row_vecs] if row_vecs > 4 and row_vecs <= 8 else [])
     return {"lanes": lane_opts or [1], "group_tile": _group_tiles(cfg.group_size),
-            "prefetch": ["v+k", "v", "kv", "none"], "qk_tokens": [1, 2], "pv_vecs": [2, 1, 4]}
+            "prefetch": ["v+k", "v", "kv", "none"], "qk_tokens": [1, 2, 4], "pv_vecs": pv_opts}
 
 
 def build_decode_cpu(cfg: KernelConfig, *, lanes: int = 8, group_tile: int | None = None, prefetch: str = "v+k",
