@@ -123,10 +123,11 @@ def test_prefill_custom_scale_and_plan_reuse():
         assert_close(lse, ref_lse, LSE_ATOL[dtype], "lse")
 
 
-def test_prefill_tile_reads_stop_at_its_last_position():
+@pytest.mark.parametrize("cfg", [CONFIGS[2], CONFIGS[6]], ids=["f32", "bf16"])
+def test_prefill_tile_reads_stop_at_its_last_position(cfg):
     """Causal: a tile reads no key past its last query's position. Keys from position 16 on are NaN, so only the
-    first tile (rows 0-15) can be finite, and it must be exact; page size 5 puts position 16 inside a page."""
-    cfg = CONFIGS[2]
+    first tile (rows 0-15) can be finite, and it must be exact; page size 5 puts position 16 inside a page (bf16:
+    on an AMX host the tile path, whose products would carry a NaN into every row of a tile)."""
     dtype, hq, hkv, d, p = cfg
     n = 40
     q, k, v, bt, sl, cu = _case(cfg, [n], [n], seed=50)
@@ -322,3 +323,52 @@ def test_every_prefill_knob_value_is_correct():
                 fn(q, k, v, plan.block_table, plan.seq_lens, plan.cu_seqlens_q, plan.tiles, out, lse, 64 ** -0.5,
                    int(causal))
                 assert_close(out, ref, ATOL["float32"], f"{knob}={value} causal={causal}")
+
+
+def _has_amx() -> bool:
+    from tvm_paged import targets
+
+    return DEVICE.type == "cpu" and targets.cpu_has_feature("amx-bf16", targets.local_target())
+
+
+@pytest.mark.skipif(not _has_amx(), reason="the host has no AMX-BF16")
+def test_prefill_amx_knobs_and_fma_path_are_correct():
+    """On an AMX host bfloat16 prefill runs on tiles by default (the grid above); here every other value of its
+    knobs, and the FMA path it replaces (``amx=False``), against the float64 reference on a NaN-filled pool (odd
+    lengths, chunked queries, page size 5, a tile of 16 rows padded from 17 x 4 heads)."""
+    from tvm_paged import build, targets
+    from tvm_paged.kernels import knob_space
+
+    cfg = tp.KernelConfig("prefill", "bfloat16", 8, 2, 64, 5)
+    target = targets.local_target()
+    space = knob_space(cfg, target)
+    assert set(space) == {"chunk", "use_prefetch"}
+    q, k, v, bt, sl, cu = _case(("bfloat16", 8, 2, 64, 5), [97, 17, 40, 130], [33, 17, 1, 130], seed=32)
+    plan = tp.plan_prefill(bt, sl, cu, q.shape[0], page_size=5, num_pages=k.shape[0])
+    refs = {c: reference.prefill(q, k, v, bt, sl, cu, causal=c) for c in (True, False)}
+    variants = [{knob: value} for knob, values in space.items() for value in values[1:]] + [{"amx": False}]
+    for knobs in variants:
+        fn = build.compile_kernel(cfg, target, knobs=knobs).mod[cfg.name]
+        for causal, (ref, ref_lse) in refs.items():
+            out, lse = torch.empty_like(q), torch.empty(q.shape[0], 8)
+            fn(q, k, v, plan.block_table, plan.seq_lens, plan.cu_seqlens_q, plan.tiles, out, lse, 64 ** -0.5,
+               int(causal))
+            assert_close(out, ref, ATOL["bfloat16"], f"{knobs} causal={causal}")
+            assert_close(lse, ref_lse, LSE_ATOL["bfloat16"], f"lse {knobs} causal={causal}")
+
+
+def test_prefill_amx_compiles_to_tile_instructions():
+    """The AMX path is tile code (checked on any x86 host: compiled for an AMX CPU, not run), and refuses the
+    configurations it cannot run, naming the knob."""
+    from tvm_paged import tvm_compat as tc
+    from tvm_paged.kernels.prefill_cpu import build_prefill_cpu
+
+    target = tc.Target({"kind": "llvm", "mcpu": "sapphirerapids", "mattr": ["-prefer-256-bit"]})
+    cfg = tp.KernelConfig("prefill", "bfloat16", 8, 2, 128, 16)
+    asm = tc.compile_module(build_prefill_cpu(cfg, lanes=16, amx=True), target).mod.inspect_source("asm")
+    for instr in ("ldtilecfg", "tileloadd", "tdpbf16ps", "tilestored", "tilerelease"):
+        assert instr in asm, instr
+    with pytest.raises(ValueError, match="amx"):
+        build_prefill_cpu(tp.KernelConfig("prefill", "float16", 8, 2, 128, 16), lanes=16, amx=True)
+    with pytest.raises(ValueError, match="chunk=96"):
+        build_prefill_cpu(cfg, lanes=16, amx=True, chunk=96)

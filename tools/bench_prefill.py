@@ -1,19 +1,21 @@
 #!/usr/bin/env python
-"""Prefill benchmark: tvm_paged's paged prefill against this CPU's float32 FMA roof and torch's SDPA, one process.
+"""Prefill benchmark: tvm_paged's paged prefill against this CPU's arithmetic roofs and torch's SDPA, one process.
 
 Prefill is arithmetic-bound, so its rate is GFLOP/s (4 per query row, query head, visible key and head_dim
 element: 2 for q.k, 2 for P.V; causal masking counted as the keys each row sees) and its yardstick is the FMA
-roof that ``tools/compute_roof.py`` measures with a TVM-compiled kernel on every core, taken in the same run.
+roof that ``tools/compute_roof.py`` measures with a TVM-compiled kernel on every core, taken in the same run; on a
+CPU with AMX-BF16 also its tile-product roof, the yardstick of bfloat16 prefill, which runs on AMX tiles there.
 Cases (32 query heads, 8 KV heads, head_dim 128, page 16, shuffled page tables):
 
 - ``prompt``: batch 4 x 512-token prompts, every token a query (causal);
 - ``chunk``: batch 4, 256 new queries each over 768 cached tokens (chunked prefill).
 
-Rows: tvm_paged with its default knobs, with the tuned schedule when one exists for this target, and torch's
+Rows: tvm_paged with its default knobs (bfloat16 with AMX: also with ``amx=False``, the FMA path), with the tuned
+schedule when one exists for this target, and torch's
 ``scaled_dot_product_attention`` (causal, GQA) on the same keys already gathered into contiguous tensors (its
 best case: the gather is not timed). Every row is checked against the float64 reference first.
 
-    python tools/bench_prefill.py [--dtypes float32,float16] [--cases prompt,chunk] [--rounds 5]
+    python tools/bench_prefill.py [--dtypes float32,float16,bfloat16] [--cases prompt,chunk] [--rounds 5]
 """
 
 from __future__ import annotations
@@ -26,10 +28,11 @@ import torch
 
 from tvm_paged import build, ops, reference, targets, tuned_knobs
 from tvm_paged.config import KernelConfig
+from tvm_paged.kernels import prefill_cpu
 from tvm_paged.tvm_compat import allowed_cores
 
 from bench_decode import machine_line
-from compute_roof import fma_roof
+from compute_roof import amx_roof, fma_roof
 
 HQ, HKV, D, PAGE = 32, 8, 128, 16
 CASES = {"prompt": (4, 512, 512), "chunk": (4, 1024, 256)}  # batch, seq_len, queries per sequence
@@ -96,12 +99,16 @@ def check(run, inputs, dtype, row):
         raise SystemExit(f"{row}: max error {err:.3g} against the float64 reference")
 
 
-def bench_case(case, dtype_name, rounds, roof):
+def bench_case(case, dtype_name, rounds, roof, amx=None):
     batch, seq_len, q_len = CASES[case]
     dtype = DTYPES[dtype_name]
     inputs = make_inputs(batch, seq_len, q_len, dtype)
     cfg = KernelConfig("prefill", dtype_name, HQ, HKV, D, PAGE)
     runners = {"tvm_paged (default)": tvm_paged_runner(cfg, inputs, {})}
+    uses_amx = amx is not None and prefill_cpu.amx_applies(cfg)
+    if uses_amx:
+        runners = {"tvm_paged (default: AMX)": runners["tvm_paged (default)"],
+                   "tvm_paged (amx=False: FMAs)": tvm_paged_runner(cfg, inputs, {"amx": False})}
     tuned = tuned_knobs.lookup(cfg, targets.local_target())
     if tuned is not None:
         runners["tvm_paged (tuned)"] = tvm_paged_runner(cfg, inputs, tuned.knobs)
@@ -121,17 +128,20 @@ def bench_case(case, dtype_name, rounds, roof):
                 runners[row]()
             times[row].append((time.perf_counter() - t0) / reps)
     print(f"\n{dtype_name}, {case}: batch {batch}, {q_len} queries over {seq_len} tokens each "
-          f"({work / 1e9:.1f} GFLOP per call), FMA roof {roof:.0f} GFLOP/s")
-    print("| kernel | ms | GFLOP/s | of FMA roof |\n| --- | --- | --- | --- |")
+          f"({work / 1e9:.1f} GFLOP per call), FMA roof {roof:.0f} GFLOP/s"
+          + (f", AMX-BF16 roof {amx:.0f} GFLOP/s" if uses_amx else ""))
+    print("| kernel | ms | GFLOP/s | of FMA roof |" + (" of AMX roof |" if uses_amx else "")
+          + "\n| --- | --- | --- | --- |" + (" --- |" if uses_amx else ""))
     for row in runners:
         sec = statistics.median(times[row])
-        print(f"| {row} | {sec * 1e3:.2f} | {work / sec / 1e9:.1f} | {100 * work / sec / 1e9 / roof:.0f}% |",
-              flush=True)
+        rate = work / sec / 1e9
+        print(f"| {row} | {sec * 1e3:.2f} | {rate:.1f} | {100 * rate / roof:.0f}% |"
+              + (f" {100 * rate / amx:.0f}% |" if uses_amx else ""), flush=True)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--dtypes", default="float32,float16")
+    ap.add_argument("--dtypes", default="float32,float16,bfloat16")
     ap.add_argument("--cases", default="prompt,chunk")
     ap.add_argument("--rounds", type=int, default=5)
     args = ap.parse_args()
@@ -139,9 +149,12 @@ def main() -> None:
     print(machine_line(torch.device("cpu")))
     roof = fma_roof()
     print(f"float32 FMA roof: {roof['gflops']:.1f} GFLOP/s ({roof['threads']} cores, {roof['lanes']} lanes)")
+    amx = amx_roof()
+    if amx is not None:
+        print(f"AMX-BF16 roof: {amx['gflops']:.1f} GFLOP/s ({amx['threads']} cores)")
     for dtype_name in args.dtypes.split(","):
         for case in args.cases.split(","):
-            bench_case(case, dtype_name, args.rounds, roof["gflops"])
+            bench_case(case, dtype_name, args.rounds, roof["gflops"], amx and amx["gflops"])
 
 
 if __name__ == "__main__":

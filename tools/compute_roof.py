@@ -5,12 +5,16 @@ attention kernels go through), on every core:
   NEON), enough independent accumulator chains to cover the FMA latency, everything in registers. 2 FLOP per
   lane per FMA.
 
-AVX512-BF16's ``vdpbf16ps`` (bfloat16 pair dot products into float32) would double that for bfloat16 prefill, but
-TVM 0.27 cannot reach it: its bfloat16 legalization (always on for LLVM targets) turns every bfloat16 value into a
-float32 before code generation, so ``T.call_llvm_pure_intrin`` passes ``<32 x float>`` where
-``llvm.x86.avx512bf16.dpbf16ps.512`` takes ``<32 x bfloat>`` and LLVM's verifier rejects the module
-(``tests/test_build.py::test_tvm_cannot_feed_bfloat16_vectors_to_llvm`` keeps that fact checked). AMX tiles have no
-TIR type at all (TVM 0.27's x86 tensor intrinsics are the int8 VNNI dot products only).
+- ``amx``: AMX-BF16 tile products (``tdpbf16ps``: 16 x 16 float32 accumulators += 16 x 32 by 32 x 16
+  bfloat16, 16384 FLOP each) into four independent accumulator tiles, operands held in tiles, on every core;
+  only where the target has ``amx-bf16``.
+
+AVX512-BF16's ``vdpbf16ps`` (bfloat16 pair dot products on vector registers) is not measured: TVM 0.27's bfloat16
+legalization (always on for LLVM targets) turns every bfloat16 value into a float32 before code generation, so
+``T.call_llvm_pure_intrin`` passes ``<32 x float>`` where ``llvm.x86.avx512bf16.dpbf16ps.512`` takes
+``<32 x bfloat>`` and LLVM's verifier rejects the module
+(``tests/test_build.py::test_tvm_cannot_feed_bfloat16_vectors_to_llvm`` keeps that fact checked). AMX's
+register-numbered intrinsics take memory addresses and tile numbers, no bfloat16 values, so they escape it.
 
 Used by ``tools/bench_prefill.py`` (prefill is judged against the FMA roof) and runnable alone::
 
@@ -25,7 +29,7 @@ import numpy as np
 
 from tvm_paged import targets
 from tvm_paged import tvm_compat as tc
-from tvm_paged.tvm_compat import T
+from tvm_paged.tvm_compat import AMX, T
 
 
 def _fma_func(threads: int, chains: int, lanes: int):
@@ -80,10 +84,57 @@ def fma_roof(repeat: int = 5, n_iters: int = 2_000_000) -> dict:
             "threads": threads}
 
 
+def _amx_func(threads: int):
+    @T.prim_func
+    def amx(a: T.Buffer((16, 32), "uint16"), b: T.Buffer((16, 32), "uint16"), c: T.Buffer((threads, 4, 16, 16),
+            "float32"), n: T.int32):
+        T.func_attr({"global_symbol": "amx", "tir.noalias": True})
+        AMX.request_permission()
+        for t in T.parallel(threads):
+            cfg = T.alloc_buffer((64,), "uint8")
+            for i in range(64):
+                cfg[i] = T.uint8(0)
+            cfg[0] = T.uint8(1)
+            for tile in range(6):
+                cfg[16 + 2 * tile] = T.uint8(64)
+                cfg[48 + tile] = T.uint8(16)
+            AMX.configure(T.address_of(cfg[0]))
+            for j in T.unroll(4):
+                AMX.zero(j)
+            AMX.load(4, T.address_of(a[0, 0]), 64)
+            AMX.load(5, T.address_of(b[0, 0]), 64)
+            for _ in range(n):
+                for j in T.unroll(4):
+                    AMX.dot_bf16(j, 4, 5)
+            for j in T.unroll(4):
+                AMX.store(j, T.address_of(c[t, j, 0, 0]), 64)
+            AMX.release()
+
+    return amx
+
+
+def amx_roof(repeat: int = 5, n_iters: int = 200_000) -> dict | None:
+    """``{"gflops", "threads"}``: AMX-BF16 tile-product throughput of every core, or None without ``amx-bf16``."""
+    target = targets.local_target()
+    if not targets.cpu_has_feature("amx-bf16", target):
+        return None
+    threads = tc.allowed_cores()
+    fn = tc.compile_module(_amx_func(threads), target).mod["amx"]
+    # Small bfloat16 values (0.001 = 0x3A83) keep the accumulators finite over the run.
+    a = tc.from_numpy(np.full((16, 32), 0x3A83, np.uint16))
+    b = tc.from_numpy(np.full((16, 32), 0x3A83, np.uint16))
+    c = tc.from_numpy(np.zeros((threads, 4, 16, 16), np.float32))
+    secs = _time(fn, (a, b, c), n_iters, repeat)
+    return {"gflops": 2 * 16 * 16 * 32 * 4 * threads * n_iters / secs / 1e9, "threads": threads}
+
+
 def main() -> None:
     fma = fma_roof()
     print(f"float32 FMA roof: {fma['gflops']:.1f} GFLOP/s ({fma['threads']} cores, {fma['lanes']} lanes, "
           f"{fma['chains']} chains)")
+    amx = amx_roof()
+    if amx is not None:
+        print(f"AMX-BF16 roof: {amx['gflops']:.1f} GFLOP/s ({amx['threads']} cores)")
 
 
 if __name__ == "__main__":

@@ -155,6 +155,11 @@ def _feature_tags(mattr) -> list[str]:
     return sorted(tags)
 
 
+def cpu_has_feature(feature: str, target: "tc.Target") -> bool:
+    """Whether the CPU target may use LLVM feature ``feature`` (its CPU name's features with ``mattr`` applied)."""
+    return bool(tc.cpu_has_feature(feature, target))
+
+
 def cpu_vector_lanes(target: "tc.Target") -> int:
     """float32 lanes of the widest SIMD unit the CPU target may use (16 for AVX-512, 8 for AVX2, 4 otherwise)."""
     for feature, lanes in (("avx512f", 16), ("avx2", 8)):

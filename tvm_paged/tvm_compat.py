@@ -118,6 +118,50 @@ def prefetch(address):
     return T.evaluate(T.call_intrin("void", "tirx.prefetch", address, 0, 1, 1))
 
 
+class AMX:
+    """Intel AMX statements for TIR (0.27 has no AMX tensor intrinsic and no type for tile registers).
+
+    LLVM's register-numbered AMX intrinsics take tile numbers as immediates, so they need no tile type: a
+    ``tile`` argument must fold to a constant 0-7 (a Python int, or the variable of a ``T.unroll`` loop). A
+    thread configures its tiles (``configure``: a 64-byte palette-1 record in memory) before using them and
+    releases them after; the process asks Linux for the tile state's permission first (``request_permission``:
+    ``arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)``, idempotent, without which the first tile
+    instruction raises SIGILL).
+    """
+
+    @staticmethod
+    def request_permission():
+        return T.evaluate(T.call_extern("int64", "syscall", T.int64(158), T.int64(0x1023), T.int64(18)))
+
+    @staticmethod
+    def configure(address):
+        return T.evaluate(T.call_llvm_intrin("void", "llvm.x86.ldtilecfg", address))
+
+    @staticmethod
+    def release():
+        return T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tilerelease"))
+
+    @staticmethod
+    def zero(tile):
+        return T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tilezero", T.Cast("int8", tile)))
+
+    @staticmethod
+    def load(tile, address, stride_bytes: int):
+        return T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tileloadd64", T.Cast("int8", tile), address,
+                                             T.int64(stride_bytes)))
+
+    @staticmethod
+    def store(tile, address, stride_bytes: int):
+        return T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tilestored64", T.Cast("int8", tile), address,
+                                             T.int64(stride_bytes)))
+
+    @staticmethod
+    def dot_bf16(acc, a, b):
+        """``acc[m, n] += sum_k a[m, 2k:2k+2] . b[k, 2n:2n+2]`` (bfloat16 pairs, float32 accumulators)."""
+        return T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tdpbf16ps", T.Cast("int8", acc), T.Cast("int8", a),
+                                             T.Cast("int8", b)))
+
+
 def shape_var(name: str):
     """A fresh symbolic int64 dimension named ``name`` (a kernel's batch, pool size, ...)."""
     return tirx.Var(name, "int64")

@@ -15,26 +15,40 @@ from __future__ import annotations
 from typing import Callable
 
 from ..config import KernelConfig
-from ..targets import cpu_vector_lanes, target_kind
+from ..targets import cpu_has_feature, cpu_vector_lanes, target_kind
 from . import decode_cpu, decode_cuda, page_ops_cpu, page_ops_cuda, prefill_cpu, prefill_cuda
 
 
-def _cpu(builder: Callable, space: Callable | None = None):
+def _cpu(builder: Callable, space: Callable | None = None, features: Callable | None = None):
     """A CPU builder and knob space in the table's calling convention: tunable CPU kernels take the target's
-    float32 SIMD lanes."""
+    float32 SIMD lanes, and ``features(cfg, target)`` (when given) the other target facts they adapt to, as
+    keyword arguments of both."""
+
+    def facts(cfg, target):
+        return features(cfg, target) if features is not None else {}
 
     def build(cfg, target, **knobs):
         if space is not None:
             knobs.setdefault("lanes", cpu_vector_lanes(target))
+        for name, value in facts(cfg, target).items():
+            knobs.setdefault(name, value)
         return builder(cfg, **knobs)
 
-    return build, (None if space is None else (lambda cfg, target: space(cfg, cpu_vector_lanes(target))))
+    def knobs(cfg, target):
+        return space(cfg, cpu_vector_lanes(target), **facts(cfg, target))
+
+    return build, (None if space is None else knobs)
+
+
+def _prefill_features(cfg, target) -> dict:
+    """Prefill runs its products on AMX tiles where the target has AMX-BF16 and the configuration is bfloat16."""
+    return {"amx": prefill_cpu.amx_applies(cfg) and cpu_has_feature("amx-bf16", target)}
 
 
 # (family, target kind) -> (builder(cfg, target, **knobs), knob_space(cfg, target) or None when nothing is tunable).
 BUILDERS: dict[tuple[str, str], tuple[Callable, Callable | None]] = {
     ("decode", "cpu"): _cpu(decode_cpu.build_decode_cpu, decode_cpu.knob_space),
-    ("prefill", "cpu"): _cpu(prefill_cpu.build_prefill_cpu, prefill_cpu.knob_space),
+    ("prefill", "cpu"): _cpu(prefill_cpu.build_prefill_cpu, prefill_cpu.knob_space, _prefill_features),
     ("write_kv", "cpu"): _cpu(page_ops_cpu.build_write_kv_cpu),
     ("copy_pages", "cpu"): _cpu(page_ops_cpu.build_copy_pages_cpu),
     ("decode", "cuda"): (decode_cuda.build_decode_cuda, decode_cuda.knob_space),

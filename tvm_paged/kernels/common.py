@@ -65,6 +65,14 @@ def from_f32(value, dtype: str):
     return value if dtype == "float32" else T.Cast(dtype, value)
 
 
+def bf16_bits(value):
+    """The bfloat16 bits (uint16) of a finite float32 ``value``, rounded to nearest even: integer arithmetic, so
+    it vectorizes and stays uint16 (TVM's own bfloat16 casts are legalized to float32 values)."""
+    bits = T.reinterpret("uint32", value)
+    rounded = bits + T.uint32(0x7FFF) + T.bitwise_and(T.shift_right(bits, T.uint32(16)), T.uint32(1))
+    return T.Cast("uint16", T.shift_right(rounded, T.uint32(16)))
+
+
 # Eigen's float tanh (generic_fast_tanh_float): a 13/6 rational minimax fit on [-7.9, 7.9], within a few ulp,
 # straight-line code that vectorizes (TVM lowers T.tanh on LLVM to two libm exps per element).
 _TANH_ALPHA = (-2.76076847742355e-16, 2.00018790482477e-13, -8.60467152213735e-11, 5.12229709037114e-08,

@@ -40,9 +40,10 @@ import math
 
 from ..config import KernelConfig
 from ..spec import PREFILL
-from ..tvm_compat import T, prefetch
+from ..tvm_compat import AMX, T, prefetch
 from .common import (
-    CACHE_LINE_BYTES, LN2, LOG2E, exp2, from_f32, kv_to_f32, kv_widen_factor, largest_divisor_at_most, tanh, to_f32,
+    CACHE_LINE_BYTES, LN2, LOG2E, bf16_bits, exp2, from_f32, kv_to_f32, kv_widen_factor, largest_divisor_at_most,
+    tanh, to_f32,
 )
 from .signatures import finish, prefill_args
 
@@ -77,7 +78,18 @@ def _defaults(cfg: KernelConfig, lanes: int) -> tuple[int, int, int, int, int]:
     return lanes, chunk, _rows_blk(chunk, lanes), pv_rows, _pv_vecs(cfg.head_dim, lanes, pv_rows)
 
 
-def knob_space(cfg: KernelConfig, lanes: int) -> dict[str, list]:
+AMX_TILE = 16  # rows of an AMX tile, and float32 columns of an accumulator tile
+AMX_CHUNK = 64  # keys per step on AMX: four accumulator tiles of 16 keys
+
+
+def amx_applies(cfg: KernelConfig) -> bool:
+    """Whether the AMX-BF16 path can run ``cfg``: bfloat16 queries and cache (AMX multiplies bfloat16 pairs;
+    other dtypes would have to be rounded to it) and head_dim a multiple of 64 (two 32-element A tiles per
+    score step, four 16-column accumulator tiles per P.V step)."""
+    return cfg.dtype == "bfloat16" and not cfg.is_fp8 and cfg.head_dim % 64 == 0
+
+
+def knob_space(cfg: KernelConfig, lanes: int, amx: bool = False) -> dict[str, list]:
     """Tunable knobs of :func:`build_prefill_cpu` (first value of each list = the default).
 
     ``chunk``: keys per online-softmax step (a multiple of the lanes); ``rows_blk``: query rows of the score
@@ -85,6 +97,8 @@ def knob_space(cfg: KernelConfig, lanes: int) -> dict[str, list]:
     next chunk's K/V rows. Every combination builds a correct kernel; blocks too large for the registers (or for a
     stack buffer) are legal and merely slow, which is what the search finds out.
     """
+    if amx:  # the register blocks are AMX tiles: only the chunk and the prefetch are free
+        return {"chunk": [AMX_CHUNK, 2 * AMX_CHUNK], "use_prefetch": [True, False]}
     lanes, chunk, rows_blk, pv_rows, pv_vecs = _defaults(cfg, lanes)
     nvec = cfg.head_dim // lanes
     chunks = [chunk, 2 * chunk] + ([chunk // 2] if chunk // 2 >= lanes and (chunk // 2) % lanes == 0 else [])
@@ -98,7 +112,8 @@ def knob_space(cfg: KernelConfig, lanes: int) -> dict[str, list]:
 
 
 def build_prefill_cpu(cfg: KernelConfig, *, lanes: int = 8, chunk: int | None = None, rows_blk: int | None = None,
-                      pv_rows: int | None = None, pv_vecs: int | None = None, use_prefetch: bool = True):
+                      pv_rows: int | None = None, pv_vecs: int | None = None, use_prefetch: bool = True,
+                      amx: bool = False):
     """Return the prefill PrimFunc for ``cfg`` (kernel ``prefill``) on an LLVM CPU target.
 
     Its parameters are :data:`tvm_paged.spec.PREFILL`'s (C-contiguous; ``TQ``, ``P``, ``B``, ``M``, ``NT``
@@ -117,6 +132,12 @@ def build_prefill_cpu(cfg: KernelConfig, *, lanes: int = 8, chunk: int | None = 
     of P.V (default 4 x 2 on AVX2, 2 x up to 7 on AVX-512; ``pv_vecs`` must divide ``head_dim / lanes``);
     ``use_prefetch`` software prefetch of the next chunk's K/V rows. Register blocks of 1 KiB or more are legal
     but slow (see ``_STACK_BYTES``).
+
+    ``amx`` (bfloat16 only, see :func:`amx_applies`; the target must have ``amx-bf16``): the two products run on
+    AMX tiles instead of FMAs. Each chunk (``chunk`` a multiple of 64) is gathered as bfloat16 in the layouts
+    the tile multiply reads (K transposed in pairs of head_dim elements, V in pairs of tokens); the scores come
+    out in float32 and the softmax stays on vector registers; the weights are rounded to bfloat16 for P.V (as
+    the GPU kernels do), accumulated in float32. ``rows_blk``, ``pv_rows`` and ``pv_vecs`` do not apply.
     """
     if cfg.kernel != "prefill":
         raise ValueError(f"build_prefill_cpu needs a prefill config, got {cfg.name}")
@@ -126,7 +147,12 @@ def build_prefill_cpu(cfg: KernelConfig, *, lanes: int = 8, chunk: int | None = 
     widen = kv_widen_factor(cfg)
     QT = PREFILL.constants["q_tile"]
     lanes, d_chunk, _, d_pv_rows, _ = _defaults(cfg, lanes)
-    C = int(chunk) if chunk is not None else d_chunk
+    C = int(chunk) if chunk is not None else (AMX_CHUNK if amx else d_chunk)
+    if amx and not amx_applies(cfg):
+        raise ValueError(f"prefill knobs: amx needs bfloat16 q and cache and head_dim a multiple of 64, got "
+                         f"{cfg.dtype} / {cfg.kv_dtype} and head_dim {D}")
+    if amx and C % AMX_CHUNK:
+        raise ValueError(f"prefill knobs: chunk={C} must be a multiple of {AMX_CHUNK} with amx")
     cvec = C // lanes
     RS = int(rows_blk) if rows_blk is not None else _rows_blk(C, lanes)  # for the chunk actually used
     RP = int(pv_rows) if pv_rows is not None else d_pv_rows
@@ -141,7 +167,8 @@ def build_prefill_cpu(cfg: KernelConfig, *, lanes: int = 8, chunk: int | None = 
         raise ValueError(f"prefill knobs: chunk={C} must be at least q_tile = {QT} with a sliding window")
     DB = DV * lanes  # head_dim elements per P.V register block
     NDB = D // DB
-    RB = RS * RP // math.gcd(RS, RP)  # rows are padded to a multiple of both register blocks
+    # Rows are padded to a multiple of both register blocks (of the AMX tile with amx).
+    RB = AMX_TILE if amx else RS * RP // math.gcd(RS, RP)
     ROWS = (QT * G + RB - 1) // RB * RB  # query rows of one KV head in a full tile, padded
     line = max(1, CACHE_LINE_BYTES // E)  # elements per cache line
     row_lines = (D + line - 1) // line  # cache lines per K (or V) row of one head
@@ -321,6 +348,102 @@ def build_prefill_cpu(cfg: KernelConfig, *, lanes: int = 8, chunk: int | None = 
                         for dl in T.vectorized(lanes):
                             acc[ib * RP + ii, db * DB + dv * lanes + dl] = preg[ii, dv * lanes + dl]
 
+    KB = AMX_CHUNK // AMX_TILE  # accumulator tiles per AMX step: tiles 0..KB-1; A is tile KB, B tile KB + 1
+    A_TILE, B_TILE = KB, KB + 1
+
+    # The AMX path moves bfloat16 values as their bits (uint16 buffers and views): TVM legalizes bfloat16
+    # arithmetic and local buffers to float32, which the tile loads would misread.
+    @T.macro
+    def amx_init_block(qb, acc, m, lsum, Qu, q_start, r0, kvh, rows, n_pad):
+        """The block's queries as bfloat16 bits (unscaled: scaling would round them; the scores are scaled in
+        float32), zero past ``rows``, and an empty online-softmax state for every row."""
+        for i in range(n_pad):
+            if i < rows:
+                for d in range(D):
+                    qb[i, d] = Qu[q_start + r0 + i // G, kvh * G + i % G, d]
+            else:
+                for d in range(D):
+                    qb[i, d] = T.uint16(0)
+            for dv in range(nvec):
+                for dl in T.vectorized(lanes):
+                    acc[i, dv * lanes + dl] = T.float32(0)
+            m[i] = neg_inf
+            lsum[i] = T.float32(0)
+
+    @T.macro
+    def amx_gather_chunk(ktv, vv, Ku, Vu, BT, b, kvh, c0, kv_end):
+        """The chunk's K and V from ``c0`` in the layouts of AMX's B operand: ``ktv[d // 2, 2 c + d % 2]`` =
+        K[token c, d] (pairs of head_dim elements per key) and ``vv[c // 2, 2 d + c % 2]`` = V[token c, d] (pairs
+        of keys per head_dim element); tokens at or past ``kv_end`` are not read (zeros)."""
+        for c in range(C):
+            if c0 + c < kv_end:
+                page: T.let[T.int64] = T.Cast("int64", BT[b, (c0 + c) // S])
+                slot: T.let[T.int64] = (c0 + c) % S
+                for dp, j in T.grid(D // 2, 2):
+                    ktv[dp, c * 2 + j] = Ku[page, slot, kvh, dp * 2 + j]
+                for d in range(D):
+                    vv[c // 2, d * 2 + c % 2] = Vu[page, slot, kvh, d]
+            else:
+                for dp, j in T.grid(D // 2, 2):
+                    ktv[dp, c * 2 + j] = T.uint16(0)
+                for d in range(D):
+                    vv[c // 2, d * 2 + c % 2] = T.uint16(0)
+
+    @T.macro
+    def amx_scores(sc, qb, ktv, n_pad, qscale):
+        """``sc = (qb . K^T) * qscale`` for the ``n_pad`` rows: per 16 rows and 64 keys, four accumulator tiles
+        summed over head_dim 32 elements (one A tile of queries, one B tile of keys per product) at a time."""
+        for ib in range(n_pad // AMX_TILE):
+            for kg in range(C // AMX_CHUNK):
+                for t in T.unroll(KB):
+                    AMX.zero(t)
+                for db in range(D // 32):
+                    AMX.load(A_TILE, T.address_of(qb[ib * AMX_TILE, db * 32]), D * 2)
+                    for t in T.unroll(KB):
+                        AMX.load(B_TILE, T.address_of(ktv[db * 16, (kg * KB + t) * 32]), C * 4)
+                        AMX.dot_bf16(t, A_TILE, B_TILE)
+                for t in T.unroll(KB):
+                    AMX.store(t, T.address_of(sc[ib * AMX_TILE, (kg * KB + t) * AMX_TILE]), C * 4)
+        for i in range(n_pad):
+            for cb in range(C // lanes):
+                for cl in T.vectorized(lanes):
+                    sc[i, cb * lanes + cl] = sc[i, cb * lanes + cl] * qscale
+
+    @T.macro
+    def amx_pv(acc, pb, sc, vv, alpha, n_pad):
+        """``acc = acc * alpha + P . V``: the weights rounded to bfloat16 (``pb``), the rescale done in place on
+        vector registers, then per 16 rows and 64 head_dim columns four accumulator tiles loaded from ``acc``,
+        summed over the chunk 32 keys at a time, and stored back."""
+        for i in range(n_pad):
+            for cb in range(C // lanes):
+                for cl in T.vectorized(lanes):
+                    pb[i, cb * lanes + cl] = bf16_bits(sc[i, cb * lanes + cl])
+            for dv in range(nvec):
+                for dl in T.vectorized(lanes):
+                    acc[i, dv * lanes + dl] = acc[i, dv * lanes + dl] * alpha[i]
+        for ib in range(n_pad // AMX_TILE):
+            for dg in range(D // (KB * AMX_TILE)):
+                for t in T.unroll(KB):
+                    AMX.load(t, T.address_of(acc[ib * AMX_TILE, (dg * KB + t) * AMX_TILE]), D * 4)
+                for tb in range(C // 32):
+                    AMX.load(A_TILE, T.address_of(pb[ib * AMX_TILE, tb * 32]), C * 2)
+                    for t in T.unroll(KB):
+                        AMX.load(B_TILE, T.address_of(vv[tb * 16, (dg * KB + t) * 32]), D * 4)
+                        AMX.dot_bf16(t, A_TILE, B_TILE)
+                for t in T.unroll(KB):
+                    AMX.store(t, T.address_of(acc[ib * AMX_TILE, (dg * KB + t) * AMX_TILE]), D * 4)
+
+    @T.macro
+    def amx_configure(tcfg):
+        """Palette 1, every tile used 16 rows x 64 bytes (16 float32 accumulators, or 32 bfloat16)."""
+        for i in range(64):
+            tcfg[i] = T.uint8(0)
+        tcfg[0] = T.uint8(1)
+        for t in range(KB + 2):
+            tcfg[16 + 2 * t] = T.uint8(64)
+            tcfg[48 + t] = T.uint8(AMX_TILE)
+        AMX.configure(T.address_of(tcfg[0]))
+
     @T.macro
     def store_rows(O, LSE, VS, SK, acc, m, lsum, red, q_start, r0, kvh, rows):
         """The block's ``rows`` normalized outputs (times an 8-bit cache's V scale) and natural-log lse; a sink
@@ -352,12 +475,24 @@ def build_prefill_cpu(cfg: KernelConfig, *, lanes: int = 8, chunk: int | None = 
     ):
         T.func_attr({"global_symbol": cfg.name, "tirx.noalias": True})
 
+        # uint16 views of the bfloat16 q and caches for the AMX path (unused otherwise).
+        Qu = T.decl_buffer(Q.shape, "uint16", data=Q.data)
+        Ku = T.decl_buffer(K.shape, "uint16", data=K.data)
+        Vu = T.decl_buffer(V.shape, "uint16", data=V.data)
+        if amx:
+            AMX.request_permission()
         for task in T.parallel(NT):
-            qf = T.alloc_buffer((ROWS, D), "float32")
+            # Each path allocates only its own buffers (one element for the other's).
+            qf = T.alloc_buffer((1, 1) if amx else (ROWS, D), "float32")
             acc = T.alloc_buffer((ROWS, D), "float32")
             sc = T.alloc_buffer((ROWS, C), "float32")
-            kt = T.alloc_buffer((D, C), "float32")
-            vc = T.alloc_buffer((C, D), "float32")
+            kt = T.alloc_buffer((1, 1) if amx else (D, C), "float32")
+            vc = T.alloc_buffer((1, 1) if amx else (C, D), "float32")
+            qb = T.alloc_buffer((ROWS, D) if amx else (1, 1), "uint16")
+            pb = T.alloc_buffer((ROWS, C) if amx else (1, 1), "uint16")
+            ktv = T.alloc_buffer((D // 2, 2 * C) if amx else (1, 1), "uint16")
+            vv = T.alloc_buffer((C // 2, 2 * D) if amx else (1, 1), "uint16")
+            tcfg = T.alloc_buffer((64 if amx else 1,), "uint8")
             m = T.alloc_buffer((ROWS,), "float32")
             lsum = T.alloc_buffer((ROWS,), "float32")
             alpha = T.alloc_buffer((ROWS,), "float32")
@@ -380,17 +515,33 @@ def build_prefill_cpu(cfg: KernelConfig, *, lanes: int = 8, chunk: int | None = 
             rows: T.let[T.int64] = nr * G
             n_pad: T.let[T.int64] = (rows + RB - 1) // RB * RB
             kv_begin: T.let[T.int64] = window_start(pos0, window_left)  # the tile's first visible key
+            if amx:
+                amx_configure(tcfg)
             for kvh in range(Hkv):
-                init_block(qf, acc, m, lsum, Q, KS, q_start, r0, kvh, rows, n_pad, scale)
+                if amx:
+                    amx_init_block(qb, acc, m, lsum, Qu, q_start, r0, kvh, rows, n_pad)
+                else:
+                    init_block(qf, acc, m, lsum, Q, KS, q_start, r0, kvh, rows, n_pad, scale)
                 for ch in range((kv_end - kv_begin + C - 1) // C):
                     c0: T.let[T.int64] = kv_begin + ch * C
-                    gather_chunk(kt, vc, K, V, BT, b, kvh, c0, kv_end)
+                    if amx:
+                        amx_gather_chunk(ktv, vv, Ku, Vu, BT, b, kvh, c0, kv_end)
+                    else:
+                        gather_chunk(kt, vc, K, V, BT, b, kvh, c0, kv_end)
                     if use_prefetch:
                         prefetch_next_chunk(K, V, BT, b, kvh, c0, kv_end)
-                    chunk_scores(sc, sreg, qf, kt, n_pad)
+                    if amx:
+                        amx_scores(sc, qb, ktv, n_pad, q_factor(KS, kvh, scale))
+                    else:
+                        chunk_scores(sc, sreg, qf, kt, n_pad)
                     softmax_update(sc, m, lsum, alpha, part, red, AS, rows, n_pad, c0, pos0, kv_end, causal, kvh,
                                    window_left, logits_soft_cap)
-                    pv_accumulate(acc, preg, sc, vc, alpha, n_pad, c0, kv_end)
+                    if amx:
+                        amx_pv(acc, pb, sc, vv, alpha, n_pad)
+                    else:
+                        pv_accumulate(acc, preg, sc, vc, alpha, n_pad, c0, kv_end)
                 store_rows(O, LSE, VS, SK, acc, m, lsum, red, q_start, r0, kvh, rows)
+            if amx:
+                AMX.release()
 
     return finish(PREFILL, cfg, prefill)
