@@ -359,11 +359,13 @@ def build_prefill_cpu(cfg: KernelConfig, *, lanes: int = 8, chunk: int | None = 
         float32), zero past ``rows``, and an empty online-softmax state for every row."""
         for i in range(n_pad):
             if i < rows:
-                for d in range(D):
-                    qb[i, d] = Qu[q_start + r0 + i // G, kvh * G + i % G, d]
+                for dv in range(nvec):
+                    for dl in T.vectorized(lanes):
+                        qb[i, dv * lanes + dl] = Qu[q_start + r0 + i // G, kvh * G + i % G, dv * lanes + dl]
             else:
-                for d in range(D):
-                    qb[i, d] = T.uint16(0)
+                for dv in range(nvec):
+                    for dl in T.vectorized(lanes):
+                        qb[i, dv * lanes + dl] = T.uint16(0)
             for dv in range(nvec):
                 for dl in T.vectorized(lanes):
                     acc[i, dv * lanes + dl] = T.float32(0)
@@ -371,23 +373,40 @@ def build_prefill_cpu(cfg: KernelConfig, *, lanes: int = 8, chunk: int | None = 
             lsum[i] = T.float32(0)
 
     @T.macro
-    def amx_gather_chunk(ktv, vv, Ku, Vu, BT, b, kvh, c0, kv_end):
-        """The chunk's K and V from ``c0`` in the layouts of AMX's B operand: ``ktv[d // 2, 2 c + d % 2]`` =
-        K[token c, d] (pairs of head_dim elements per key) and ``vv[c // 2, 2 d + c % 2]`` = V[token c, d] (pairs
-        of keys per head_dim element); tokens at or past ``kv_end`` are not read (zeros)."""
+    def amx_gather_chunk(ktv, vv, K32, Vu, BT, b, kvh, c0, kv_end):
+        """The chunk's K and V from ``c0`` in the layouts of AMX's B operand, as 32-bit pairs of bfloat16:
+        ``ktv[p, c]`` = K[token c, 2p : 2p + 2] (K transposed in pairs of head_dim elements) and ``vv[p, d]`` =
+        V[tokens 2p and 2p + 1, d] (pairs of keys, the even one low); tokens at or past ``kv_end`` are not read
+        (zeros). The V pairs are built on vectors; the K transpose is a 32-bit copy per element."""
         for c in range(C):
             if c0 + c < kv_end:
                 page: T.let[T.int64] = T.Cast("int64", BT[b, (c0 + c) // S])
                 slot: T.let[T.int64] = (c0 + c) % S
-                for dp, j in T.grid(D // 2, 2):
-                    ktv[dp, c * 2 + j] = Ku[page, slot, kvh, dp * 2 + j]
-                for d in range(D):
-                    vv[c // 2, d * 2 + c % 2] = Vu[page, slot, kvh, d]
+                for dp in range(D // 2):
+                    ktv[dp, c] = K32[page, slot, kvh, dp]
             else:
-                for dp, j in T.grid(D // 2, 2):
-                    ktv[dp, c * 2 + j] = T.uint16(0)
-                for d in range(D):
-                    vv[c // 2, d * 2 + c % 2] = T.uint16(0)
+                for dp in range(D // 2):
+                    ktv[dp, c] = T.uint32(0)
+        for tp in range(C // 2):
+            if c0 + 2 * tp + 1 < kv_end:
+                p0: T.let[T.int64] = T.Cast("int64", BT[b, (c0 + 2 * tp) // S])
+                p1: T.let[T.int64] = T.Cast("int64", BT[b, (c0 + 2 * tp + 1) // S])
+                for dv in range(nvec):
+                    for dl in T.vectorized(lanes):
+                        vv[tp, dv * lanes + dl] = T.bitwise_or(
+                            T.Cast("uint32", Vu[p0, (c0 + 2 * tp) % S, kvh, dv * lanes + dl]),
+                            T.shift_left(T.Cast("uint32", Vu[p1, (c0 + 2 * tp + 1) % S, kvh, dv * lanes + dl]),
+                                         T.uint32(16)),
+                        )
+            elif c0 + 2 * tp < kv_end:
+                p0: T.let[T.int64] = T.Cast("int64", BT[b, (c0 + 2 * tp) // S])
+                for dv in range(nvec):
+                    for dl in T.vectorized(lanes):
+                        vv[tp, dv * lanes + dl] = T.Cast("uint32", Vu[p0, (c0 + 2 * tp) % S, kvh, dv * lanes + dl])
+            else:
+                for dv in range(nvec):
+                    for dl in T.vectorized(lanes):
+                        vv[tp, dv * lanes + dl] = T.uint32(0)
 
     @T.macro
     def amx_scores(sc, qb, ktv, n_pad, qscale):
@@ -400,7 +419,7 @@ def build_prefill_cpu(cfg: KernelConfig, *, lanes: int = 8, chunk: int | None = 
                 for db in range(D // 32):
                     AMX.load(A_TILE, T.address_of(qb[ib * AMX_TILE, db * 32]), D * 2)
                     for t in T.unroll(KB):
-                        AMX.load(B_TILE, T.address_of(ktv[db * 16, (kg * KB + t) * 32]), C * 4)
+                        AMX.load(B_TILE, T.address_of(ktv[db * 16, (kg * KB + t) * AMX_TILE]), C * 4)
                         AMX.dot_bf16(t, A_TILE, B_TILE)
                 for t in T.unroll(KB):
                     AMX.store(t, T.address_of(sc[ib * AMX_TILE, (kg * KB + t) * AMX_TILE]), C * 4)
@@ -428,7 +447,7 @@ def build_prefill_cpu(cfg: KernelConfig, *, lanes: int = 8, chunk: int | None = 
                 for tb in range(C // 32):
                     AMX.load(A_TILE, T.address_of(pb[ib * AMX_TILE, tb * 32]), C * 2)
                     for t in T.unroll(KB):
-                        AMX.load(B_TILE, T.address_of(vv[tb * 16, (dg * KB + t) * 32]), D * 4)
+                        AMX.load(B_TILE, T.address_of(vv[tb * 16, (dg * KB + t) * AMX_TILE]), D * 4)
                         AMX.dot_bf16(t, A_TILE, B_TILE)
                 for t in T.unroll(KB):
                     AMX.store(t, T.address_of(acc[ib * AMX_TILE, (dg * KB + t) * AMX_TILE]), D * 4)
@@ -477,7 +496,7 @@ def build_prefill_cpu(cfg: KernelConfig, *, lanes: int = 8, chunk: int | None = 
 
         # uint16 views of the bfloat16 q and caches for the AMX path (unused otherwise).
         Qu = T.decl_buffer(Q.shape, "uint16", data=Q.data)
-        Ku = T.decl_buffer(K.shape, "uint16", data=K.data)
+        K32 = T.decl_buffer((K.shape[0], S, Hkv, D // 2), "uint32", data=K.data)
         Vu = T.decl_buffer(V.shape, "uint16", data=V.data)
         if amx:
             AMX.request_permission()
@@ -490,8 +509,8 @@ def build_prefill_cpu(cfg: KernelConfig, *, lanes: int = 8, chunk: int | None = 
             vc = T.alloc_buffer((1, 1) if amx else (C, D), "float32")
             qb = T.alloc_buffer((ROWS, D) if amx else (1, 1), "uint16")
             pb = T.alloc_buffer((ROWS, C) if amx else (1, 1), "uint16")
-            ktv = T.alloc_buffer((D // 2, 2 * C) if amx else (1, 1), "uint16")
-            vv = T.alloc_buffer((C // 2, 2 * D) if amx else (1, 1), "uint16")
+            ktv = T.alloc_buffer((D // 2, C) if amx else (1, 1), "uint32")
+            vv = T.alloc_buffer((C // 2, D) if amx else (1, 1), "uint32")
             tcfg = T.alloc_buffer((64 if amx else 1,), "uint8")
             m = T.alloc_buffer((ROWS,), "float32")
             lsum = T.alloc_buffer((ROWS,), "float32")
@@ -525,7 +544,7 @@ def build_prefill_cpu(cfg: KernelConfig, *, lanes: int = 8, chunk: int | None = 
                 for ch in range((kv_end - kv_begin + C - 1) // C):
                     c0: T.let[T.int64] = kv_begin + ch * C
                     if amx:
-                        amx_gather_chunk(ktv, vv, Ku, Vu, BT, b, kvh, c0, kv_end)
+                        amx_gather_chunk(ktv, vv, K32, Vu, BT, b, kvh, c0, kv_end)
                     else:
                         gather_chunk(kt, vc, K, V, BT, b, kvh, c0, kv_end)
                     if use_prefetch:
