@@ -31,6 +31,10 @@ its first row's first visible key, so pages wholly behind the window are never r
 to the denominator; 8-bit caches are widened while gathered (``common.kv_to_f32``), the K scale folded into the
 block's queries and the V scale into the normalization.
 
+On a CPU with AMX-BF16, bfloat16 prefill (``amx=True``, chosen from the target) runs steps 2 and 4 on AMX tiles:
+``amx_gather_chunk`` lays the chunk out as the tile multiply's B operand, ``amx_scores`` and ``amx_pv`` multiply
+16-row query tiles on four accumulator tiles; the softmax stays on vector registers.
+
 The parameters are :data:`tvm_paged.spec.PREFILL`'s (see :func:`build_prefill_cpu`).
 """
 
@@ -197,21 +201,28 @@ def build_prefill_cpu(cfg: KernelConfig, *, lanes: int = 8, chunk: int | None = 
         return key < limit
 
     @T.macro
-    def init_block(qf, acc, m, lsum, Q, KS, q_start, r0, kvh, rows, n_pad, scale):
-        """The block's queries in float32 (row ``i``: tile row ``i // G``, head ``kvh * G + i % G``), scaled into
-        the log2 domain, zero past ``rows``; an empty online-softmax state for every row. Every vectorized loop
-        is exactly ``lanes`` wide: LLVM splits <80 x float> and the like badly."""
+    def init_block(qf, qb, acc, m, lsum, Q, Qu, KS, q_start, r0, kvh, rows, n_pad, scale):
+        """The block's queries (row ``i``: tile row ``i // G``, head ``kvh * G + i % G``), zero past ``rows``, and
+        an empty online-softmax state for every row. FMA path: ``qf`` in float32, scaled into the log2 domain.
+        AMX path: ``qb``, their bfloat16 bits unscaled (scaling would round them; the scores are scaled in
+        float32). Every vectorized loop is exactly ``lanes`` wide: LLVM splits <80 x float> and the like badly."""
         for i in range(n_pad):
             if i < rows:
                 for dv in range(nvec):
                     for dl in T.vectorized(lanes):
-                        qf[i, dv * lanes + dl] = to_f32(
-                            Q[q_start + r0 + i // G, kvh * G + i % G, dv * lanes + dl], dt
-                        ) * q_factor(KS, kvh, scale)
+                        if amx:
+                            qb[i, dv * lanes + dl] = Qu[q_start + r0 + i // G, kvh * G + i % G, dv * lanes + dl]
+                        else:
+                            qf[i, dv * lanes + dl] = to_f32(
+                                Q[q_start + r0 + i // G, kvh * G + i % G, dv * lanes + dl], dt
+                            ) * q_factor(KS, kvh, scale)
             else:
                 for dv in range(nvec):
                     for dl in T.vectorized(lanes):
-                        qf[i, dv * lanes + dl] = T.float32(0)
+                        if amx:
+                            qb[i, dv * lanes + dl] = T.uint16(0)
+                        else:
+                            qf[i, dv * lanes + dl] = T.float32(0)
             for dv in range(nvec):
                 for dl in T.vectorized(lanes):
                     acc[i, dv * lanes + dl] = T.float32(0)
@@ -351,27 +362,8 @@ def build_prefill_cpu(cfg: KernelConfig, *, lanes: int = 8, chunk: int | None = 
     KB = AMX_CHUNK // AMX_TILE  # accumulator tiles per AMX step: tiles 0..KB-1; A is tile KB, B tile KB + 1
     A_TILE, B_TILE = KB, KB + 1
 
-    # The AMX path moves bfloat16 values as their bits (uint16 buffers and views): TVM legalizes bfloat16
-    # arithmetic and local buffers to float32, which the tile loads would misread.
-    @T.macro
-    def amx_init_block(qb, acc, m, lsum, Qu, q_start, r0, kvh, rows, n_pad):
-        """The block's queries as bfloat16 bits (unscaled: scaling would round them; the scores are scaled in
-        float32), zero past ``rows``, and an empty online-softmax state for every row."""
-        for i in range(n_pad):
-            if i < rows:
-                for dv in range(nvec):
-                    for dl in T.vectorized(lanes):
-                        qb[i, dv * lanes + dl] = Qu[q_start + r0 + i // G, kvh * G + i % G, dv * lanes + dl]
-            else:
-                for dv in range(nvec):
-                    for dl in T.vectorized(lanes):
-                        qb[i, dv * lanes + dl] = T.uint16(0)
-            for dv in range(nvec):
-                for dl in T.vectorized(lanes):
-                    acc[i, dv * lanes + dl] = T.float32(0)
-            m[i] = neg_inf
-            lsum[i] = T.float32(0)
-
+    # The AMX path moves bfloat16 values as their bits (uint16 and uint32 buffers and views): TVM legalizes
+    # bfloat16 arithmetic and local buffers to float32, which the tile loads would misread.
     @T.macro
     def amx_gather_chunk(ktv, vv, K32, Vu, BT, b, kvh, c0, kv_end):
         """The chunk's K and V from ``c0`` in the layouts of AMX's B operand, as 32-bit pairs of bfloat16:
@@ -409,20 +401,31 @@ def build_prefill_cpu(cfg: KernelConfig, *, lanes: int = 8, chunk: int | None = 
                         vv[tp, dv * lanes + dl] = T.uint32(0)
 
     @T.macro
+    def amx_tile_product(c, c_stride, a, a_stride, b, b_stride, ib, col0, n_k, accumulate):
+        """Rows ``16 ib ...`` and ``KB`` 16-column tiles from column tile ``col0`` of float32 ``c`` (+)= ``a``
+        (bfloat16 bits, 32 per row and step) times ``b`` (its B layout, 16 rows of pairs per step), over ``n_k``
+        steps, on accumulator tiles 0..KB-1 (loaded from ``c`` when ``accumulate``, else zeroed); strides in
+        bytes."""
+        for t in T.unroll(KB):
+            if accumulate:
+                AMX.load(t, T.address_of(c[ib * AMX_TILE, (col0 + t) * AMX_TILE]), c_stride)
+            else:
+                AMX.zero(t)
+        for kk in range(n_k):
+            AMX.load(A_TILE, T.address_of(a[ib * AMX_TILE, kk * 32]), a_stride)
+            for t in T.unroll(KB):
+                AMX.load(B_TILE, T.address_of(b[kk * 16, (col0 + t) * AMX_TILE]), b_stride)
+                AMX.dot_bf16(t, A_TILE, B_TILE)
+        for t in T.unroll(KB):
+            AMX.store(t, T.address_of(c[ib * AMX_TILE, (col0 + t) * AMX_TILE]), c_stride)
+
+    @T.macro
     def amx_scores(sc, qb, ktv, n_pad, qscale):
         """``sc = (qb . K^T) * qscale`` for the ``n_pad`` rows: per 16 rows and 64 keys, four accumulator tiles
         summed over head_dim 32 elements (one A tile of queries, one B tile of keys per product) at a time."""
         for ib in range(n_pad // AMX_TILE):
             for kg in range(C // AMX_CHUNK):
-                for t in T.unroll(KB):
-                    AMX.zero(t)
-                for db in range(D // 32):
-                    AMX.load(A_TILE, T.address_of(qb[ib * AMX_TILE, db * 32]), D * 2)
-                    for t in T.unroll(KB):
-                        AMX.load(B_TILE, T.address_of(ktv[db * 16, (kg * KB + t) * AMX_TILE]), C * 4)
-                        AMX.dot_bf16(t, A_TILE, B_TILE)
-                for t in T.unroll(KB):
-                    AMX.store(t, T.address_of(sc[ib * AMX_TILE, (kg * KB + t) * AMX_TILE]), C * 4)
+                amx_tile_product(sc, C * 4, qb, D * 2, ktv, C * 4, ib, kg * KB, D // 32, False)
         for i in range(n_pad):
             for cb in range(C // lanes):
                 for cl in T.vectorized(lanes):
@@ -442,15 +445,7 @@ def build_prefill_cpu(cfg: KernelConfig, *, lanes: int = 8, chunk: int | None = 
                     acc[i, dv * lanes + dl] = acc[i, dv * lanes + dl] * alpha[i]
         for ib in range(n_pad // AMX_TILE):
             for dg in range(D // (KB * AMX_TILE)):
-                for t in T.unroll(KB):
-                    AMX.load(t, T.address_of(acc[ib * AMX_TILE, (dg * KB + t) * AMX_TILE]), D * 4)
-                for tb in range(C // 32):
-                    AMX.load(A_TILE, T.address_of(pb[ib * AMX_TILE, tb * 32]), C * 2)
-                    for t in T.unroll(KB):
-                        AMX.load(B_TILE, T.address_of(vv[tb * 16, (dg * KB + t) * AMX_TILE]), D * 4)
-                        AMX.dot_bf16(t, A_TILE, B_TILE)
-                for t in T.unroll(KB):
-                    AMX.store(t, T.address_of(acc[ib * AMX_TILE, (dg * KB + t) * AMX_TILE]), D * 4)
+                amx_tile_product(acc, D * 4, pb, C * 2, vv, D * 4, ib, dg * KB, C // 32, True)
 
     @T.macro
     def amx_configure(tcfg):
@@ -537,10 +532,7 @@ def build_prefill_cpu(cfg: KernelConfig, *, lanes: int = 8, chunk: int | None = 
             if amx:
                 amx_configure(tcfg)
             for kvh in range(Hkv):
-                if amx:
-                    amx_init_block(qb, acc, m, lsum, Qu, q_start, r0, kvh, rows, n_pad)
-                else:
-                    init_block(qf, acc, m, lsum, Q, KS, q_start, r0, kvh, rows, n_pad, scale)
+                init_block(qf, qb, acc, m, lsum, Q, Qu, KS, q_start, r0, kvh, rows, n_pad, scale)
                 for ch in range((kv_end - kv_begin + C - 1) // C):
                     c0: T.let[T.int64] = kv_begin + ch * C
                     if amx:
