@@ -335,6 +335,10 @@ class AllocatorMachine(RuleBasedStateMachine):
         """Leading pages the sequence must have dropped: page i once (i + 1) * ps <= horizon - window."""
         return 0 if self.window < 0 else max(0, (self.horizon[sid] - self.window) // self.ps)
 
+    def written(self):
+        """Pages the current step owes writes to (their slots were handed out since the last flush)."""
+        return {s // self.ps for slots, _ in self.pending for s in slots.tolist()}
+
     def held(self, sid):
         return [p for p in self.a.pages_of(sid) if p >= 0]
 
@@ -361,7 +365,8 @@ class AllocatorMachine(RuleBasedStateMachine):
         a = self.a
         pages0, len0, free0, refs = a.pages_of(sid), a.seq_len(sid), a.num_free_pages, self.refs()
         fresh, cow, cut, gone = self.expect(sid, n, refs)
-        need = fresh - sum(refs[p] == 0 for p in gone)  # pages the window drop returns serve this append
+        # Pages the window drop returns serve this append, unless this step still owes them writes.
+        need = fresh - sum(refs[p] == 0 and p not in self.written() for p in gone)
         assert a.can_append(sid, n) == (need <= free0)
         assert a.pages_needed([sid], [n]) == need
         before = snapshot(a)
@@ -439,7 +444,8 @@ class AllocatorMachine(RuleBasedStateMachine):
         self.tokens[sid] = list(prompt[:cached]) if prompt else []
         self.horizon[sid] = 0  # a prefix hit drops nothing until the first append
         held = set(self.refs())
-        assert self.a.num_free_pages <= free0 and self.a.num_free_pages == NUM_PAGES - len(held)
+        assert self.a.num_free_pages <= free0
+        assert self.a.num_free_pages == NUM_PAGES - len(held) - len(self.a._deferred)
         if prompt and cached < len(prompt):
             self.do_append(sid, len(prompt) - cached, prompt[cached:])
 
@@ -472,7 +478,7 @@ class AllocatorMachine(RuleBasedStateMachine):
         state0 = [(a.pages_of(s), a.seq_len(s)) for s in sids]
         plans = [self.expect(s, n, refs) for s, n in zip(sids, ns)]
         gone = {p for plan in plans for p in plan[3]}  # a page two of them drop is returned once, if at all
-        need = sum(plan[0] for plan in plans) - sum(refs[p] == 0 for p in gone)
+        need = sum(plan[0] for plan in plans) - sum(refs[p] == 0 and p not in self.written() for p in gone)
         assert a.pages_needed(sids, ns) == need
         before = snapshot(a)
         try:
@@ -569,9 +575,11 @@ class AllocatorMachine(RuleBasedStateMachine):
                 assert len(held) <= ceil_div(self.window + 10, ps) + 1
         # reference counts == live holders; free pool == everything else, each page once
         assert a._ref == [refs[p] for p in range(NUM_PAGES)]
-        pool = list(a._free) + list(a._cached_free)
+        # (pages nobody holds that the step owes writes to rejoin the pool at the next flush)
+        pool = list(a._free) + list(a._cached_free) + list(a._deferred)
         assert len(pool) == len(set(pool)) and set(pool) == set(range(NUM_PAGES)) - set(refs)
-        assert a.num_free_pages == NUM_PAGES - len(refs)
+        assert set(a._deferred) <= self.written()
+        assert a.num_free_pages == NUM_PAGES - len(refs) - len(a._deferred)
         # the prefix cache index is consistent and only names pages, live or cached free
         assert {p: k for k, p in a._key_to_page.items()} == a._page_key
         assert set(a._cached_free) <= set(a._page_key)
@@ -618,6 +626,20 @@ def pool(a):
     return set(free)
 
 
+def step(a, seq_id, n, token_ids=None):
+    """One engine step of one sequence: its append, then the step's copies popped (its writes issued)."""
+    slots = a.append_slots(seq_id, n, token_ids)
+    a.pop_copies()
+    return slots
+
+
+def step_batch(a, seq_ids, ns):
+    """One engine step of a batch: the batch's appends, then its copies popped."""
+    slots = a.append_slots_batch(seq_ids, ns)
+    a.pop_copies()
+    return slots
+
+
 def test_window_left_is_validated():
     for bad in (-2, 1.5, True, "3", None):
         with pytest.raises(ValueError, match="window_left"):
@@ -630,7 +652,7 @@ def test_window_drops_exactly_the_pages_behind_it():
     ps, w = 5, 12
     a = PageAllocator(num_pages=40, page_size=ps, window_left=w)
     a.add_sequence("s")
-    a.append_slots("s", 23)  # prefill from 0: its first query sees key 0, nothing is dropped
+    step(a, "s", 23)  # prefill from 0: its first query sees key 0, nothing is dropped
     pages = a.pages_of("s")
     assert len(pages) == 5 and -1 not in pages and a.num_free_pages == 35
     # the next query is at 23 and sees keys >= 11: pages 0 and 1 (tokens 0..9) are behind it, page 2 is not
@@ -640,17 +662,17 @@ def test_window_drops_exactly_the_pages_behind_it():
     assert a.block_table(["s"]).tolist() == [[-1, -1] + pages[2:]]
     assert a.seq_len("s") == 24 and a.seq_lens(["s"]).tolist() == [24]  # every token still counts
     assert pool(a) == set(range(40)) - set(pages[2:])
-    a.append_slots("s", 1)  # query at 24 sees >= 12: page 2 (10..14) still needed
+    step(a, "s", 1)  # query at 24 sees >= 12: page 2 (10..14) still needed
     assert a.pages_of("s")[:3] == [-1, -1, pages[2]]
-    a.append_slots("s", 3)  # queries from 25 see >= 13: still needs key 13 of page 2
+    step(a, "s", 3)  # queries from 25 see >= 13: still needs key 13 of page 2
     assert a.pages_of("s")[:3] == [-1, -1, pages[2]]
-    a.append_slots("s", 0)  # appending nothing drops nothing (there is no query)
+    step(a, "s", 0)  # appending nothing drops nothing (there is no query)
     assert a.pages_of("s")[:3] == [-1, -1, pages[2]]
-    a.append_slots("s", 1)  # query at 28 sees >= 16: page 2 goes, page 3 (15..19) stays
+    step(a, "s", 1)  # query at 28 sees >= 16: page 2 goes, page 3 (15..19) stays
     assert a.pages_of("s")[:4] == [-1, -1, -1, pages[3]]
     assert pages[2] in pool(a)
     # a chunk: its earliest query (at 29) decides, not its last
-    a.append_slots("s", 20)
+    step(a, "s", 20)
     assert a.pages_of("s")[:4] == [-1, -1, -1, pages[3]] and len(a.pages_of("s")) == 10
     a.free("s")
     assert pool(a) == set(range(40)) and a.num_free_pages == 40
@@ -660,7 +682,7 @@ def test_window_zero_drops_every_full_page():
     a = PageAllocator(num_pages=3, page_size=5, window_left=0)  # a query sees only its own key
     a.add_sequence("s")
     for i in range(97):
-        a.append_slots("s", 1)
+        step(a, "s", 1)
         assert len([p for p in a.pages_of("s") if p >= 0]) == 1  # one page, ever
     assert a.seq_len("s") == 97 and len(a.pages_of("s")) == 20 and a.num_free_pages == 2
 
@@ -673,13 +695,13 @@ def test_long_windowed_generation_holds_bounded_pages():
     seqs = ["x", "y"]
     for s in seqs:
         a.add_sequence(s)
-        a.append_slots(s, 17)  # a prompt of 17: 4 pages
+        step(a, s, 17)  # a prompt of 17: 4 pages
     assert a.num_free_pages == 1
-    for step in range(300):  # 600 tokens through 9 pages
+    for k in range(300):  # 600 tokens through 9 pages
         assert a.pages_needed(seqs, [1, 1]) <= a.num_free_pages
-        slots = a.append_slots_batch(seqs, [1, 1])
+        slots = step_batch(a, seqs, [1, 1])
         held = [[p for p in a.pages_of(s) if p >= 0] for s in seqs]
-        assert max(map(len, held)) <= bound, (step, held)
+        assert max(map(len, held)) <= bound, (k, held)
         assert a.num_free_pages == num_pages - sum(map(len, held))
         for s, slot, h in zip(seqs, slots.tolist(), held):
             assert slot // ps == h[-1]
@@ -696,13 +718,13 @@ def test_window_drops_are_atomic_and_count_for_the_same_step():
     ps, w = 5, 12
     a = PageAllocator(num_pages=4, page_size=ps, window_left=w)
     a.add_sequence("a")
-    a.append_slots("a", 20)  # 4 full pages, pool empty
+    step(a, "a", 20)  # 4 full pages, pool empty
     assert a.num_free_pages == 0
     before = snapshot(a)
     # 11 tokens at 20: the drop (page 0) returns 1, the append needs 3: refused, page 0 not dropped either
     assert a.pages_needed(["a"], [11]) == 2 and not a.can_append("a", 11)
     with pytest.raises(OutOfPages):
-        a.append_slots("a", 11)
+        step(a, "a", 11)
     assert snapshot(a) == before
     with pytest.raises(OutOfPages):
         a.append_slots_batch(["a"], [11])
@@ -716,15 +738,15 @@ def test_window_drops_are_atomic_and_count_for_the_same_step():
     # a batch: b's drop pays for c's page, whatever their order; a failing member changes nothing
     a = PageAllocator(num_pages=7, page_size=ps, window_left=w)
     a.add_sequence("c")
-    a.append_slots("c", 10)  # 2 full pages
+    step(a, "c", 10)  # 2 full pages
     a.add_sequence("b")
-    a.append_slots("b", 25)  # 5 full pages: pool empty
+    step(a, "b", 25)  # 5 full pages: pool empty
     assert a.pages_needed(["c", "b"], [1, 1]) == 0  # c takes 1, b takes 1, b's drop returns 2 (pages 0, 1)
     before = snapshot(a)
     with pytest.raises(OutOfPages):
         a.append_slots_batch(["c", "b"], [1, 7])  # b needs 2 fresh: 3 > 2 returned
     assert snapshot(a) == before
-    slots = a.append_slots_batch(["c", "b"], [1, 1])
+    slots = step_batch(a, ["c", "b"], [1, 1])
     assert a.pages_of("b")[:2] == [-1, -1] and a.num_free_pages == 0
     assert {s // ps for s in slots.tolist()} == {a.pages_of("c")[2], a.pages_of("b")[5]}
 
@@ -772,16 +794,16 @@ def test_window_with_prefix_cache():
     a = PageAllocator(num_pages=12, page_size=ps, window_left=w)
     prompt = list(range(100, 131))  # 31 tokens: 6 full pages + 1
     a.add_sequence("a", prompt)
-    a.append_slots("a", 31, prompt)
+    step(a, "a", 31, prompt)
     pa = a.pages_of("a")
     for t in range(200, 210):
-        a.append_slots("a", 1, [t])  # drops pages 0..4 into the prefix cache's LRU (keyed, free)
+        step(a, "a", 1, [t])  # drops pages 0..4 into the prefix cache's LRU (keyed, free)
     assert a.pages_of("a")[:5] == [-1] * 5 and set(pa[:5]) <= set(a._cached_free)
     assert a.num_free_pages == 12 - 4  # a (41 tokens) holds pages 5..8
     # a later prompt with the same prefix reuses every cached page: the dropped ones and the one a still holds
     assert a.add_sequence("b", prompt) == 30
     assert a.pages_of("b") == pa[:6] and a._ref[pa[5]] == 2
-    a.append_slots("b", 1, prompt[30:])  # b at 30 sees >= 18: b drops pages 0..2 (back to the LRU)
+    step(a, "b", 1, prompt[30:])  # b at 30 sees >= 18: b drops pages 0..2 (back to the LRU)
     assert a.pages_of("b")[:3] == [-1] * 3 and set(pa[:3]) <= set(a._cached_free)
     assert {p: k for k, p in a._key_to_page.items()} == a._page_key
     # a's pages keep being keyed while it runs: a new prompt of a's whole history hits as far as its pages
@@ -793,7 +815,7 @@ def test_window_with_prefix_cache():
     a.free("b")
     # evict the prefix head: take every page nobody holds, LRU first (never-cached pages go first)
     a.add_sequence("x")
-    a.append_slots("x", a.num_free_pages * ps)
+    step(a, "x", a.num_free_pages * ps)
     assert a.num_free_pages == 0
     assert pa[0] not in a._page_key  # evicted: its key is gone with it
     assert a.add_sequence("d", prompt) == 0  # the chain starts at page 0: nothing reusable any more
@@ -802,3 +824,21 @@ def test_window_with_prefix_cache():
     a.free("a")
     a.free("d")
     assert pool(a) == set(range(12))
+
+
+def test_window_drop_within_a_step_defers_pages_owed_writes():
+    """A second append of a sequence before pop_copies whose window drop frees a page the first one gave slots in:
+    the page is not handed out again until pop_copies (as a copy's destination it would receive those stale
+    writes after the copy), and does not count as free meanwhile."""
+    a = PageAllocator(num_pages=2, page_size=2, window_left=0)
+    a.add_sequence("s")
+    first = step(a, "s", 1).tolist()[0] // 2  # a step: page `first` holds token 0
+    a.append_slots("s", 2)  # tokens 1 (page `first`) and 2 (a new page): both owed writes this step
+    a.append_slots("s", 1)  # same step, at 3: the window drops page `first`
+    assert a.pages_of("s")[0] == -1 and a._ref[first] == 0
+    a.add_sequence("t")
+    assert a.num_free_pages == 0 and a.pages_needed(["t"], [1]) == 1 and not a.can_append("t", 1)
+    with pytest.raises(OutOfPages):
+        a.append_slots("t", 1)
+    a.pop_copies()  # the step's writes are issued: the page rejoins the pool
+    assert a.num_free_pages == 1 and a.append_slots("t", 1).tolist() == [first * 2]

@@ -21,6 +21,12 @@ sequence's pages that lie wholly behind its earliest new query's window, i.e. pa
 page loses this sequence's reference only: it returns to the pool (or to the prefix cache's LRU,
 still reusable by later prompts) once nobody holds it. Pages so returned count as free for the same
 append (and batch): ``pages_needed`` is the net change of the free pool, and may be negative.
+
+A page given slots since the last ``pop_copies`` has writes owed to it that run after the step's copies.
+When the window drops such a page from its last holder within the same step (a second append of that
+sequence before ``pop_copies``), it returns to the pool only at the next ``pop_copies``: handed out again now,
+as a fresh page or a copy's destination, it would receive those stale writes on top of its new contents. It
+does not count as free until then. (``free`` releases at once: free a sequence between steps.)
 """
 from __future__ import annotations
 
@@ -76,6 +82,8 @@ class PageAllocator:
         self._page_key = {}                        # inverse, for eviction
         self._seqs = {}                            # seq_id -> _Seq
         self._copies = []                          # (src, dst) page copies not yet popped
+        self._written = set()                      # pages given slots since the last pop_copies
+        self._deferred = []                        # of those, pages nobody holds: free at pop_copies
         # Mirror of every live sequence's pages as int32 rows padded with -1, so block_table is one
         # numpy gather instead of converting Python lists each step. Grows by doubling.
         self._table = np.full((8, 8), -1, dtype=np.int32)
@@ -124,7 +132,7 @@ class PageAllocator:
         need = -(-(seq.length + n) // self.page_size) - len(seq.pages) + cow
         cut = self._cut(seq, n)
         if cut > seq.dropped:
-            need -= sum(self._ref[p] == 1 for p in seq.pages[seq.dropped : cut])
+            need -= sum(self._ref[p] == 1 and p not in self._written for p in seq.pages[seq.dropped : cut])
         return need
 
     def can_append(self, seq_id: Hashable, num_tokens: int) -> bool:
@@ -144,10 +152,12 @@ class PageAllocator:
         self._ref[page] = 1
         return page
 
-    def _release(self, page: int) -> None:
+    def _release(self, page: int, dropped: bool = False) -> None:
         self._ref[page] -= 1
         if self._ref[page] == 0:
-            if page in self._page_key:
+            if dropped and page in self._written:  # this step owes it writes: free once they are issued
+                self._deferred.append(page)
+            elif page in self._page_key:
                 self._cached_free[page] = None  # most recently used end
             else:
                 self._free.append(page)
@@ -172,7 +182,7 @@ class PageAllocator:
         self._table[seq.row, start:cut] = -1
         seq.dropped = cut
         for page in reversed(gone):  # tail first, as free() does
-            self._release(page)
+            self._release(page, dropped=True)
 
     def _set_row(self, seq: _Seq, start: int) -> None:
         """Copy seq.pages[start:] into its table row, growing the table when needed."""
@@ -203,8 +213,11 @@ class PageAllocator:
                 page = self._key_to_page.get(key)
                 if page is None:
                     break
-                if self._ref[page] == 0:
-                    del self._cached_free[page]  # back out of the free pool
+                if self._ref[page] == 0:  # back out of the free pool (or of the pages freed after this step)
+                    if page in self._cached_free:
+                        del self._cached_free[page]
+                    else:
+                        self._deferred.remove(page)
                 self._ref[page] += 1
                 pages.append(page)
                 last_hash = hash(key)
@@ -241,7 +254,7 @@ class PageAllocator:
         if self.window_left >= 0 and n > 0:
             cut = max(cut, (old_len - self.window_left) // ps)
             if cut > seq.dropped:  # pages this drop gives back serve this append too
-                available += sum(self._ref[p] == 1 for p in pages[seq.dropped : cut])
+                available += sum(self._ref[p] == 1 and p not in self._written for p in pages[seq.dropped : cut])
         if need > available:  # check before mutating anything
             raise OutOfPages(f"sequence {seq_id!r} needs {need} pages, {available} free (window drop included)")
         if cut > seq.dropped:
@@ -266,8 +279,10 @@ class PageAllocator:
             else:
                 self._hash_full_pages(seq, token_ids, old_len // ps)
         if n == 1:  # decode fast path: numpy fancy indexing costs more than it saves here
+            self._written.add(pages[old_len // ps])
             return np.array([pages[old_len // ps] * ps + old_len % ps], dtype=np.int64)
         first = old_len // ps
+        self._written.update(pages[first:] if n else ())
         pos = np.arange(old_len, old_len + n, dtype=np.int64)
         return np.asarray(pages[first:], dtype=np.int64)[pos // ps - first] * ps + pos % ps
 
@@ -290,7 +305,7 @@ class PageAllocator:
             if window >= 0 and n > 0:
                 for page in seq.pages[seq.dropped : max(seq.dropped, (seq.length - window) // ps)]:
                     drops[page] = drops.get(page, 0) + 1
-        return need - sum(ref[p] == d for p, d in drops.items())
+        return need - sum(ref[p] == d and p not in self._written for p, d in drops.items())
 
     def append_slots_batch(self, seq_ids: Sequence[Hashable], num_tokens: Sequence[int],
                            token_ids: Sequence[Sequence[int] | None] | None = None) -> np.ndarray:
@@ -329,6 +344,7 @@ class PageAllocator:
                     else:
                         self._hash_full_pages(seq, ids, old // ps)
                 out.append(seq.pages[-1] * ps + old % ps)
+                self._written.add(seq.pages[-1])
             else:
                 out.extend(self.append_slots(sid, n, ids).tolist())
         return np.array(out, dtype=np.int64)
@@ -350,6 +366,11 @@ class PageAllocator:
     def pop_copies(self) -> tuple[np.ndarray, np.ndarray]:
         """(src, dst) int32 [num_copies] page copies to do, in order, before writing new slots."""
         copies, self._copies = self._copies, []
+        # The step's writes are done once the caller has made these copies and written its slots.
+        deferred, self._deferred, self._written = self._deferred, [], set()
+        for page in deferred:
+            self._ref[page] = 1
+            self._release(page)
         src = np.array([s for s, _ in copies], dtype=np.int32)
         return src, np.array([d for _, d in copies], dtype=np.int32)
 
