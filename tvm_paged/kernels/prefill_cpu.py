@@ -365,20 +365,19 @@ def build_prefill_cpu(cfg: KernelConfig, *, lanes: int = 8, chunk: int | None = 
     # The AMX path moves bfloat16 values as their bits (uint16 and uint32 buffers and views): TVM legalizes
     # bfloat16 arithmetic and local buffers to float32, which the tile loads would misread.
     @T.macro
-    def amx_gather_chunk(ktv, vv, K32, Vu, BT, b, kvh, c0, kv_end):
+    def amx_gather_chunk(ktv, vv, krow, K32, Vu, BT, b, kvh, c0, kv_end):
         """The chunk's K and V from ``c0`` in the layouts of AMX's B operand, as 32-bit pairs of bfloat16:
         ``ktv[p, c]`` = K[token c, 2p : 2p + 2] (K transposed in pairs of head_dim elements) and ``vv[p, d]`` =
         V[tokens 2p and 2p + 1, d] (pairs of keys, the even one low); tokens at or past ``kv_end`` are not read
-        (zeros). The V pairs are built on vectors; the K transpose is a 32-bit copy per element."""
+        (zeros). The V pairs are built on vectors, the K transpose by gathers along the keys."""
+        # K: each key's row offset first (keys past kv_end read the chunk's first key instead, a finite
+        # row whose scores the softmax masks), then the transpose as gathers along the keys.
         for c in range(C):
-            if c0 + c < kv_end:
-                page: T.let[T.int64] = T.Cast("int64", BT[b, (c0 + c) // S])
-                slot: T.let[T.int64] = (c0 + c) % S
-                for dp in range(D // 2):
-                    ktv[dp, c] = K32[page, slot, kvh, dp]
-            else:
-                for dp in range(D // 2):
-                    ktv[dp, c] = T.uint32(0)
+            key: T.let[T.int64] = T.Select(c0 + c < kv_end, c0 + c, c0)
+            krow[c] = ((T.Cast("int64", BT[b, key // S]) * S + key % S) * Hkv + kvh) * (D // 2)
+        for dp in range(D // 2):
+            for c in range(C):
+                ktv[dp, c] = K32[krow[c] + dp]
         for tp in range(C // 2):
             if c0 + 2 * tp + 1 < kv_end:
                 p0: T.let[T.int64] = T.Cast("int64", BT[b, (c0 + 2 * tp) // S])
@@ -491,7 +490,7 @@ def build_prefill_cpu(cfg: KernelConfig, *, lanes: int = 8, chunk: int | None = 
 
         # uint16 views of the bfloat16 q and caches for the AMX path (unused otherwise).
         Qu = T.decl_buffer(Q.shape, "uint16", data=Q.data)
-        K32 = T.decl_buffer((K.shape[0], S, Hkv, D // 2), "uint32", data=K.data)
+        K32 = T.decl_buffer((K.shape[0] * (S * Hkv * D // 2),), "uint32", data=K.data)
         Vu = T.decl_buffer(V.shape, "uint16", data=V.data)
         if amx:
             AMX.request_permission()
@@ -507,6 +506,7 @@ def build_prefill_cpu(cfg: KernelConfig, *, lanes: int = 8, chunk: int | None = 
             ktv = T.alloc_buffer((D // 2, C) if amx else (1, 1), "uint32")
             vv = T.alloc_buffer((C // 2, D) if amx else (1, 1), "uint32")
             tcfg = T.alloc_buffer((64 if amx else 1,), "uint8")
+            krow = T.alloc_buffer((C if amx else 1,), "int64")
             m = T.alloc_buffer((ROWS,), "float32")
             lsum = T.alloc_buffer((ROWS,), "float32")
             alpha = T.alloc_buffer((ROWS,), "float32")
@@ -536,7 +536,7 @@ def build_prefill_cpu(cfg: KernelConfig, *, lanes: int = 8, chunk: int | None = 
                 for ch in range((kv_end - kv_begin + C - 1) // C):
                     c0: T.let[T.int64] = kv_begin + ch * C
                     if amx:
-                        amx_gather_chunk(ktv, vv, K32, Vu, BT, b, kvh, c0, kv_end)
+                        amx_gather_chunk(ktv, vv, krow, K32, Vu, BT, b, kvh, c0, kv_end)
                     else:
                         gather_chunk(kt, vc, K, V, BT, b, kvh, c0, kv_end)
                     if use_prefetch:
