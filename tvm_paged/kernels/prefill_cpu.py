@@ -368,10 +368,10 @@ def build_prefill_cpu(cfg: KernelConfig, *, lanes: int = 8, chunk: int | None = 
     def amx_gather_chunk(ktv, vv, krow, K32, Vu, BT, b, kvh, c0, kv_end):
         """The chunk's K and V from ``c0`` in the layouts of AMX's B operand, as 32-bit pairs of bfloat16:
         ``ktv[p, c]`` = K[token c, 2p : 2p + 2] (K transposed in pairs of head_dim elements) and ``vv[p, d]`` =
-        V[tokens 2p and 2p + 1, d] (pairs of keys, the even one low); tokens at or past ``kv_end`` are not read
-        (zeros). The V pairs are built on vectors, the K transpose by gathers along the keys."""
-        # K: each key's row offset first (keys past kv_end read the chunk's first key instead, a finite
-        # row whose scores the softmax masks), then the transpose as gathers along the keys.
+        V[tokens 2p and 2p + 1, d] (pairs of keys, the even one low); tokens at or past ``kv_end`` are not read:
+        their V is zero and their K column repeats the chunk's first key (finite; the softmax masks its scores).
+        The V pairs are built on vectors, the K transpose by gathers along the keys."""
+        # Each key's row offset first, then the transpose as one gather loop per head_dim pair.
         for c in range(C):
             key: T.let[T.int64] = T.Select(c0 + c < kv_end, c0 + c, c0)
             krow[c] = ((T.Cast("int64", BT[b, key // S]) * S + key % S) * Hkv + kvh) * (D // 2)
