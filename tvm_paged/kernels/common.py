@@ -169,9 +169,10 @@ def kv_widen_factor(cfg) -> float:
     return FP8_WIDEN_FACTOR.get(cfg.kv_dtype, 1.0)
 
 
-def row_sums(rows: list, lanes: int):
+def row_sums(rows: list, lanes: int, combine=None):
     """Horizontal sums of ``len(rows)`` float32 vectors of ``lanes`` lanes each, as one vector whose lane ``r`` is
-    the sum of ``rows[r]`` (a scalar for one row).
+    the sum of ``rows[r]`` (a scalar for one row); ``combine(a, b)`` instead of ``a + b`` gives other reductions
+    (``T.max``: the row maxima).
 
     A transpose-and-add tree of ``T.Shuffle``s: each level pairs two vectors and adds the low halves of their
     rows to the high halves, so R rows of L lanes cost about 2(R - 1) + 2 log2(L/R) shuffles and half as many
@@ -183,6 +184,8 @@ def row_sums(rows: list, lanes: int):
         raise ValueError(f"row_sums needs a power-of-two number of rows up to {lanes}, got {count}")
     if lanes == 1:
         return rows[0]
+    if combine is None:
+        combine = lambda a, b: a + b  # noqa: E731
     seg = lanes  # lanes of each row still to be added, within every vector
     while len(rows) > 1:
         half = seg // 2
@@ -192,14 +195,14 @@ def row_sums(rows: list, lanes: int):
                 base = src * lanes + r * seg
                 lo += [base + i for i in range(half)]
                 hi += [base + half + i for i in range(half)]
-        rows = [T.Shuffle([rows[i], rows[i + 1]], lo) + T.Shuffle([rows[i], rows[i + 1]], hi)
+        rows = [combine(T.Shuffle([rows[i], rows[i + 1]], lo), T.Shuffle([rows[i], rows[i + 1]], hi))
                 for i in range(0, len(rows), 2)]
         seg = half
     vec = rows[0]  # count rows of seg lanes each
     while seg > 1:
         half = seg // 2
-        vec = (T.Shuffle([vec], [r * seg + i for r in range(count) for i in range(half)])
-               + T.Shuffle([vec], [r * seg + half + i for r in range(count) for i in range(half)]))
+        vec = combine(T.Shuffle([vec], [r * seg + i for r in range(count) for i in range(half)]),
+                      T.Shuffle([vec], [r * seg + half + i for r in range(count) for i in range(half)]))
         seg = half
     return vec
 

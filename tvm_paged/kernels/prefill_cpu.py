@@ -47,7 +47,7 @@ from ..spec import PREFILL
 from ..tvm_compat import AMX, T, prefetch
 from .common import (
     CACHE_LINE_BYTES, LN2, LOG2E, bf16_bits, exp2, from_f32, kv_to_f32, kv_widen_factor, largest_divisor_at_most,
-    tanh, to_f32,
+    lanes_at, row_sums, tanh, to_f32,
 )
 from .signatures import finish, prefill_args
 
@@ -280,6 +280,16 @@ def build_prefill_cpu(cfg: KernelConfig, *, lanes: int = 8, chunk: int | None = 
                     for cl in T.vectorized(lanes):
                         sc[ib * RS + ii, cb * lanes + cl] = sreg[ii, cb * lanes + cl]
 
+    def lane_reduce(part, combine):
+        """``part[0] combine ... combine part[lanes - 1]``: a shuffle tree for a power-of-two lane count, else a
+        chain."""
+        if lanes & (lanes - 1) == 0:
+            return row_sums([part[lanes_at(0, lanes)]], lanes, combine)
+        acc = part[0]
+        for ln in range(1, lanes):
+            acc = combine(acc, part[ln])
+        return acc
+
     @T.macro
     def softmax_update(sc, m, lsum, alpha, part, red, AS, rows, n_pad, c0, pos0, kv_end, causal, kvh, window_left,
                        cap):
@@ -288,7 +298,7 @@ def build_prefill_cpu(cfg: KernelConfig, *, lanes: int = 8, chunk: int | None = 
         the new running max, ``alpha`` the factor that rescales the row's old state to it, ``sc`` replaced by
         the weights, ``lsum`` rescaled and increased by them. The soft-cap and ALiBi variants first change the
         scores (in the log2 domain). Padding rows get zero weights and ``alpha``. Row max and sum use lanes-wide
-        partials (``part``): a scalar loop would not vectorize."""
+        partials (``part``) reduced by a shuffle tree (``row_sums``): a scalar chain is ``lanes`` dependent steps."""
         for i in range(n_pad):
             if i < rows:
                 limit: T.let[T.int64] = T.Select(causal != 0, T.min(kv_end, pos0 + i // G + 1), kv_end)
@@ -310,9 +320,7 @@ def build_prefill_cpu(cfg: KernelConfig, *, lanes: int = 8, chunk: int | None = 
                     for ln in T.vectorized(lanes):
                         part[ln] = T.max(part[ln], T.Select(visible(c0 + cb * lanes + ln, lo, limit),
                                                             sc[i, cb * lanes + ln], neg_inf))
-                red[0] = part[0]
-                for ln in range(1, lanes):
-                    red[0] = T.max(red[0], part[ln])
+                red[0] = lane_reduce(part, T.max)
                 alpha[i] = exp2(m[i] - red[0])
                 m[i] = red[0]
                 for ln in T.vectorized(lanes):
@@ -324,9 +332,7 @@ def build_prefill_cpu(cfg: KernelConfig, *, lanes: int = 8, chunk: int | None = 
                             T.float32(0),
                         )
                         part[ln] = part[ln] + sc[i, cb * lanes + ln]
-                red[0] = part[0]
-                for ln in range(1, lanes):
-                    red[0] = red[0] + part[ln]
+                red[0] = lane_reduce(part, lambda x, y: x + y)
                 lsum[i] = lsum[i] * alpha[i] + red[0]
             else:  # padding rows of the last register block
                 alpha[i] = T.float32(0)
