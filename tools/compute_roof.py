@@ -92,13 +92,7 @@ def _amx_func(threads: int):
         AMX.request_permission()
         for t in T.parallel(threads):
             cfg = T.alloc_buffer((64,), "uint8")
-            for i in range(64):
-                cfg[i] = T.uint8(0)
-            cfg[0] = T.uint8(1)
-            for tile in range(6):
-                cfg[16 + 2 * tile] = T.uint8(64)
-                cfg[48 + tile] = T.uint8(16)
-            AMX.configure(T.address_of(cfg[0]))
+            AMX.configure_full(cfg, 6)
             for j in T.unroll(4):
                 AMX.zero(j)
             AMX.load(4, T.address_of(a[0, 0]), 64)

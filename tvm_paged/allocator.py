@@ -157,10 +157,14 @@ class PageAllocator:
         if self._ref[page] == 0:
             if dropped and page in self._written:  # this step owes it writes: free once they are issued
                 self._deferred.append(page)
-            elif page in self._page_key:
-                self._cached_free[page] = None  # most recently used end
             else:
-                self._free.append(page)
+                self._to_pool(page)
+
+    def _to_pool(self, page: int) -> None:
+        if page in self._page_key:
+            self._cached_free[page] = None  # most recently used end
+        else:
+            self._free.append(page)
 
     def _new_seq(self, seq_id: Hashable, pages: list, length: int, last_hash, partial, dropped=0) -> _Seq:
         if self._free_rows:
@@ -278,11 +282,11 @@ class PageAllocator:
                 seq.partial.extend(token_ids)
             else:
                 self._hash_full_pages(seq, token_ids, old_len // ps)
-        if n == 1:  # decode fast path: numpy fancy indexing costs more than it saves here
-            self._written.add(pages[old_len // ps])
-            return np.array([pages[old_len // ps] * ps + old_len % ps], dtype=np.int64)
         first = old_len // ps
-        self._written.update(pages[first:] if n else ())
+        if self.window_left >= 0 and n:  # only window drops can free a page this step writes to
+            self._written.update(pages[first:])
+        if n == 1:  # decode fast path: numpy fancy indexing costs more than it saves here
+            return np.array([pages[first] * ps + old_len % ps], dtype=np.int64)
         pos = np.arange(old_len, old_len + n, dtype=np.int64)
         return np.asarray(pages[first:], dtype=np.int64)[pos // ps - first] * ps + pos % ps
 
@@ -344,7 +348,8 @@ class PageAllocator:
                     else:
                         self._hash_full_pages(seq, ids, old // ps)
                 out.append(seq.pages[-1] * ps + old % ps)
-                self._written.add(seq.pages[-1])
+                if self.window_left >= 0:
+                    self._written.add(seq.pages[-1])
             else:
                 out.extend(self.append_slots(sid, n, ids).tolist())
         return np.array(out, dtype=np.int64)
@@ -369,8 +374,7 @@ class PageAllocator:
         # The step's writes are done once the caller has made these copies and written its slots.
         deferred, self._deferred, self._written = self._deferred, [], set()
         for page in deferred:
-            self._ref[page] = 1
-            self._release(page)
+            self._to_pool(page)
         src = np.array([s for s, _ in copies], dtype=np.int32)
         return src, np.array([d for _, d in copies], dtype=np.int32)
 

@@ -123,7 +123,7 @@ class AMX:
 
     LLVM's register-numbered AMX intrinsics take tile numbers as immediates, so they need no tile type: a
     ``tile`` argument must fold to a constant 0-7 (a Python int, or the variable of a ``T.unroll`` loop). A
-    thread configures its tiles (``configure``: a 64-byte palette-1 record in memory) before using them and
+    thread configures its tiles (``configure_full``: a 64-byte palette-1 record in memory) before using them and
     releases them after; the process asks Linux for the tile state's permission first (``request_permission``:
     ``arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)``, idempotent, without which the first tile
     instruction raises SIGILL).
@@ -134,8 +134,17 @@ class AMX:
         return T.evaluate(T.call_extern("int64", "syscall", T.int64(158), T.int64(0x1023), T.int64(18)))
 
     @staticmethod
-    def configure(address):
-        return T.evaluate(T.call_llvm_intrin("void", "llvm.x86.ldtilecfg", address))
+    @T.macro
+    def configure_full(record, tiles: int):
+        """Configure tiles ``0 .. tiles - 1`` at their full 16 rows x 64 bytes (16 float32 or 32 bfloat16 per row),
+        palette 1, from ``record``: a 64-element uint8 buffer of the thread's own."""
+        for i in range(64):
+            record[i] = T.uint8(0)
+        record[0] = T.uint8(1)
+        for t in range(tiles):
+            record[16 + 2 * t] = T.uint8(64)
+            record[48 + t] = T.uint8(16)
+        T.evaluate(T.call_llvm_intrin("void", "llvm.x86.ldtilecfg", T.address_of(record[0])))
 
     @staticmethod
     def release():

@@ -453,17 +453,6 @@ def build_prefill_cpu(cfg: KernelConfig, *, lanes: int = 8, chunk: int | None = 
                 amx_tile_product(acc, D * 4, pb, C * 2, vv, D * 4, ib, dg * KB, C // 32, True)
 
     @T.macro
-    def amx_configure(tcfg):
-        """Palette 1, every tile used 16 rows x 64 bytes (16 float32 accumulators, or 32 bfloat16)."""
-        for i in range(64):
-            tcfg[i] = T.uint8(0)
-        tcfg[0] = T.uint8(1)
-        for t in range(KB + 2):
-            tcfg[16 + 2 * t] = T.uint8(64)
-            tcfg[48 + t] = T.uint8(AMX_TILE)
-        AMX.configure(T.address_of(tcfg[0]))
-
-    @T.macro
     def store_rows(O, LSE, VS, SK, acc, m, lsum, red, q_start, r0, kvh, rows):
         """The block's ``rows`` normalized outputs (times an 8-bit cache's V scale) and natural-log lse; a sink
         logit joins the denominator here (``red``: the row's max with it, then its factor and total)."""
@@ -536,7 +525,7 @@ def build_prefill_cpu(cfg: KernelConfig, *, lanes: int = 8, chunk: int | None = 
             n_pad: T.let[T.int64] = (rows + RB - 1) // RB * RB
             kv_begin: T.let[T.int64] = window_start(pos0, window_left)  # the tile's first visible key
             if amx:
-                amx_configure(tcfg)
+                AMX.configure_full(tcfg, KB + 2)
             for kvh in range(Hkv):
                 init_block(qf, qb, acc, m, lsum, Q, Qu, KS, q_start, r0, kvh, rows, n_pad, scale)
                 for ch in range((kv_end - kv_begin + C - 1) // C):
