@@ -50,7 +50,8 @@ def test_hand_written_kernel_matches_float64(seq_lens):
 @cpu_only
 @pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler")
 @pytest.mark.skipif(not _has_avx2_f16c(), reason="the page walk is written with AVX intrinsics")
-def test_page_walk_reads_exactly_the_tables_pages():
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_page_walk_reads_exactly_the_tables_pages(prefetch):
     """The benchmark's read-only walk: every page of the table once, nothing else (the rest of the pool is NaN)."""
     bench = _bench_module()
     num_pages, pages_per_seq, batch = 41, 5, 3
@@ -62,5 +63,5 @@ def test_page_walk_reads_exactly_the_tables_pages():
     used = table.flatten().long()
     k[used] = 1.0
     v[used] = 2.0
-    total = bench.page_walk_runner(k, v, [table])(0).item()
+    total = bench.page_walk_runner(k, v, [table], prefetch)(0).item()
     assert total == 3.0 * used.numel() * k[0].numel()

@@ -151,12 +151,13 @@ def native_function(name, symbol, argtypes):
     return fn
 
 
-def page_walk_runner(k, v, tables):
+def page_walk_runner(k, v, tables, prefetch=False):
     """``tools/page_walk.c``: a read-only pass over the same pages in table order, on TVM's thread pool. Its
-    GB/s is what any kernel could reach on these fragmented tables. ``run(i)`` returns the sum of everything
-    read (the caches' bytes taken as float32), for a test; the benchmark does not check it."""
+    GB/s is what any kernel could reach on these fragmented tables; ``prefetch`` also asks for the next block
+    ahead in software, as the kernels do. ``run(i)`` returns the sum of everything read (the caches' bytes
+    taken as float32), for a test; the benchmark does not check it."""
     i32, ptr = ctypes.c_int, ctypes.c_void_p
-    walk = native_function("page_walk", "walk", [i32, i32, i32, ctypes.c_long, ptr, ptr, ptr, ptr])
+    walk = native_function("page_walk", "walk", [i32, i32, i32, ctypes.c_long, ptr, ptr, ptr, ptr, i32])
     sums = torch.zeros(256)  # one per worker of TVM's pool
     page_bytes = k[0].numel() * k.element_size()
 
@@ -164,7 +165,7 @@ def page_walk_runner(k, v, tables):
         t = tables[i % len(tables)]
         sums.zero_()
         walk(t.shape[0], t.shape[1], t.shape[1], page_bytes, k.data_ptr(), v.data_ptr(), t.data_ptr(),
-             sums.data_ptr())
+             sums.data_ptr(), int(prefetch))
         return sums.sum()
 
     return run
@@ -274,8 +275,10 @@ def bench_case(name, dtype, rounds, with_mlc, device, with_hand_c=False):
     # Timed like the kernels but computes nothing to check: the read rate of these very pages.
     unchecked = set()
     if with_hand_c and device.type == "cpu":
-        unchecked.add("read-only walk of the same pages")
-        runners["read-only walk of the same pages"] = page_walk_runner(k, v, tables)
+        for prefetch, row in ((False, "read-only walk of the same pages"),
+                              (True, "read-only walk, software prefetch")):
+            unchecked.add(row)
+            runners[row] = page_walk_runner(k, v, tables, prefetch)
     if with_mlc:
         runners[f"TVM/MLC {'CUDA' if gpu else 'CPU'} decode"] = mlc_runner(q, k, v, tables, seq_lens, cfg.dtype)
     # Correctness of every row against the float64 reference before timing anything.

@@ -2,10 +2,13 @@
  * rate any kernel could read these fragmented pages at on this machine (no arithmetic beyond a running sum).
  * Tasks run on TVM's CPU thread pool (TVMBackendParallelLaunch), like the kernels timed beside it.
  *
- * walk(batch, max_pages_per_seq, pages_per_seq, page_bytes, k_cache, v_cache, block_table, sums)
+ * walk(batch, max_pages_per_seq, pages_per_seq, page_bytes, k_cache, v_cache, block_table, sums, prefetch)
  *   k_cache, v_cache: any dtype, page_bytes bytes per page (a multiple of 128, pages 32-byte aligned);
  *   block_table [batch, max_pages_per_seq] int32; sums [number of workers] float32: each worker's sum of what
- *   it read, taken as float32 values (written, so the reads are not optimized away; a test checks the total).
+ *   it read, taken as float32 values (written, so the reads are not optimized away; a test checks the total);
+ *   prefetch: 0 leaves it to the hardware prefetcher, which stops at each page's end; 1 also asks for the next
+ *   block in the walk (this page's V while reading its K, the next page's K while reading V), two cache lines
+ *   per 128 bytes read, so a page's first lines are on their way before the walk reaches it.
  */
 #include <immintrin.h>
 #include <stdint.h>
@@ -18,17 +21,25 @@ typedef struct {
   const char *k, *v;
   const int32_t *table;
   float *sums;
+  int prefetch;
 } Args;
 
 static int worker(int id, ParallelEnv *env, void *cdata) {
   const Args *a = (const Args *)cdata;
   int n = a->batch * a->pages;
   __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0; /* 4 chains: loads, not adds, set the pace */
-  for (int i = n * id / env->num_task; i < n * (id + 1) / env->num_task; i++) {
+  int end = n * (id + 1) / env->num_task;
+  for (int i = n * id / env->num_task; i < end; i++) {
     long page = a->table[(long)(i / a->pages) * a->max_pages + i % a->pages];
+    long next = i + 1 < end ? a->table[(long)((i + 1) / a->pages) * a->max_pages + (i + 1) % a->pages] : page;
     for (int kv = 0; kv < 2; kv++) {
       const float *x = (const float *)((kv ? a->v : a->k) + page * a->page_bytes);
+      const char *ahead = kv ? a->k + next * a->page_bytes : a->v + page * a->page_bytes;
       for (long j = 0; j < a->page_bytes / 4; j += 32) {
+        if (a->prefetch) {
+          _mm_prefetch(ahead + j * 4, _MM_HINT_T0);
+          _mm_prefetch(ahead + j * 4 + 64, _MM_HINT_T0);
+        }
         s0 = _mm256_add_ps(s0, _mm256_load_ps(x + j));
         s1 = _mm256_add_ps(s1, _mm256_load_ps(x + j + 8));
         s2 = _mm256_add_ps(s2, _mm256_load_ps(x + j + 16));
@@ -45,7 +56,7 @@ static int worker(int id, ParallelEnv *env, void *cdata) {
 }
 
 int walk(int batch, int max_pages, int pages, long page_bytes, const char *k, const char *v, const int32_t *table,
-         float *sums) {
-  Args a = {batch, max_pages, pages, page_bytes, k, v, table, sums};
+         float *sums, int prefetch) {
+  Args a = {batch, max_pages, pages, page_bytes, k, v, table, sums, prefetch};
   return TVMBackendParallelLaunch(worker, &a, 0);
 }
