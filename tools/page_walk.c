@@ -24,14 +24,16 @@ typedef struct {
   int prefetch;
 } Args;
 
+/* The pool page of the walk's i-th (sequence, page) pair. */
+static long page_at(const Args *a, int i) { return a->table[(long)(i / a->pages) * a->max_pages + i % a->pages]; }
+
 static int worker(int id, ParallelEnv *env, void *cdata) {
   const Args *a = (const Args *)cdata;
   int n = a->batch * a->pages;
   __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0; /* 4 chains: loads, not adds, set the pace */
   int end = n * (id + 1) / env->num_task;
   for (int i = n * id / env->num_task; i < end; i++) {
-    long page = a->table[(long)(i / a->pages) * a->max_pages + i % a->pages];
-    long next = i + 1 < end ? a->table[(long)((i + 1) / a->pages) * a->max_pages + (i + 1) % a->pages] : page;
+    long page = page_at(a, i), next = i + 1 < end ? page_at(a, i + 1) : page;
     for (int kv = 0; kv < 2; kv++) {
       const float *x = (const float *)((kv ? a->v : a->k) + page * a->page_bytes);
       const char *ahead = kv ? a->k + next * a->page_bytes : a->v + page * a->page_bytes;
