@@ -4,9 +4,13 @@ The space is the product of each knob's candidate values; a point is an index in
 knob at its first value = the builder's default). Proposals never repeat a measured point:
 
 1. the default first (trial 0, the untuned baseline);
-2. random points without replacement until a few are measured (and whenever the budget covers every point left,
+2. with a guided strategy, the default's neighbours next (each knob moved alone, in a seeded order): the
+   builder's default is a designed point, a one-knob move from it is the change most likely to pay, and a
+   sparse random start was seen to miss the single move (``prefetch="kv"``) that won a bucket by 3-14% in the
+   benchmark;
+3. random points without replacement until a few are measured (and whenever the budget covers every point left,
    which makes a small space exhaustive);
-3. then a cost model ranks the points not yet measured and the best predicted are measured, with a quarter of
+4. then a cost model ranks the points not yet measured and the best predicted are measured, with a quarter of
    each round still drawn at random so a wrong model cannot trap the search:
    ``xgb``: gradient-boosted trees (the ``xgboost`` package MetaSchedule's ``XGBModel`` wraps) over knob features,
    fitted to throughput relative to the bucket's best; ``mutate``: neighbours (one knob changed) of the best
@@ -111,6 +115,8 @@ class Proposer:
             except ImportError:
                 self.strategy = "mutate"  # the cost model is optional: mutate-the-best needs nothing
         self.used_model = False
+        nb = space.neighbours(0) if space.size > 1 else []
+        self._default_neighbours = [int(i) for i in self.rng.permutation(np.asarray(nb, dtype=np.int64))]
 
     def propose(self, measured: dict[int, float | None], k: int) -> list[int]:
         """Up to ``k`` unmeasured points. ``measured``: index -> seconds per call (None = failed)."""
@@ -124,6 +130,13 @@ class Proposer:
         want = min(k - len(out), left)
         ok = {i: s for i, s in measured.items() if s is not None and math.isfinite(s) and s > 0}
         taken = set(measured) | set(out)
+        if self.strategy != "random" and want < left:
+            scan = [i for i in self._default_neighbours if i not in taken][:want]
+            out += scan
+            taken |= set(scan)
+            want -= len(scan)
+            if want <= 0:
+                return out
         guided: list[int] = []
         if want < left and len(ok) >= _MIN_FOR_MODEL and self.strategy != "random":
             n_guided = want - max(1, want // 4)
