@@ -95,6 +95,7 @@ def test_tune_measures_and_writes_schedule(tuned, target):
     assert all(secs and all(np.isfinite(s) and 0 < s < 1 for s in secs) for secs in records)
     rows = log.rows()
     assert len(records) == len(rows) and all(r["error"] is None and r["gbps"] > 0 for r in rows)
+    assert all(r["roof_gbps"] > 0 for r in rows)  # each timed beside the machine's read rate of its moment
     trials, checks = _split_rechecks(rows)
     assert len(trials) == 3
     space = KnobSpace(tuned_knobs.knob_space(CFG, target))
@@ -103,7 +104,9 @@ def test_tune_measures_and_writes_schedule(tuned, target):
     # The runoff: the default and the other trials, fastest first, timed again as A B C C B A.
     contenders = [r["knobs"] for r in sorted(trials[1:], key=lambda r: -r["gbps"])]
     order = [space.default, *contenders]
-    assert [r["knobs"] for r in checks] == order + order[::-1]
+    assert [r["knobs"] for r in checks] == [contenders[-1], *order, *order[::-1]]
+    assert [bool(r.get("warmup")) for r in checks] == [True] + [False] * 2 * len(order)
+    checks = checks[1:]
     # The summary decides from the runoff's mean rates alone.
     mean = {knob_key(k): np.mean([r["gbps"] for r in checks if r["knobs"] == k]) for k in order}
     [b] = summary["buckets"]
@@ -786,7 +789,8 @@ def test_summary_decides_from_the_runoff_not_a_lucky_trial():
         return {"knobs": knobs, "gbps": gbps, "ms": 100 / gbps, "trial": trial, "recheck": recheck}
 
     search = [row(a, 22.0, 0), row(b, 30.0, 1), row(c, 24.0, 2)]
-    runoff = [row(k, g, 3, True) for k, g in ((a, 22.0), (b, 21.0), (c, 23.5), (c, 23.1), (b, 21.4), (a, 21.8))]
+    runoff = [{**row(c, 40.0, 3, True), "warmup": True}]  # the leading warm-up call is not counted
+    runoff += [row(k, g, 3, True) for k, g in ((a, 22.0), (b, 21.0), (c, 23.5), (c, 23.1), (b, 21.4), (a, 21.8))]
     decided = runoff_rows(search + runoff, space)
     assert set(decided) == {knob_key(k) for k in (a, b, c)}
     assert decided[knob_key(c)]["gbps"] == pytest.approx(23.3) and decided[knob_key(a)]["gbps"] == pytest.approx(21.9)

@@ -259,6 +259,25 @@ class OutputCheck:
                               f"(tolerance {CHECK_ATOL[dtype]:.1g})")
 
 
+class ReadRoof:
+    """The host's memory read rate at this moment: the best of ``reads`` ``torch.sum`` passes over an array of
+    ``nbytes`` on every core (GB/s), the benchmark's roof. The tuner times it before each trial: a shared
+    machine's memory rate drifts by 10-30% over minutes, and a trial's time divided by the rate of its moment
+    compares with one timed minutes apart."""
+
+    def __init__(self, nbytes: int, reads: int = 2):
+        self.buf = torch.ones(max(1, nbytes // 4), dtype=torch.float32)
+        self.reads = reads
+
+    def __call__(self) -> float:
+        best = 0.0
+        for _ in range(self.reads):
+            t0 = time.perf_counter()
+            self.buf.sum()
+            best = max(best, self.buf.numel() * 4 / max(time.perf_counter() - t0, 1e-9) / 1e9)
+        return best
+
+
 @dataclass(frozen=True)
 class RotatingTimer:
     """MetaSchedule ``f_run_evaluator`` for local runners: one warm-up call per table, then ``repeat`` timings,

@@ -4,6 +4,10 @@ with its ``LocalRunner`` (or ``RPCRunner``) on valid paged inputs, commit every 
 Resumable: a run first reads the side table and counts the trials already measured for each bucket on the current
 kernel (same workload hash, knobs still in the space); ``trials`` is the total per bucket, so a second run with a
 larger ``trials`` continues where the first stopped and never measures a knob dict twice.
+
+On a local CPU each trial is timed beside the machine's read rate of that moment (``roof_gbps`` in its row) and
+ranked by its time scaled to a reference rate, so a drifting machine does not pick the search's contenders; the
+bucket is then decided by a closing runoff of the default and the best three, timed again in one stretch.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from .. import tvm_compat as tc
 from ..config import KernelConfig
 from ..kernels import build_kernel
 from ..targets import target_key, target_kind, with_host
-from .measure import OutputCheck, PagedInputs, RotatingTimer
+from .measure import OutputCheck, PagedInputs, ReadRoof, RotatingTimer
 from .records import TuningLog, default_root, median_secs, workload_hash
 from .space import KnobSpace, Proposer, knob_key
 from .workload import Bucket, build_cuda_library, build_module, make_workload, pass_path
@@ -186,13 +190,26 @@ def _tune_bucket(cfg, target, build_target, bucket: Bucket, space: KnobSpace, lo
     shaped = wl.shaped(default_func)  # every variant has the same signature: argument shapes for the runner
     args_info = ms.arg_info.ArgInfo.from_entry_func(shaped)
     db_workload = log.commit_workload(wl.record_module(shaped, whash))
+    # A local CPU trial is timed beside the read roof of its moment, and compared with the others by its time
+    # scaled to the bucket's reference roof (the first one timed), so the search and the runoff's contenders
+    # follow the kernels rather than the machine's drift.
+    roof = ReadRoof(wl.pool_bytes) if device_type == "cpu" and opts.rpc_tracker is None else None
+    mine = [r for r in rows if r.get("bucket") == bucket.name and r.get("workload") == whash]
+    roofs = [r["roof_gbps"] for r in mine if r.get("roof_gbps")]
+    state = {"runner": None, "best": None, "roof_ref": roofs[0] if roofs else None}
+
+    def drift_free(secs, roof_gbps):
+        """``secs`` as if timed at the reference roof (unchanged without roofs)."""
+        if secs is None or not roof_gbps or not state["roof_ref"]:
+            return secs
+        return secs * roof_gbps / state["roof_ref"]
+
     measured: dict[int, float | None] = {}
     best = None
-    for row in rows:
-        if row.get("bucket") == bucket.name and row.get("workload") == whash:
-            idx = space.index(row.get("knobs"))
-            if idx is not None:
-                measured[idx] = median_secs(row.get("run_secs"))
+    for row in mine:
+        idx = space.index(row.get("knobs"))
+        if idx is not None and not row.get("recheck"):
+            measured[idx] = drift_free(median_secs(row.get("run_secs")), row.get("roof_gbps"))
     for s in measured.values():
         if s is not None:
             best = max(best or 0.0, wl.gbps(s))
@@ -207,10 +224,11 @@ def _tune_bucket(cfg, target, build_target, bucket: Bucket, space: KnobSpace, lo
     # Starting the runner's worker (a process that imports TVM) overlaps the first round's builds.
     starter = ThreadPoolExecutor(max_workers=1)
     pending = starter.submit(make_runner, wl, device_type, opts)
-    state = {"runner": None, "best": best}
+    state["best"] = best
 
-    def measure(picks: list[int], recheck: bool = False) -> None:
-        """Build ``picks`` together, then measure them one by one, committing each trial as it is measured."""
+    def measure(picks: list[int], recheck: bool = False, warmup: int = 0) -> None:
+        """Build ``picks`` together, then measure them one by one, committing each trial as it is measured; the
+        first ``warmup`` timings of a recheck are flagged as such (timed, then ignored by the summary)."""
         mods, inputs = [], []
         for idx in picks:
             mod = wl.module(build_kernel(cfg, target, **space.knobs(idx)))
@@ -219,8 +237,8 @@ def _tune_bucket(cfg, target, build_target, bucket: Bucket, space: KnobSpace, lo
         t_build = time.perf_counter()
         built = builder.build(inputs)
         build_s = (time.perf_counter() - t_build) / len(picks)  # wall per variant, pool start included
-        for idx, mod, res in zip(picks, mods, built):
-            run_secs, error = None, None
+        for pos, (idx, mod, res) in enumerate(zip(picks, mods, built)):
+            run_secs, error, roof_gbps = None, None, None
             t_run = time.perf_counter()
             if res.error_msg:
                 error = "build: " + (_short(res.error_msg) or "")
@@ -228,6 +246,9 @@ def _tune_bucket(cfg, target, build_target, bucket: Bucket, space: KnobSpace, lo
                 try:
                     if state["runner"] is None:
                         state["runner"] = pending.result()
+                    roof_gbps = roof() if roof is not None else None
+                    if roof_gbps and state["roof_ref"] is None:
+                        state["roof_ref"] = roof_gbps
                     fut = state["runner"].run([ms.runner.RunnerInput(str(res.artifact_path), device_type,
                                                                      args_info)])[0]
                     out = fut.result()
@@ -241,6 +262,7 @@ def _tune_bucket(cfg, target, build_target, bucket: Bucket, space: KnobSpace, lo
             if run_secs is not None and secs is None:
                 error, run_secs = "run: no finite time", None
             row = {
+                "roof_gbps": round(roof_gbps, 2) if roof_gbps else None,
                 "bucket": bucket.name,
                 "knobs": space.knobs(idx),
                 "workload": whash,
@@ -254,8 +276,11 @@ def _tune_bucket(cfg, target, build_target, bucket: Bucket, space: KnobSpace, lo
             }
             if recheck:
                 row["recheck"] = True
+                if pos < warmup:
+                    row["warmup"] = True
             rows.append(log.commit(db_workload, shaped, target, row, run_secs))
-            measured[idx] = secs
+            if not recheck:
+                measured[idx] = drift_free(secs, roof_gbps)
             if secs:
                 state["best"] = max(state["best"] or 0.0, wl.gbps(secs))
             if not recheck:
@@ -274,12 +299,13 @@ def _tune_bucket(cfg, target, build_target, bucket: Bucket, space: KnobSpace, lo
         # over minutes (the first trial also meets a cold worker), so a single lucky timing can outrank a
         # better point. The runoff times the default and the best few again in one stretch, in the order
         # A B C D D C B A, so every point's mean sits at the same moment and a linear drift cancels; the
-        # summary decides from it (see ``runoff_rows``).
+        # summary decides from it (see ``runoff_rows``). The first timing after a round of builds reads 5-15%
+        # low, so one untimed-for-the-decision call of the last contender leads.
         ok = {i: s for i, s in measured.items() if s}
         contenders = sorted((i for i in ok if i != 0), key=ok.get)[:RUNOFF_CONTENDERS]
         if 0 in ok and contenders:
             order = [0, *contenders]
-            measure(order + order[::-1], recheck=True)
+            measure([contenders[-1], *order, *order[::-1]], recheck=True, warmup=1)
     finally:
         starter.shutdown(wait=True)
         runner = state["runner"]
@@ -338,7 +364,7 @@ def runoff_rows(rows: list[dict], space: KnobSpace) -> dict[str, dict]:
     """The last runoff of one bucket's ``rows`` (its re-timings: ``recheck`` rows sharing the highest ``trial``)
     as one row per knob dict with the mean GB/s and ms of its timings there; empty when there is none, or when
     it lacks a successful default timing (then the summary falls back to each knob dict's last timing)."""
-    checks = [r for r in rows if r.get("recheck")]
+    checks = [r for r in rows if r.get("recheck") and not r.get("warmup")]
     if not checks:
         return {}
     last = max(r.get("trial", 0) for r in checks)

@@ -162,6 +162,12 @@ class Workload:
         cfg = self.cfg
         return 2 * sum(self.visible_keys) * cfg.num_kv_heads * cfg.head_dim * cfg.kv_itemsize
 
+    @property
+    def pool_bytes(self) -> int:
+        """Bytes of the K and V pools the calls rotate over."""
+        cfg = self.cfg
+        return 2 * self.num_pages * cfg.page_size * cfg.num_kv_heads * cfg.head_dim * cfg.kv_itemsize
+
     def gbps(self, seconds: float) -> float:
         return self.kv_bytes / seconds / 1e9
 
