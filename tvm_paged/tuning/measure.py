@@ -261,9 +261,8 @@ class OutputCheck:
 
 class ReadRoof:
     """The host's memory read rate at this moment: the best of ``reads`` ``torch.sum`` passes over an array of
-    ``nbytes`` on every core (GB/s), the benchmark's roof. The tuner times it before each trial: a shared
-    machine's memory rate drifts by 10-30% over minutes, and a trial's time divided by the rate of its moment
-    compares with one timed minutes apart."""
+    ``nbytes`` on every core (GB/s), the benchmark's roof. The tuner times it before each trial and records it
+    with the trial, so a log shows what the machine's memory was doing while each point was timed."""
 
     def __init__(self, nbytes: int, reads: int = 2):
         self.buf = torch.ones(max(1, nbytes // 4), dtype=torch.float32)

@@ -5,9 +5,9 @@ Resumable: a run first reads the side table and counts the trials already measur
 kernel (same workload hash, knobs still in the space); ``trials`` is the total per bucket, so a second run with a
 larger ``trials`` continues where the first stopped and never measures a knob dict twice.
 
-On a local CPU each trial is timed beside the machine's read rate of that moment (``roof_gbps`` in its row) and
-ranked by its time scaled to a reference rate, so a drifting machine does not pick the search's contenders; the
-bucket is then decided by a closing runoff of the default and the best three, timed again in one stretch.
+A bucket is decided by a closing runoff of the default and the search's best three, timed again in one stretch
+(a shared machine's memory rate drifts over minutes, so timings from far apart in the search do not compare); on
+a local CPU each trial's row also records the machine's read rate of its moment (``roof_gbps``).
 """
 
 from __future__ import annotations
@@ -190,26 +190,19 @@ def _tune_bucket(cfg, target, build_target, bucket: Bucket, space: KnobSpace, lo
     shaped = wl.shaped(default_func)  # every variant has the same signature: argument shapes for the runner
     args_info = ms.arg_info.ArgInfo.from_entry_func(shaped)
     db_workload = log.commit_workload(wl.record_module(shaped, whash))
-    # A local CPU trial is timed beside the read roof of its moment, and compared with the others by its time
-    # scaled to the bucket's reference roof (the first one timed), so the search and the runoff's contenders
-    # follow the kernels rather than the machine's drift.
+    # A local CPU trial is timed beside the read roof of its moment (``roof_gbps`` in its row): a record of the
+    # machine's state, not a correction: dividing by it would add noise, since single 20 ms reads of a shared
+    # VM's memory swung from 15 to 54 GB/s within one bucket's trials while the kernels' rates moved by 10-20%.
     roof = ReadRoof(wl.pool_bytes) if device_type == "cpu" and opts.rpc_tracker is None else None
     mine = [r for r in rows if r.get("bucket") == bucket.name and r.get("workload") == whash]
-    roofs = [r["roof_gbps"] for r in mine if r.get("roof_gbps")]
-    state = {"runner": None, "best": None, "roof_ref": roofs[0] if roofs else None}
-
-    def drift_free(secs, roof_gbps):
-        """``secs`` as if timed at the reference roof (unchanged without roofs)."""
-        if secs is None or not roof_gbps or not state["roof_ref"]:
-            return secs
-        return secs * roof_gbps / state["roof_ref"]
+    state = {"runner": None, "best": None}
 
     measured: dict[int, float | None] = {}
     best = None
     for row in mine:
         idx = space.index(row.get("knobs"))
         if idx is not None and not row.get("recheck"):
-            measured[idx] = drift_free(median_secs(row.get("run_secs")), row.get("roof_gbps"))
+            measured[idx] = median_secs(row.get("run_secs"))
     for s in measured.values():
         if s is not None:
             best = max(best or 0.0, wl.gbps(s))
@@ -247,8 +240,6 @@ def _tune_bucket(cfg, target, build_target, bucket: Bucket, space: KnobSpace, lo
                     if state["runner"] is None:
                         state["runner"] = pending.result()
                     roof_gbps = roof() if roof is not None else None
-                    if roof_gbps and state["roof_ref"] is None:
-                        state["roof_ref"] = roof_gbps
                     fut = state["runner"].run([ms.runner.RunnerInput(str(res.artifact_path), device_type,
                                                                      args_info)])[0]
                     out = fut.result()
@@ -280,7 +271,7 @@ def _tune_bucket(cfg, target, build_target, bucket: Bucket, space: KnobSpace, lo
                     row["warmup"] = True
             rows.append(log.commit(db_workload, shaped, target, row, run_secs))
             if not recheck:
-                measured[idx] = drift_free(secs, roof_gbps)
+                measured[idx] = secs
             if secs:
                 state["best"] = max(state["best"] or 0.0, wl.gbps(secs))
             if not recheck:
