@@ -3,7 +3,8 @@
 
 Cases (fp32 and fp16; 32 query heads, 8 KV heads, head_dim 128, page 16, fragmented page tables):
 batch 8 x 1024 tokens and batch 1 x 16384 tokens. Rows, all in one process:
-- tvm_paged with its default schedule, and with the committed tuned schedule when one exists;
+- tvm_paged with its default schedule, with the committed tuned schedule when one exists, and with the default
+  changed by each ``--knobs`` dict (A/B rows timed in the same rounds);
 - torch: gather each sequence's pages, then scaled_dot_product_attention;
 - TVM/MLC-LLM's shipped CPU paged decode kernel (tvm.relax.frontend.nn.llm), on the same pages in its layout;
 - the machine's read bandwidth: a reduction (torch.sum on every core) over an array of the pools' size: at least
@@ -24,6 +25,7 @@ back-to-back calls between two synchronizations (Python launch overhead included
 ``b64x4k`` (batch 64 x 4096 tokens) is a case long enough that launch overhead does not count.
 
     python tools/bench_decode.py [--dtypes float32,float16] [--rounds 5] [--cases b8,b1x16k] [--no-mlc] [--hand-c]
+                                 [--knobs '{"prefetch": "kv"}' ...]
     python tools/bench_decode.py --device cuda --cases b8,b1x16k,b64x4k
 """
 
@@ -32,6 +34,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import functools
+import json
 import os
 import statistics
 import subprocess
@@ -259,7 +262,7 @@ def copy_bandwidth(buf):
     return 2 * 5 * buf.numel() * buf.element_size() / (time.perf_counter() - t0) / 1e9
 
 
-def bench_case(name, dtype, rounds, with_mlc, device, with_hand_c=False):
+def bench_case(name, dtype, rounds, with_mlc, device, with_hand_c=False, extra_knobs=()):
     batch, length = CASES[name]
     q, k, v, tables, seq_lens = make_inputs(batch, length, dtype, device)
     bytes_kv = 2 * batch * length * HKV * D * dtype.itemsize
@@ -269,6 +272,9 @@ def bench_case(name, dtype, rounds, with_mlc, device, with_hand_c=False):
     tuned = tuned_knobs.lookup(cfg, target_of(device))
     if tuned is not None:
         runners["tvm_paged (tuned)"] = tvm_paged_runner(cfg, q, k, v, tables, seq_lens, knobs=tuned.knobs)
+    for knobs in extra_knobs:  # the default schedule with these knobs changed: A/B rows in the same rounds
+        label = ", ".join(f"{key}={val}" for key, val in knobs.items())
+        runners[f"tvm_paged ({label})"] = tvm_paged_runner(cfg, q, k, v, tables, seq_lens, knobs=knobs)
     runners["torch gather + SDPA"] = torch_runner(q, k, v, tables, seq_lens)
     if with_hand_c and dtype == torch.float16 and device.type == "cpu":
         runners["hand-written AVX2 C (same algorithm)"] = hand_c_runner(q, k, v, tables, seq_lens)
@@ -435,6 +441,9 @@ def main(argv=None):
     ap.add_argument("--kv", action="store_true",
                     help="instead of the peers' tables: 8-bit caches (e4m3, e5m2) against float16 on b8x4k and "
                          "b1x16k, and a 4K sliding window over 8 x 16K against the full context and a plain 4K one")
+    ap.add_argument("--knobs", action="append", default=[], type=json.loads, metavar="JSON",
+                    help='an extra tvm_paged row: the default schedule with these builder knobs, e.g. '
+                         '\'{"prefetch": "kv"}\' (repeatable)')
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     torch.set_num_threads(allowed_cores())
@@ -456,7 +465,7 @@ def main(argv=None):
         return 0
     for dt in args.dtypes.split(","):
         for case in args.cases.split(","):
-            bench_case(case, getattr(torch, dt), args.rounds, not args.no_mlc, device, args.hand_c)
+            bench_case(case, getattr(torch, dt), args.rounds, not args.no_mlc, device, args.hand_c, args.knobs)
     return 0
 
 
