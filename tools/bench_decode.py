@@ -269,9 +269,11 @@ def bench_case(name, dtype, rounds, with_mlc, device, with_hand_c=False, extra_k
     cfg = KernelConfig("decode", str(dtype).split(".")[1], HQ, HKV, D, PAGE)
     gpu = device.type == "cuda"
     runners = {"tvm_paged (default)": tvm_paged_runner(cfg, q, k, v, tables, seq_lens, knobs={})}
-    tuned = tuned_knobs.lookup(cfg, target_of(device))
+    # The knobs a served call of this shape gets: the committed schedule's nearest bucket.
+    tuned = tuned_knobs.lookup(cfg, target_of(device), batch=batch, max_pages=length // PAGE)
     if tuned is not None:
         runners["tvm_paged (tuned)"] = tvm_paged_runner(cfg, q, k, v, tables, seq_lens, knobs=tuned.knobs)
+        print(f"tuned: {cfg.name} bucket {tuned.bucket[0]}x{tuned.bucket[1]}, knobs {tuned.knobs}")
     for knobs in extra_knobs:  # the default schedule with these knobs changed: A/B rows in the same rounds
         label = ", ".join(f"{key}={val}" for key, val in knobs.items())
         runners[f"tvm_paged ({label})"] = tvm_paged_runner(cfg, q, k, v, tables, seq_lens, knobs=knobs)

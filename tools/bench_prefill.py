@@ -109,9 +109,11 @@ def bench_case(case, dtype_name, rounds, roof, amx=None):
     if uses_amx:
         runners = {"tvm_paged (default: AMX)": runners["tvm_paged (default)"],
                    "tvm_paged (amx=False: FMAs)": tvm_paged_runner(cfg, inputs, {"amx": False})}
-    tuned = tuned_knobs.lookup(cfg, targets.local_target())
+    # The knobs a served call of this shape gets: the committed schedule's nearest bucket.
+    tuned = tuned_knobs.lookup(cfg, targets.local_target(), batch=batch, max_pages=-(-seq_len // PAGE))
     if tuned is not None:
         runners["tvm_paged (tuned)"] = tvm_paged_runner(cfg, inputs, tuned.knobs)
+        print(f"tuned: {cfg.name} bucket {tuned.bucket[0]}x{tuned.bucket[1]}, knobs {tuned.knobs}")
     runners["torch SDPA (pages pre-gathered)"] = sdpa_runner(inputs)
     for row, run in runners.items():
         check(run, inputs, dtype, row)
