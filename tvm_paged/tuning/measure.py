@@ -264,9 +264,10 @@ class ReadRoof:
     ``nbytes`` on every core (GB/s), the benchmark's roof. The tuner times it before each trial and records it
     with the trial, so a log shows what the machine's memory was doing while each point was timed."""
 
-    def __init__(self, nbytes: int, reads: int = 2):
+    def __init__(self, nbytes: int, reads: int = 2, settle_s: float = 0.2):
         self.buf = torch.ones(max(1, nbytes // 4), dtype=torch.float32)
         self.reads = reads
+        self.settle_s = settle_s
 
     def __call__(self) -> float:
         best = 0.0
@@ -274,6 +275,9 @@ class ReadRoof:
             t0 = time.perf_counter()
             self.buf.sum()
             best = max(best, self.buf.numel() * 4 / max(time.perf_counter() - t0, 1e-9) / 1e9)
+        # torch's OpenMP workers spin for a while after a parallel region: let them sleep before the runner
+        # times a kernel on the same cores.
+        time.sleep(self.settle_s)
         return best
 
 
