@@ -290,8 +290,8 @@ def _tune_bucket(cfg, target, build_target, bucket: Bucket, space: KnobSpace, lo
         # over minutes (the first trial also meets a cold worker), so a single lucky timing can outrank a
         # better point. The runoff times the default and the best few again in one stretch, in the order
         # A B C D D C B A, so every point's mean sits at the same moment and a linear drift cancels; the
-        # summary decides from it (see ``runoff_rows``). The first timing after a round of builds reads 5-15%
-        # low, so one untimed-for-the-decision call of the last contender leads.
+        # summary decides from it (see ``runoff_rows``). The first timing after a round of builds read 7-16% low
+        # here, so the runoff leads with a call of the last contender that the summary ignores.
         ok = {i: s for i, s in measured.items() if s}
         contenders = sorted((i for i in ok if i != 0), key=ok.get)[:RUNOFF_CONTENDERS]
         if 0 in ok and contenders:

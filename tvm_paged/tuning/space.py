@@ -6,7 +6,7 @@ knob at its first value = the builder's default). Proposals never repeat a measu
 1. the default first (trial 0, the untuned baseline);
 2. with a guided strategy, the default's neighbours next (each knob moved alone, in a seeded order): the
    builder's default is a designed point, a one-knob move from it is the change most likely to pay, and a
-   sparse random start was seen to miss the single move (``prefetch="kv"``) that won a bucket by 3-14% in the
+   sparse random start was seen to miss the single move (``prefetch="kv"``) that won a bucket by 3-16% in the
    benchmark;
 3. random points without replacement until a few are measured (and whenever the budget covers every point left,
    which makes a small space exhaustive);
