@@ -190,16 +190,11 @@ def _tune_bucket(cfg, target, build_target, bucket: Bucket, space: KnobSpace, lo
     shaped = wl.shaped(default_func)  # every variant has the same signature: argument shapes for the runner
     args_info = ms.arg_info.ArgInfo.from_entry_func(shaped)
     db_workload = log.commit_workload(wl.record_module(shaped, whash))
-    # A local CPU trial is timed beside the read roof of its moment (``roof_gbps`` in its row): a record of the
-    # machine's state, not a correction: dividing by it would add noise, since single 20 ms reads of a shared
-    # VM's memory swung from 15 to 54 GB/s within one bucket's trials while the kernels' rates moved by 10-20%.
-    roof = ReadRoof(wl.pool_bytes) if device_type == "cpu" and opts.rpc_tracker is None else None
-    mine = [r for r in rows if r.get("bucket") == bucket.name and r.get("workload") == whash]
-    state = {"runner": None, "best": None}
-
     measured: dict[int, float | None] = {}
     best = None
-    for row in mine:
+    for row in rows:
+        if row.get("bucket") != bucket.name or row.get("workload") != whash:
+            continue
         idx = space.index(row.get("knobs"))
         if idx is not None and not row.get("recheck"):
             measured[idx] = median_secs(row.get("run_secs"))
@@ -217,7 +212,11 @@ def _tune_bucket(cfg, target, build_target, bucket: Bucket, space: KnobSpace, lo
     # Starting the runner's worker (a process that imports TVM) overlaps the first round's builds.
     starter = ThreadPoolExecutor(max_workers=1)
     pending = starter.submit(make_runner, wl, device_type, opts)
-    state["best"] = best
+    state = {"runner": None, "best": best}
+    # A local CPU trial is timed beside the read roof of its moment (``roof_gbps`` in its row): a record of the
+    # machine's state, not a correction: dividing by it would add noise, since single 20 ms reads of a shared
+    # VM's memory swung from 15 to 54 GB/s within one bucket's trials while the kernels' rates moved by 10-20%.
+    roof = ReadRoof(wl.pool_bytes) if device_type == "cpu" and opts.rpc_tracker is None else None
 
     def measure(picks: list[int], recheck: bool = False, warmup: int = 0) -> None:
         """Build ``picks`` together, then measure them one by one, committing each trial as it is measured; the
