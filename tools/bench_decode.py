@@ -45,6 +45,7 @@ import torch
 
 from tvm_paged import build, hostinfo, ops, reference, targets, tuned_knobs
 from tvm_paged.config import KernelConfig
+from tvm_paged.tuning.measure import read_rate
 from tvm_paged.tvm_compat import allowed_cores, compile_module, cpu_has_feature, host_cpu, runtime_library
 
 HQ, HKV, D, PAGE = 32, 8, 128, 16
@@ -242,14 +243,6 @@ def synchronize(device):
         torch.cuda.synchronize(device)
 
 
-def read_bandwidth(buf):
-    synchronize(buf.device)
-    t0 = time.perf_counter()
-    buf.sum()
-    synchronize(buf.device)
-    return buf.numel() * buf.element_size() / (time.perf_counter() - t0) / 1e9
-
-
 def copy_bandwidth(buf):
     """Device-to-device copy rate, counting the bytes read and the bytes written."""
     dst = torch.empty_like(buf)
@@ -317,7 +310,7 @@ def print_table(title, runners, bytes_read, rounds, device):
     calls = 0
     order = list(runners)
     for r in range(rounds):
-        roof = max(read_bandwidth(roof_buf) for _ in range(3))
+        roof = read_rate(roof_buf, reads=3)
         roofs.append(roof)
         # torch's OpenMP workers spin for a while after a parallel region and would steal the cores from
         # whichever row runs next: let them sleep, and alternate the row order between rounds.

@@ -259,10 +259,26 @@ class OutputCheck:
                               f"(tolerance {CHECK_ATOL[dtype]:.1g})")
 
 
+def read_rate(buf: torch.Tensor, reads: int = 1) -> float:
+    """The best of ``reads`` passes of ``torch.sum`` over ``buf`` (every core of a CPU, or a GPU, synchronized
+    around each pass), in GB/s of ``buf``'s bytes: the memory read roof the benchmarks and the tuner report."""
+    cuda = buf.device.type == "cuda"
+    best = 0.0
+    for _ in range(reads):
+        if cuda:
+            torch.cuda.synchronize(buf.device)
+        t0 = time.perf_counter()
+        buf.sum()
+        if cuda:
+            torch.cuda.synchronize(buf.device)
+        best = max(best, buf.numel() * buf.element_size() / max(time.perf_counter() - t0, 1e-9) / 1e9)
+    return best
+
+
 class ReadRoof:
-    """The host's memory read rate at this moment: the best of ``reads`` ``torch.sum`` passes over an array of
-    ``nbytes`` on every core (GB/s), the benchmark's roof. The tuner times it before each trial and records it
-    with the trial, so a log shows what the machine's memory was doing while each point was timed."""
+    """The host's memory read rate at this moment (:func:`read_rate` over an array of ``nbytes``, best of
+    ``reads``). The tuner times it before each trial and records it with the trial, so a log shows what the
+    machine's memory was doing while each point was timed."""
 
     def __init__(self, nbytes: int, reads: int = 2, settle_s: float = 0.2):
         self.buf = torch.ones(max(1, nbytes // 4), dtype=torch.float32)
@@ -270,11 +286,7 @@ class ReadRoof:
         self.settle_s = settle_s
 
     def __call__(self) -> float:
-        best = 0.0
-        for _ in range(self.reads):
-            t0 = time.perf_counter()
-            self.buf.sum()
-            best = max(best, self.buf.numel() * 4 / max(time.perf_counter() - t0, 1e-9) / 1e9)
+        best = read_rate(self.buf, self.reads)
         # torch's OpenMP workers spin for a while after a parallel region: let them sleep before the runner
         # times a kernel on the same cores.
         time.sleep(self.settle_s)
