@@ -3,8 +3,10 @@
 
 Prefill is arithmetic-bound, so its rate is GFLOP/s (4 per query row, query head, visible key and head_dim
 element: 2 for q.k, 2 for P.V; causal masking counted as the keys each row sees) and its yardstick is the FMA
-roof that ``tools/compute_roof.py`` measures with a TVM-compiled kernel on every core, taken in the same run; on a
-CPU with AMX-BF16 also its tile-product roof, the yardstick of bfloat16 prefill, which runs on AMX tiles there.
+roof that ``tools/compute_roof.py`` measures with a TVM-compiled kernel on every core; on a CPU with AMX-BF16 also
+its tile-product roof, the yardstick of bfloat16 prefill, which runs on AMX tiles there. The roofs are taken in
+every round, interleaved with the rows (a shared VM's arithmetic rate swings between moments too: one roof taken
+once had rows above 100% of it), and each row reports its median fraction of the same round's roof.
 Cases (32 query heads, 8 KV heads, head_dim 128, page 16, shuffled page tables):
 
 - ``prompt``: batch 4 x 512-token prompts, every token a query (causal);
@@ -99,13 +101,13 @@ def check(run, inputs, dtype, row):
         raise SystemExit(f"{row}: max error {err:.3g} against the float64 reference")
 
 
-def bench_case(case, dtype_name, rounds, roof, amx=None):
+def bench_case(case, dtype_name, rounds, with_amx=False):
     batch, seq_len, q_len = CASES[case]
     dtype = DTYPES[dtype_name]
     inputs = make_inputs(batch, seq_len, q_len, dtype)
     cfg = KernelConfig("prefill", dtype_name, HQ, HKV, D, PAGE)
     runners = {"tvm_paged (default)": tvm_paged_runner(cfg, inputs, {})}
-    uses_amx = amx is not None and prefill_cpu.amx_applies(cfg)
+    uses_amx = with_amx and prefill_cpu.amx_applies(cfg)
     if uses_amx:
         runners = {"tvm_paged (default: AMX)": runners["tvm_paged (default)"],
                    "tvm_paged (amx=False: FMAs)": tvm_paged_runner(cfg, inputs, {"amx": False})}
@@ -118,27 +120,37 @@ def bench_case(case, dtype_name, rounds, roof, amx=None):
     for row, run in runners.items():
         check(run, inputs, dtype, row)
     work = flops(batch, seq_len, q_len)
+    roofs = {"FMA": []} | ({"AMX": []} if uses_amx else {})
     times = {row: [] for row in runners}
+    fracs = {(row, name): [] for row in runners for name in roofs}
     order = list(runners)
     for r in range(rounds):
-        time.sleep(0.3)  # torch's OpenMP workers spin after a parallel region: let them sleep
+        # torch's OpenMP workers spin after a parallel region (the previous round's SDPA): let them sleep before
+        # the roof, which otherwise measures one core's worth, and before the rows.
+        time.sleep(0.3)
+        now = {"FMA": fma_roof(repeat=3)["gflops"]} | ({"AMX": amx_roof(repeat=3)["gflops"]} if uses_amx else {})
+        for name, value in now.items():
+            roofs[name].append(value)
         for row in order if r % 2 == 0 else order[::-1]:
             runners[row]()
             t0 = time.perf_counter()
             reps = 3
             for _ in range(reps):
                 runners[row]()
-            times[row].append((time.perf_counter() - t0) / reps)
+            sec = (time.perf_counter() - t0) / reps
+            times[row].append(sec)
+            for name, value in now.items():
+                fracs[row, name].append(work / sec / 1e9 / value)
+    roof_text = ", ".join(f"{name} roof median {statistics.median(v):.0f} GFLOP/s (range {min(v):.0f}-{max(v):.0f})"
+                          for name, v in roofs.items())
     print(f"\n{dtype_name}, {case}: batch {batch}, {q_len} queries over {seq_len} tokens each "
-          f"({work / 1e9:.1f} GFLOP per call), FMA roof {roof:.0f} GFLOP/s"
-          + (f", AMX-BF16 roof {amx:.0f} GFLOP/s" if uses_amx else ""))
+          f"({work / 1e9:.1f} GFLOP per call), {roof_text}")
     print("| kernel | ms | GFLOP/s | of FMA roof |" + (" of AMX roof |" if uses_amx else "")
           + "\n| --- | --- | --- | --- |" + (" --- |" if uses_amx else ""))
     for row in runners:
         sec = statistics.median(times[row])
-        rate = work / sec / 1e9
-        print(f"| {row} | {sec * 1e3:.2f} | {rate:.1f} | {100 * rate / roof:.0f}% |"
-              + (f" {100 * rate / amx:.0f}% |" if uses_amx else ""), flush=True)
+        cells = " ".join(f"{100 * statistics.median(fracs[row, name]):.0f}% |" for name in roofs)
+        print(f"| {row} | {sec * 1e3:.2f} | {work / sec / 1e9:.1f} | {cells}", flush=True)
 
 
 def main() -> None:
@@ -150,14 +162,13 @@ def main() -> None:
     torch.set_num_threads(allowed_cores())
     print(machine_line(torch.device("cpu")))
     roof = fma_roof()
-    print(f"float32 FMA roof: {roof['gflops']:.1f} GFLOP/s ({roof['threads']} cores, {roof['lanes']} lanes)")
+    print(f"float32 FMA roof at start: {roof['gflops']:.1f} GFLOP/s ({roof['threads']} cores, {roof['lanes']} lanes)")
     amx = amx_roof()
     if amx is not None:
-        print(f"AMX-BF16 roof: {amx['gflops']:.1f} GFLOP/s ({amx['threads']} cores)")
+        print(f"AMX-BF16 roof at start: {amx['gflops']:.1f} GFLOP/s ({amx['threads']} cores)")
     for dtype_name in args.dtypes.split(","):
         for case in args.cases.split(","):
-            bench_case(case, dtype_name, args.rounds, roof["gflops"], amx and amx["gflops"])
-
+            bench_case(case, dtype_name, args.rounds, with_amx=amx is not None)
 
 if __name__ == "__main__":
     main()
