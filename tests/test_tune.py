@@ -798,3 +798,18 @@ def test_summary_decides_from_the_runoff_not_a_lucky_trial():
     later = [row(b, 25.0, 9, True), row(b, 25.0, 9, True)]
     assert runoff_rows(search + runoff + later, space) == {}
     assert runoff_rows(search, space) == {}
+
+
+def test_read_rate_reports_the_best_pass(monkeypatch):
+    """The read roof is the fastest of its passes (a slow pass is the machine being busy, not its memory), in GB/s
+    of the buffer's bytes, whatever its dtype."""
+    import types
+
+    import torch
+
+    from tvm_paged.tuning import measure
+
+    ticks = iter([0.0, 2e-3, 10.0, 10.001, 20.0, 20.004])  # passes of 2 ms, 1 ms, 4 ms
+    monkeypatch.setattr(measure, "time", types.SimpleNamespace(perf_counter=lambda: next(ticks)))
+    buf = torch.ones(1000, 500, dtype=torch.float16)  # 1 MB
+    assert measure.read_rate(buf, reads=3) == pytest.approx(1e6 / 1e-3 / 1e9)
