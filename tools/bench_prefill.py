@@ -170,5 +170,6 @@ def main() -> None:
         for case in args.cases.split(","):
             bench_case(case, dtype_name, args.rounds, with_amx=amx is not None)
 
+
 if __name__ == "__main__":
     main()
