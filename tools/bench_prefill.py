@@ -161,14 +161,11 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(allowed_cores())
     print(machine_line(torch.device("cpu")))
-    roof = fma_roof()
-    print(f"float32 FMA roof at start: {roof['gflops']:.1f} GFLOP/s ({roof['threads']} cores, {roof['lanes']} lanes)")
-    amx = amx_roof()
-    if amx is not None:
-        print(f"AMX-BF16 roof at start: {amx['gflops']:.1f} GFLOP/s ({amx['threads']} cores)")
+    # The roofs themselves are taken in every round of each case (bench_case); here only whether there is an AMX one.
+    with_amx = targets.cpu_has_feature("amx-bf16", targets.local_target())
     for dtype_name in args.dtypes.split(","):
         for case in args.cases.split(","):
-            bench_case(case, dtype_name, args.rounds, with_amx=amx is not None)
+            bench_case(case, dtype_name, args.rounds, with_amx=with_amx)
 
 
 if __name__ == "__main__":
