@@ -8,8 +8,8 @@ second parallel loop of the same function, so one long sequence still uses every
 
 The builder's macros are the algorithm's phases: ``init_state`` (scaled q, empty softmax state), then per page
 ``page_scores`` (q.k: ``prefetch_rows`` and ``tile_scores``), ``softmax_rescale`` (the online-softmax update) and
-``page_pv`` (P.V accumulation, with ``prefetch_next_k``); ``store_split`` writes a split's partial state and
-``merge_splits`` combines the splits.
+``page_pv`` (P.V accumulation, with ``prefetch_next_k`` or ``prefetch_next_k_token``); ``store_split`` writes a
+split's partial state and ``merge_splits`` combines the splits.
 
 Variants (compiled in only when the configuration has them): ``adjust_scores`` applies the soft-cap, the ALiBi
 bias and the sliding window's mask to a page's scores; a window also starts each sequence at its first visible
@@ -42,9 +42,9 @@ def knob_space(cfg: KernelConfig, lanes: int) -> dict[str, list]:
 
     ``lanes``: float32 SIMD lanes per vector op; ``group_tile``: query heads of a group accumulated together
     (register pressure vs K reuse); ``prefetch``: software prefetch of this page's V rows during q.k ("v"),
-    plus the next page's K spread over P.V ("v+k") or over q.k ("kv"), or none; ``qk_tokens`` and ``pv_vecs``: the
-    register tiles of the two products (``pv_vecs`` up to a whole head_dim row; values that do not divide the
-    row's vectors fall back to 1).
+    plus the next page's K spread over P.V's tiles ("v+k"), over P.V's tokens ("v+k/token") or over q.k ("kv"),
+    or none; ``qk_tokens`` and ``pv_vecs``: the register tiles of the two products (``pv_vecs`` up to a whole
+    head_dim row; values that do not divide the row's vectors fall back to 1).
     """
     lane_opts = [n for n in (lanes, lanes * 2, lanes // 2) if n >= 4 and cfg.head_dim % n == 0]
     # A P.V tile as wide as the whole head_dim row (8 vectors of head_dim 128 at 16 lanes) reads each V row in
@@ -53,7 +53,7 @@ def knob_space(cfg: KernelConfig, lanes: int) -> dict[str, list]:
     row_vecs = cfg.head_dim // lanes if lanes and cfg.head_dim % lanes == 0 else 1
     pv_opts = [2, 1, 4] + ([row_vecs] if row_vecs > 4 and row_vecs <= 8 else [])
     return {"lanes": lane_opts or [1], "group_tile": _group_tiles(cfg.group_size),
-            "prefetch": ["v+k", "v", "kv", "none"], "qk_tokens": [1, 2, 4], "pv_vecs": pv_opts}
+            "prefetch": ["v+k", "v", "kv", "none", "v+k/token"], "qk_tokens": [1, 2, 4], "pv_vecs": pv_opts}
 
 
 def build_decode_cpu(cfg: KernelConfig, *, lanes: int = 8, group_tile: int | None = None, prefetch: str = "v+k",
@@ -69,10 +69,10 @@ def build_decode_cpu(cfg: KernelConfig, *, lanes: int = 8, group_tile: int | Non
 
     ``lanes`` float32 lanes per vector (8 for AVX2, 16 for AVX-512); ``group_tile`` query heads accumulated
     together (default: the divisor of the group size nearest to 4, see ``_group_tiles``); ``prefetch`` "v+k",
-    "v", "kv" or "none"; ``qk_tokens`` tokens scored together (sharing q loads) and ``pv_vecs`` head_dim vectors
-    per P.V register tile. The q.k tile keeps one accumulator per (token, head): its GT heads are the independent
-    FMA chains (a split of each chain would be merged back by LLVM under the target's fast-math reassociation
-    anyway).
+    "v+k/token", "v", "kv" or "none"; ``qk_tokens`` tokens scored together (sharing q loads) and ``pv_vecs``
+    head_dim vectors per P.V register tile. The q.k tile keeps one accumulator per (token, head): its GT heads
+    are the independent FMA chains (a split of each chain would be merged back by LLVM under the target's
+    fast-math reassociation anyway).
     """
     if cfg.kernel != "decode":
         raise ValueError(f"build_decode_cpu needs a decode config, got {cfg.name}")
@@ -90,17 +90,20 @@ def build_decode_cpu(cfg: KernelConfig, *, lanes: int = 8, group_tile: int | Non
     NDC = D // L
     TT = qk_tokens
     PVV = pv_vecs if NDC % pv_vecs == 0 else 1
-    if prefetch not in ("v", "v+k", "kv", "none"):
-        raise ValueError(f"prefetch must be 'v', 'v+k', 'kv' or 'none', got {prefetch!r}")
+    if prefetch not in ("v", "v+k", "v+k/token", "kv", "none"):
+        raise ValueError(f"prefetch must be 'v', 'v+k', 'v+k/token', 'kv' or 'none', got {prefetch!r}")
     # Elements per cache line, and cache lines per head slice of a token row ([head_dim]).
     line = max(1, CACHE_LINE_BYTES // E)
     lines_per_head = (D + line - 1) // line
     pf_k = prefetch == "kv"
-    pf_v = prefetch in ("kv", "v", "v+k")
+    pf_v = prefetch in ("kv", "v", "v+k", "v+k/token")
     pf_k_pv = prefetch == "v+k"
-    # P.V tiles per page, and the next page's K cache lines each of them asks for.
+    pf_k_token = prefetch == "v+k/token"
+    # P.V tiles per page, the next page's K cache lines each of them asks for, and (v+k/token) how many of them
+    # each of its tokens asks for.
     pv_tiles = Hkv * NGT * (NDC // PVV)
     k_lines_per_tile = (S * Hkv * D // line + pv_tiles - 1) // pv_tiles
+    k_lines_per_token = (k_lines_per_tile + S - 1) // S
     # Scores of a tile are summed over head_dim CH heads at a time by a shuffle tree.
     CH = row_chunk(GT, L)
 
@@ -229,6 +232,22 @@ def build_decode_cpu(cfg: KernelConfig, *, lanes: int = 8, group_tile: int | Non
                 prefetch_line(T.address_of(K[nxt, elem // (Hkv * D), elem // D % Hkv, elem % D]))
 
     @T.macro
+    def prefetch_next_k_token(K, sc, nxt, kvh, gt, dv, t):
+        """Token ``t``'s share of P.V tile ``(kvh, gt, dv)``'s lines of the next page's K (``k_lines_per_token``
+        of them), asked for while the tile works on that token: requests leave at the rate P.V reads V instead of
+        in a burst per tile (on CPUs whose prefetches hold an L1 miss buffer until the line arrives, a burst
+        stalls P.V's own reads of V behind it). Each address carries a zero offset made from the token's weight,
+        ``min(0, bits)`` (a weight is never negative): without that data dependence LLVM hoists the requests of
+        the tokens it unrolls together to the top of the block, a burst again. A NaN weight's offset only moves
+        the hint, and a prefetch never faults."""
+        for c in range(k_lines_per_token):
+            idx: T.let[T.int64] = t * k_lines_per_token + c
+            elem: T.let[T.int64] = (((kvh * NGT + gt) * (NDC // PVV) + dv) * k_lines_per_tile + idx) * line
+            if idx < k_lines_per_tile and elem < S * Hkv * D:
+                prefetch_line(T.address_of(K[nxt, elem // (Hkv * D), elem // D % Hkv, elem % D + T.min(
+                    T.int64(0), T.Cast("int64", T.reinterpret("int32", sc[t, kvh * G + gt * GT])))]))
+
+    @T.macro
     def page_pv(acc, ov, sc, alpha, K, V, page, nxt, n, has_next):
         """``acc = acc * alpha + P . V`` over the page's ``n`` tokens, each GT heads x PVV vectors tile of the
         accumulator held in registers (``ov``) across the page; ``has_next``: a next page to prefetch."""
@@ -245,6 +264,9 @@ def build_decode_cpu(cfg: KernelConfig, *, lanes: int = 8, group_tile: int | Non
                                     kvh * G + gt * GT + g
                                 ]
                     for t in range(n):
+                        if pf_k_token:
+                            if has_next:
+                                prefetch_next_k_token(K, sc, nxt, kvh, gt, dv, t)
                         for g in T.unroll(GT):
                             for c in T.unroll(PVV):
                                 for l in T.vectorized(L):
