@@ -1,5 +1,6 @@
-"""The benchmark's hand-written AVX2 decode (tools/hand_decode_f16.c) against the float64 reference, so the
-ceiling it reports is a correct kernel's: odd lengths, pages shuffled, NaN in every slot no sequence uses."""
+"""The benchmark's hand-written AVX2 decode (tools/hand_decode.c, float16 and float32) against the float64
+reference, so the ceiling it reports is a correct kernel's: odd lengths, pages shuffled, NaN in every slot no
+sequence uses."""
 
 from __future__ import annotations
 
@@ -34,17 +35,27 @@ def _has_avx2_f16c() -> bool:
 @cpu_only
 @pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler")
 @pytest.mark.skipif(not _has_avx2_f16c(), reason="the hand-written kernel needs AVX2, FMA and F16C")
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
 @pytest.mark.parametrize("seq_lens", [[1, 16, 17, 97, 54, 512, 33], [2048, 5]], ids=["batch7", "long+short"])
-def test_hand_written_kernel_matches_float64(seq_lens):
+def test_hand_written_kernel_matches_float64(seq_lens, dtype):
     bench = _bench_module()
     k, v, table, lens = make_pool(seq_lens, page_size=bench.PAGE, num_kv_heads=bench.HKV, head_dim=bench.D,
-                                  dtype="float16", seed=len(seq_lens))
-    q = random_q(len(seq_lens), bench.HQ, bench.D, "float16")
+                                  dtype=dtype, seed=len(seq_lens))
+    q = random_q(len(seq_lens), bench.HQ, bench.D, dtype)
     run = bench.hand_c_runner(q, k, v, [table], lens)
     out = run(0).double()
     ref, _ = reference.decode(q, k, v, table, lens)
     assert torch.isfinite(out).all()
-    assert (out - ref).abs().max().item() < ATOL["float16"]
+    assert (out - ref).abs().max().item() < ATOL[dtype]
+
+
+@cpu_only
+def test_hand_written_kernel_refuses_other_dtypes():
+    bench = _bench_module()
+    k, v, table, lens = make_pool([5], page_size=bench.PAGE, num_kv_heads=bench.HKV, head_dim=bench.D,
+                                  dtype="float16", seed=1)
+    with pytest.raises(ValueError, match="float16 or float32"):
+        bench.hand_c_runner(random_q(1, bench.HQ, bench.D, "float32"), k, v, [table], lens)
 
 
 @cpu_only

@@ -9,7 +9,7 @@ batch 8 x 1024 tokens and batch 1 x 16384 tokens. Rows, all in one process:
 - TVM/MLC-LLM's shipped CPU paged decode kernel (tvm.relax.frontend.nn.llm), on the same pages in its layout;
 - the machine's read bandwidth: a reduction (torch.sum on every core) over an array of the pools' size: at least
   4x the last-level cache the OS reports (and 512 MB), within a quarter of the memory available;
-- with ``--hand-c`` (CPU, needs a C compiler): tools/hand_decode_f16.c (float16 only), the same algorithm
+- with ``--hand-c`` (CPU, needs a C compiler): tools/hand_decode.c (float16 and float32), the same algorithm
   hand-written with AVX2 intrinsics, as a ceiling for what the TensorIR kernel could reach on this CPU; and
   tools/page_walk.c, a read-only pass over the same pages in table order: the rate any kernel could read
   these fragmented pages at.
@@ -137,20 +137,20 @@ def torch_runner(q, k, v, tables, seq_lens):
 
 
 @functools.lru_cache(maxsize=None)
-def native_library(name):
-    """Build ``tools/<name>.c`` once per process with the system C compiler (for this CPU, linked to TVM's
-    runtime for its thread pool) and load it."""
+def native_library(name, defines=()):
+    """Build ``tools/<name>.c`` once per process and set of ``defines`` (macro names) with the system C compiler
+    (for this CPU, linked to TVM's runtime for its thread pool) and load it."""
     src = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.c")
     lib_path = os.path.join(tempfile.mkdtemp(prefix="tvm_paged_bench_"), f"{name}.so")
     rt = runtime_library()
-    subprocess.run([os.environ.get("CC", "cc"), "-O3", "-march=native", "-shared", "-fPIC", src, "-o", lib_path,
-                    str(rt), f"-Wl,-rpath,{rt.parent}"], check=True)
+    subprocess.run([os.environ.get("CC", "cc"), "-O3", "-march=native", *(f"-D{d}" for d in defines), "-shared",
+                    "-fPIC", src, "-o", lib_path, str(rt), f"-Wl,-rpath,{rt.parent}"], check=True)
     return ctypes.CDLL(lib_path)
 
 
-def native_function(name, symbol, argtypes):
+def native_function(name, symbol, argtypes, defines=()):
     """Function ``symbol`` of ``tools/<name>.c`` (see ``native_library``), taking ``argtypes`` (ctypes types)."""
-    fn = getattr(native_library(name), symbol)
+    fn = getattr(native_library(name, tuple(defines)), symbol)
     fn.argtypes = argtypes
     return fn
 
@@ -176,12 +176,17 @@ def page_walk_runner(k, v, tables, prefetch=False):
 
 
 def hand_c_runner(q, k, v, tables, seq_lens):
-    """``tools/hand_decode_f16.c`` (float16 on this CPU only): the same algorithm as tvm_paged's CPU decode
-    written by hand with AVX2 intrinsics, built with the system C compiler, run on TVM's thread pool. The splits
-    are merged in torch inside the call, as tvm_paged's kernel merges them inside its own."""
+    """``tools/hand_decode.c`` (float16 or float32 K/V and q, on this CPU only): the same algorithm as
+    tvm_paged's CPU decode written by hand with AVX2 intrinsics, built with the system C compiler, run on TVM's
+    thread pool. The splits are merged in torch inside the call, as tvm_paged's kernel merges them inside its
+    own."""
+    if not (q.dtype == k.dtype == v.dtype and q.dtype in (torch.float16, torch.float32)):
+        raise ValueError(f"the hand-written decode takes float16 or float32 q, k and v, got {q.dtype}, {k.dtype}, "
+                         f"{v.dtype}")
     i32, ptr = ctypes.c_int, ctypes.c_void_p
-    decode = native_function("hand_decode_f16", "decode",
-                             [i32, i32, ptr, ptr, ptr, ptr, i32, ptr, ptr, ptr, ctypes.c_float])
+    decode = native_function("hand_decode", "decode",
+                             [i32, i32, ptr, ptr, ptr, ptr, i32, ptr, ptr, ptr, ctypes.c_float],
+                             defines=("KV_F32",) if q.dtype == torch.float32 else ())
     plans = [ops.plan_decode(t, seq_lens, page_size=PAGE, num_pages=k.shape[0]) for t in tables]
     batch, splits = q.shape[0], plans[0].num_splits
     o_part = torch.empty(batch, splits, HQ, D)
@@ -271,7 +276,7 @@ def bench_case(name, dtype, rounds, with_mlc, device, with_hand_c=False, extra_k
         label = ", ".join(f"{key}={val}" for key, val in knobs.items())
         runners[f"tvm_paged ({label})"] = tvm_paged_runner(cfg, q, k, v, tables, seq_lens, knobs=knobs)
     runners["torch gather + SDPA"] = torch_runner(q, k, v, tables, seq_lens)
-    if with_hand_c and dtype == torch.float16 and device.type == "cpu":
+    if with_hand_c and device.type == "cpu":
         runners["hand-written AVX2 C (same algorithm)"] = hand_c_runner(q, k, v, tables, seq_lens)
     # Timed like the kernels but computes nothing to check: the read rate of these very pages.
     unchecked = set()
@@ -431,7 +436,7 @@ def main(argv=None):
     ap.add_argument("--no-mlc", action="store_true", help="skip TVM/MLC's kernel (slow on CPU: serial over the batch)")
     ap.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     ap.add_argument("--hand-c", action="store_true",
-                    help="CPU, needs a C compiler: add the hand-written AVX2 decode (float16) and a read-only walk "
+                    help="CPU, needs a C compiler: add the hand-written AVX2 decode and a read-only walk "
                          "of the same pages")
     ap.add_argument("--kv", action="store_true",
                     help="instead of the peers' tables: 8-bit caches (e4m3, e5m2) against float16 on b8x4k and "
