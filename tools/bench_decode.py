@@ -301,6 +301,13 @@ def bench_case(name, dtype, rounds, with_mlc, device, with_hand_c=False, extra_k
                 runners, {row: bytes_kv for row in runners}, rounds, device)
 
 
+def settle_threads():
+    """Wait for torch's OpenMP workers to stop spinning. After a parallel region (a sum, an SDPA call) they spin
+    for a while and take the cores from whatever runs next: on a 2-core VM, 15% of a 2 ms float16 decode call
+    timed right after the SDPA row. Called before every timed row and every roof."""
+    time.sleep(0.3)
+
+
 def print_table(title, runners, bytes_read, rounds, device):
     """Time every row in ``rounds`` rounds interleaved with the read roof (row order alternating) and print the
     table: median ms, GB/s of ``bytes_read[row]`` (the bytes that row's calls actually read) and the median
@@ -317,10 +324,10 @@ def print_table(title, runners, bytes_read, rounds, device):
     for r in range(rounds):
         roof = read_rate(roof_buf, reads=3)
         roofs.append(roof)
-        # torch's OpenMP workers spin for a while after a parallel region and would steal the cores from
-        # whichever row runs next: let them sleep, and alternate the row order between rounds.
-        time.sleep(0.3)
+        # Alternate the row order between rounds.
         for row in order if r % 2 == 0 else order[::-1]:
+            if not gpu:
+                settle_threads()  # after the roof's sum or the SDPA row
             run = runners[row]
             reps = 100 if gpu else 3 if row.startswith("TVM/MLC") else 10
             run(calls)  # untimed: the previous row's threads settle, instruction caches warm

@@ -33,7 +33,7 @@ from tvm_paged.config import KernelConfig
 from tvm_paged.kernels import prefill_cpu
 from tvm_paged.tvm_compat import allowed_cores
 
-from bench_decode import machine_line
+from bench_decode import machine_line, settle_threads
 from compute_roof import amx_roof, fma_roof
 
 HQ, HKV, D, PAGE = 32, 8, 128, 16
@@ -125,13 +125,12 @@ def bench_case(case, dtype_name, rounds, with_amx=False):
     fracs = {(row, name): [] for row in runners for name in roofs}
     order = list(runners)
     for r in range(rounds):
-        # torch's OpenMP workers spin after a parallel region (the previous round's SDPA): let them sleep before
-        # the roof, which otherwise measures one core's worth, and before the rows.
-        time.sleep(0.3)
+        settle_threads()  # the roof would otherwise measure one core's worth after the previous round's SDPA
         now = {"FMA": fma_roof(repeat=3)["gflops"]} | ({"AMX": amx_roof(repeat=3)["gflops"]} if uses_amx else {})
         for name, value in now.items():
             roofs[name].append(value)
         for row in order if r % 2 == 0 else order[::-1]:
+            settle_threads()
             runners[row]()
             t0 = time.perf_counter()
             reps = 3
