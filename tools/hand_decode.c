@@ -9,8 +9,8 @@
  * an online softmax rescaled once per page with a polynomial exp2; P.V with a 4 heads x 16 dims accumulator
  * tile in registers across the page; this page's V prefetched during q.k, the next page's K during P.V: for
  * float16 in one block of lines per P.V tile (the kernel's prefetch=v+k), for float32 one line per token of
- * each tile (its prefetch=v+k/token, the faster of the two for float32 on AVX2 CPUs whose prefetches occupy
- * L1 miss buffers).
+ * each tile (its prefetch=v+k/token, the faster of the two for float32 on Zen 3, whose prefetches hold L1 miss
+ * buffers until their lines arrive).
  *
  * Tasks run on TVM's own CPU thread pool (TVMBackendParallelLaunch, the C ABI its generated code calls), so
  * the hand kernel and tvm_paged's kernel share the same worker threads when they are timed in one process.
