@@ -43,6 +43,9 @@ static inline __m256 load8(const elem_t *p) { return _mm256_cvtph_ps(_mm_loadu_s
 #endif
 #define LINE_ELEMS (64 / (int)sizeof(elem_t))
 #define K_LINES_PER_TILE (S * ROW / LINE_ELEMS / (HKV * D / 16)) /* the next page's K lines per P.V tile */
+#ifdef KV_F32
+_Static_assert(K_LINES_PER_TILE == S, "float32 P.V asks for one next-K line per token of a tile");
+#endif
 
 typedef struct {
   int B, NS, max_pages;
