@@ -17,8 +17,9 @@
 #
 # Each step has its own time limit (the first five fit in about nine minutes, the last two in about five more), so a hang in one still leaves the
 # others' results. Results go to $OUT (or ./gpu_out). TVM comes from .devkit/ when present (a packed copy of
-# the installed TVM with an activate.sh, for a machine without a package registry), else from python3's own
-# site; python3 must have torch with CUDA, numpy and pytest.
+# the installed TVM with an activate.sh, for a machine without a package registry: `bash tools/pack_tvm.sh`,
+# which also reports what a copy of the tree and kit weighs), else from python3's own site; python3 must have
+# torch with CUDA, numpy and pytest.
 #
 #   bash tools/gpu_check.sh                       # on the GPU machine, repository root
 #   STEPS="bench tests" bash tools/gpu_check.sh   # a subset
