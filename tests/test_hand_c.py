@@ -61,7 +61,7 @@ def test_hand_written_kernel_refuses_other_dtypes():
 @cpu_only
 @pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler")
 @pytest.mark.skipif(not _has_avx2_f16c(), reason="the page walk is written with AVX intrinsics")
-@pytest.mark.parametrize("prefetch", [False, True])
+@pytest.mark.parametrize("prefetch", ["none", "lines", "4k-starts"])
 def test_page_walk_reads_exactly_the_tables_pages(prefetch):
     """The benchmark's read-only walk: every page of the table once, nothing else (the rest of the pool is NaN)."""
     bench = _bench_module()

@@ -11,8 +11,9 @@ batch 8 x 1024 tokens and batch 1 x 16384 tokens. Rows, all in one process:
   4x the last-level cache the OS reports (and 512 MB), within a quarter of the memory available;
 - with ``--hand-c`` (CPU, needs a C compiler): tools/hand_decode.c (float16 and float32), the same algorithm
   hand-written with AVX2 intrinsics, as a ceiling for what the TensorIR kernel could reach on this CPU; and
-  tools/page_walk.c, a read-only pass over the same pages in table order: the rate any kernel could read
-  these fragmented pages at.
+  tools/page_walk.c, read-only passes over the same pages in table order (plain, with every line of the
+  next block prefetched as the kernels do, and with only each 4 KB's first line prefetched): the rates these
+  fragmented pages can be read at with no arithmetic.
 Each timed call rotates through page tables over a pool several times larger than the last-level cache, and
 the bandwidth roof is taken in rounds interleaved with the kernels (it swings from round to round on a shared
 VM), with the row order alternating between rounds; each row reports its median time and its median
@@ -155,11 +156,19 @@ def native_function(name, symbol, argtypes, defines=()):
     return fn
 
 
-def page_walk_runner(k, v, tables, prefetch=False):
-    """``tools/page_walk.c``: a read-only pass over the same pages in table order, on TVM's thread pool. Its
-    GB/s is what any kernel could reach on these fragmented tables; ``prefetch`` also asks for the next block
-    ahead in software, as the kernels do. ``run(i)`` returns the sum of everything read (the caches' bytes
-    taken as float32), for a test; the benchmark does not check it."""
+WALK_PREFETCH = {"none": 0, "lines": 1, "4k-starts": 2}
+
+
+def page_walk_runner(k, v, tables, prefetch="none"):
+    """``tools/page_walk.c``: a read-only pass over the same pages in table order, on TVM's thread pool: the
+    rate these fragmented tables can be read at, with no arithmetic. ``prefetch`` (``WALK_PREFETCH``): "none"
+    leaves it to the hardware; "lines" also asks in software for every line of the next block ahead, as the
+    kernels do; "4k-starts" asks only for the first line of each 4 KB of the next block, which starts the
+    hardware's stream prefetcher there (the fastest of the three on a Zen 3 EPYC, so the plain walk is not a
+    ceiling). ``run(i)`` returns the sum of everything read (the caches' bytes taken as float32), for a test;
+    the benchmark does not check it."""
+    if prefetch not in WALK_PREFETCH:
+        raise ValueError(f"prefetch must be one of {sorted(WALK_PREFETCH)}, got {prefetch!r}")
     i32, ptr = ctypes.c_int, ctypes.c_void_p
     walk = native_function("page_walk", "walk", [i32, i32, i32, ctypes.c_long, ptr, ptr, ptr, ptr, i32])
     sums = torch.zeros(256)  # one per worker of TVM's pool
@@ -169,7 +178,7 @@ def page_walk_runner(k, v, tables, prefetch=False):
         t = tables[i % len(tables)]
         sums.zero_()
         walk(t.shape[0], t.shape[1], t.shape[1], page_bytes, k.data_ptr(), v.data_ptr(), t.data_ptr(),
-             sums.data_ptr(), int(prefetch))
+             sums.data_ptr(), WALK_PREFETCH[prefetch])
         return sums.sum()
 
     return run
@@ -281,8 +290,9 @@ def bench_case(name, dtype, rounds, with_mlc, device, with_hand_c=False, extra_k
     # Timed like the kernels but computes nothing to check: the read rate of these very pages.
     unchecked = set()
     if with_hand_c and device.type == "cpu":
-        for prefetch, row in ((False, "read-only walk of the same pages"),
-                              (True, "read-only walk, software prefetch")):
+        for prefetch, row in (("none", "read-only walk of the same pages"),
+                              ("lines", "read-only walk, software prefetch"),
+                              ("4k-starts", "read-only walk, 4 KB starts prefetched")):
             unchecked.add(row)
             runners[row] = page_walk_runner(k, v, tables, prefetch)
     if with_mlc:
@@ -443,7 +453,7 @@ def main(argv=None):
     ap.add_argument("--no-mlc", action="store_true", help="skip TVM/MLC's kernel (slow on CPU: serial over the batch)")
     ap.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     ap.add_argument("--hand-c", action="store_true",
-                    help="CPU, needs a C compiler: add the hand-written AVX2 decode and a read-only walk "
+                    help="CPU, needs a C compiler: add the hand-written AVX2 decode and read-only walks "
                          "of the same pages")
     ap.add_argument("--kv", action="store_true",
                     help="instead of the peers' tables: 8-bit caches (e4m3, e5m2) against float16 on b8x4k and "

@@ -8,7 +8,10 @@
  *   it read, taken as float32 values (written, so the reads are not optimized away; a test checks the total);
  *   prefetch: 0 leaves it to the hardware prefetcher, which stops at each page's end; 1 also asks for the next
  *   block in the walk (this page's V while reading its K, the next page's K while reading V), two cache lines
- *   per 128 bytes read, so a page's first lines are on their way before the walk reaches it.
+ *   per 128 bytes read, so a page's first lines are on their way before the walk reaches it; 2 asks only for
+ *   the first line of each 4 KB of the next block, as the walk reaches the same offset of its own block: that
+ *   one request starts the hardware's stream prefetcher on the 4 KB, which then fetches the rest without
+ *   holding an L1 miss buffer per line (on a Zen 3 EPYC 1.04-1.13x the plain walk).
  */
 #include <immintrin.h>
 #include <stdint.h>
@@ -38,9 +41,11 @@ static int worker(int id, ParallelEnv *env, void *cdata) {
       const float *x = (const float *)((kv ? a->v : a->k) + page * a->page_bytes);
       const char *ahead = kv ? a->k + next * a->page_bytes : a->v + page * a->page_bytes;
       for (long j = 0; j < a->page_bytes / 4; j += 32) {
-        if (a->prefetch) {
+        if (a->prefetch == 1) {
           _mm_prefetch(ahead + j * 4, _MM_HINT_T0);
           _mm_prefetch(ahead + j * 4 + 64, _MM_HINT_T0);
+        } else if (a->prefetch == 2 && ((j * 4) & 4095) == 0) {
+          _mm_prefetch(ahead + j * 4, _MM_HINT_T0);
         }
         s0 = _mm256_add_ps(s0, _mm256_load_ps(x + j));
         s1 = _mm256_add_ps(s1, _mm256_load_ps(x + j + 8));
