@@ -275,8 +275,10 @@ def test_prefill_bad_cu_seqlens(cu, rows, match):
         (("float32", 6, 1, 80, 5), {"lanes": 16}),  # the AVX-512 defaults (run as 2 x 8 lanes on AVX2)
         (("float16", 8, 2, 64, 16), {"lanes": 4, "chunk": 64, "rows_blk": 3, "pv_rows": 2, "pv_vecs": 4,
                                      "use_prefetch": False}),  # odd register blocks: rows padded to 6
+        # head_dim 36: 6 lanes, not a power of two (K transposed element by element), chunk 36
+        (("float16", 4, 2, 36, 5), {}),
     ],
-    ids=["lanes16", "odd_blocks"],
+    ids=["lanes16", "odd_blocks", "head_dim36"],
 )
 def test_prefill_builder_knobs(cfg, knobs):
     """Non-default builder knobs (what tuning or another CPU would pick) give the same results."""
@@ -372,3 +374,39 @@ def test_prefill_amx_compiles_to_tile_instructions():
         build_prefill_cpu(tp.KernelConfig("prefill", "float16", 8, 2, 128, 16), lanes=16, amx=True)
     with pytest.raises(ValueError, match="chunk=96"):
         build_prefill_cpu(cfg, lanes=16, amx=True, chunk=96)
+
+
+@cpu_only
+@pytest.mark.parametrize("lanes", [2, 4, 8, 16])
+def test_transpose_vectors_transposes(lanes):
+    """The register transpose prefill's K gather uses: a lanes x lanes block of distinct values comes out as
+    its transpose (16 lanes runs as two halves per vector on AVX2)."""
+    from tvm_paged import targets, tvm_compat
+    from tvm_paged.kernels.common import transpose_vectors
+    from tvm_paged.tvm_compat import T
+
+    n = lanes * lanes
+
+    def block(a):
+        return T.Shuffle(transpose_vectors([a[T.ramp(i * lanes, 1, lanes)] for i in range(lanes)], lanes),
+                         list(range(n)))
+
+    @T.prim_func
+    def transpose(a: T.Buffer((n,), "float32"), b: T.Buffer((n,), "float32")):
+        T.func_attr({"global_symbol": "transpose", "tir.noalias": True})
+        b[T.ramp(0, 1, n)] = block(a)
+
+    target = targets.local_target()
+    with target:
+        fn = tvm_compat.compile_module(transpose, target).mod["transpose"]
+    a = torch.randn(n)
+    b = torch.full((n,), float("nan"))
+    fn(a, b)
+    assert torch.equal(b.view(lanes, lanes), a.view(lanes, lanes).T)
+
+
+def test_transpose_vectors_needs_a_power_of_two():
+    from tvm_paged.kernels.common import transpose_vectors
+
+    with pytest.raises(ValueError, match="power-of-two"):
+        transpose_vectors([None] * 6, 6)

@@ -207,6 +207,31 @@ def row_sums(rows: list, lanes: int, combine=None):
     return vec
 
 
+def transpose_vectors(rows: list, lanes: int) -> list:
+    """The transpose of a ``lanes`` x ``lanes`` block held as ``lanes`` vectors (``rows[r]``: row ``r``): its
+    columns, as ``lanes`` vectors. ``lanes`` must be a power of two.
+
+    log2(lanes) rounds of two-input ``T.Shuffle``s: round ``k`` pairs rows ``r`` and ``r | k`` (bit ``k`` of ``r``
+    clear) and exchanges bit ``k`` of the row index with bit ``k`` of the lane index, so once every bit is
+    exchanged element ``(r, c)`` sits at ``(c, r)``. A loop that transposes by element compiles to a lane extract
+    and a scalar store per element instead.
+    """
+    if lanes & (lanes - 1) or len(rows) != lanes:
+        raise ValueError(f"transpose_vectors needs a power-of-two count of rows equal to lanes, got {len(rows)} "
+                         f"rows of {lanes}")
+    rows = list(rows)
+    k = 1
+    while k < lanes:
+        lo = [c if not c & k else lanes + (c ^ k) for c in range(lanes)]
+        hi = [c ^ k if not c & k else lanes + c for c in range(lanes)]
+        for r in range(lanes):
+            if not r & k:
+                pair = [rows[r], rows[r | k]]
+                rows[r], rows[r | k] = T.Shuffle(pair, lo), T.Shuffle(pair, hi)
+        k <<= 1
+    return rows
+
+
 def row_chunk(rows: int, lanes: int) -> int:
     """Rows summed per :func:`row_sums` call: the largest power of two dividing ``rows``, at most ``lanes``."""
     chunk = 1

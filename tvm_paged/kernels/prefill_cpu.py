@@ -6,10 +6,11 @@ each KV head in turn, the tile's rows times the group's query heads (``rows = ti
 of queries that walks the keys in chunks of ``chunk`` tokens (independent of the page size, so one-token pages
 cost no more than large ones). Each step is one of the builder's macros:
 
-1. ``gather_chunk``: the chunk's K rows are read once, widened to float32 and stored transposed
-   (``KT [D, chunk]``), its V rows widened into ``VC [chunk, D]``; tokens past the tile's last visible key are
-   not read (zero-filled). ``prefetch_next_chunk`` asks for the next chunk's rows meanwhile.
-2. ``chunk_scores``: ``S = Qs . KT`` as a register-blocked outer product, ``rows_blk`` query rows by ``chunk``
+1. ``gather_chunk``: the chunk's K rows are read once, widened to float32 and stored transposed (``kt``:
+   ``[chunk / lanes, D, lanes]``, transposed lanes x lanes at a time in registers), its V rows widened into
+   ``vc [chunk, D]``; tokens past the tile's last visible key are not read (zero-filled).
+   ``prefetch_next_chunk`` asks for the next chunk's rows meanwhile.
+2. ``chunk_scores``: ``S = Qs . kt`` as a register-blocked outer product, ``rows_blk`` query rows by ``chunk``
    lanes, accumulated over head_dim (q is pre-scaled by ``scale * log2(e)``: scores are in the log2 domain).
 3. ``softmax_update``: the online softmax, one rescale per chunk per (row, head): masked keys (causal, or past
    the sequence) get an exact zero weight; the running max starts at a true minus infinity (key 0 is visible to
@@ -47,7 +48,7 @@ from ..spec import PREFILL
 from ..tvm_compat import AMX, T, prefetch
 from .common import (
     CACHE_LINE_BYTES, LN2, LOG2E, bf16_bits, exp2, from_f32, kv_to_f32, kv_widen_factor, largest_divisor_at_most,
-    lanes_at, row_sums, tanh, to_f32,
+    lanes_at, row_sums, tanh, to_f32, transpose_vectors,
 )
 from .signatures import finish, prefill_args
 
@@ -77,7 +78,7 @@ def _defaults(cfg: KernelConfig, lanes: int) -> tuple[int, int, int, int, int]:
     """(lanes, chunk, rows_blk, pv_rows, pv_vecs) that :func:`build_prefill_cpu` picks when not told."""
     if cfg.head_dim % lanes:
         lanes = largest_divisor_at_most(cfg.head_dim, lanes)
-    chunk = max(32, 2 * lanes)
+    chunk = -(-max(32, 2 * lanes) // lanes) * lanes  # a multiple of the lanes: 36 for head_dim 36's 6 lanes
     pv_rows = 4 if lanes < 16 else 2
     return lanes, chunk, _rows_blk(chunk, lanes), pv_rows, _pv_vecs(cfg.head_dim, lanes, pv_rows)
 
@@ -131,11 +132,11 @@ def build_prefill_cpu(cfg: KernelConfig, *, lanes: int = 8, chunk: int | None = 
 
     Knobs (defaults sized for the vector register file: 16 registers below 16 lanes, 32 with AVX-512):
     ``lanes`` float32 SIMD lanes; ``chunk`` keys per online-softmax step, a multiple of ``lanes`` (default
-    ``max(32, 2 * lanes)``); ``rows_blk`` query rows per register block of the scores (``rows_blk * chunk / lanes``
-    accumulators, default 8 of them); ``pv_rows`` x ``pv_vecs`` query rows x head_dim vectors per register block
-    of P.V (default 4 x 2 on AVX2, 2 x up to 7 on AVX-512; ``pv_vecs`` must divide ``head_dim / lanes``);
-    ``use_prefetch`` software prefetch of the next chunk's K/V rows. Register blocks of 1 KiB or more are legal
-    but slow (see ``_STACK_BYTES``).
+    ``max(32, 2 * lanes)`` rounded up to one); ``rows_blk`` query rows per register block of the scores
+    (``rows_blk * chunk / lanes`` accumulators, default 8 of them); ``pv_rows`` x ``pv_vecs`` query rows x
+    head_dim vectors per register block of P.V (default 4 x 2 on AVX2, 2 x up to 7 on AVX-512; ``pv_vecs`` must
+    divide ``head_dim / lanes``); ``use_prefetch`` software prefetch of the next chunk's K/V rows. Register
+    blocks of 1 KiB or more are legal but slow (see ``_STACK_BYTES``).
 
     ``amx`` (bfloat16 only, see :func:`amx_applies`; the target must have ``amx-bf16``): the two products run on
     AMX tiles instead of FMAs. Each chunk (``chunk`` a multiple of 64) is gathered as bfloat16 in the layouts
@@ -229,25 +230,50 @@ def build_prefill_cpu(cfg: KernelConfig, *, lanes: int = 8, chunk: int | None = 
             m[i] = neg_inf
             lsum[i] = T.float32(0)
 
+    # K is transposed in lanes x lanes blocks of register shuffles when lanes is a power of two (else by element).
+    block_t = lanes > 1 and not lanes & (lanes - 1)
+
+    def kt_at(d, c):
+        """Index of K element (token ``c``, ``d``) in ``kt``, laid out ``[C / lanes, D, lanes]``: the score loop
+        reads ``lanes`` tokens of one ``d`` as a vector, and a lanes x lanes block of tokens and ``d`` is contiguous."""
+        return (c // lanes * D + d) * lanes + c % lanes
+
+    def kt_block(kr, cb, db):
+        """``kt``'s lanes x lanes block of tokens ``cb * lanes ...`` and head_dim ``db * lanes ...`` (contiguous
+        there), from the widened rows ``kr``: one vector of lanes * lanes."""
+        rows = [kr[cb * lanes + i, lanes_at(db * lanes, lanes)] for i in range(lanes)]
+        return T.Shuffle(transpose_vectors(rows, lanes), list(range(lanes * lanes)))
+
     @T.macro
-    def gather_chunk(kt, vc, K, V, BT, b, kvh, c0, kv_end):
-        """K (transposed, ``kt [D, C]``) and V (``vc [C, D]``) of the chunk's tokens from ``c0``, widened to
-        float32; tokens at or past ``kv_end`` are not read (zeros)."""
+    def gather_chunk(kt, kr, vc, K, V, BT, b, kvh, c0, kv_end):
+        """K (transposed into ``kt``, see ``kt_at``) and V (``vc [C, D]``) of the chunk's tokens from ``c0``,
+        widened to float32 (K through ``kr [C, D]`` when transposed by blocks); tokens at or past ``kv_end`` are
+        not read (zeros)."""
         for c in range(C):
             if c0 + c < kv_end:
                 page: T.let[T.int64] = T.Cast("int64", BT[b, (c0 + c) // S])
                 slot: T.let[T.int64] = (c0 + c) % S
-                for d in range(D):
-                    kt[d, c] = kv_to_f32(K[page, slot, kvh, d], cfg)
                 for dv in range(nvec):
                     for dl in T.vectorized(lanes):
+                        if block_t:
+                            kr[c, dv * lanes + dl] = kv_to_f32(K[page, slot, kvh, dv * lanes + dl], cfg)
                         vc[c, dv * lanes + dl] = kv_to_f32(V[page, slot, kvh, dv * lanes + dl], cfg)
+                if not block_t:
+                    for d in range(D):
+                        kt[kt_at(d, c)] = kv_to_f32(K[page, slot, kvh, d], cfg)
             else:
-                for d in range(D):
-                    kt[d, c] = T.float32(0)
                 for dv in range(nvec):
                     for dl in T.vectorized(lanes):
+                        if block_t:
+                            kr[c, dv * lanes + dl] = T.float32(0)
                         vc[c, dv * lanes + dl] = T.float32(0)
+                if not block_t:
+                    for d in range(D):
+                        kt[kt_at(d, c)] = T.float32(0)
+        if block_t:
+            for cb in range(cvec):
+                for db in range(nvec):
+                    kt[T.ramp((cb * D + db * lanes) * lanes, 1, lanes * lanes)] = kt_block(kr, cb, db)
 
     @T.macro
     def prefetch_next_chunk(K, V, BT, b, kvh, c0, kv_end):
@@ -273,7 +299,7 @@ def build_prefill_cpu(cfg: KernelConfig, *, lanes: int = 8, chunk: int | None = 
                     for cb in T.unroll(cvec):
                         for cl in T.vectorized(lanes):
                             sreg[ii, cb * lanes + cl] = (
-                                sreg[ii, cb * lanes + cl] + qf[ib * RS + ii, d] * kt[d, cb * lanes + cl]
+                                sreg[ii, cb * lanes + cl] + qf[ib * RS + ii, d] * kt[(cb * D + d) * lanes + cl]
                             )
             for ii in T.unroll(RS):
                 for cb in T.unroll(cvec):
@@ -494,7 +520,8 @@ def build_prefill_cpu(cfg: KernelConfig, *, lanes: int = 8, chunk: int | None = 
             qf = T.alloc_buffer((1, 1) if amx else (ROWS, D), "float32")
             acc = T.alloc_buffer((ROWS, D), "float32")
             sc = T.alloc_buffer((ROWS, C), "float32")
-            kt = T.alloc_buffer((1, 1) if amx else (D, C), "float32")
+            kt = T.alloc_buffer((1,) if amx else (C * D,), "float32")
+            kr = T.alloc_buffer((C, D) if block_t and not amx else (1, 1), "float32")
             vc = T.alloc_buffer((1, 1) if amx else (C, D), "float32")
             qb = T.alloc_buffer((ROWS, D) if amx else (1, 1), "uint16")
             pb = T.alloc_buffer((ROWS, C) if amx else (1, 1), "uint16")
@@ -533,7 +560,7 @@ def build_prefill_cpu(cfg: KernelConfig, *, lanes: int = 8, chunk: int | None = 
                     if amx:
                         amx_gather_chunk(ktv, vv, krow, K32, Vu, BT, b, kvh, c0, kv_end)
                     else:
-                        gather_chunk(kt, vc, K, V, BT, b, kvh, c0, kv_end)
+                        gather_chunk(kt, kr, vc, K, V, BT, b, kvh, c0, kv_end)
                     if use_prefetch:
                         prefetch_next_chunk(K, V, BT, b, kvh, c0, kv_end)
                     if amx:
