@@ -1,5 +1,6 @@
 /* A read-only walk over the pages a decode call touches, in page-table order, for tools/bench_decode.py: the
- * rate any kernel could read these fragmented pages at on this machine (no arithmetic beyond a running sum).
+ * rate these fragmented pages are read at on this machine with no arithmetic beyond a running sum, in three
+ * ways of prefetching (below).
  * Tasks run on TVM's CPU thread pool (TVMBackendParallelLaunch), like the kernels timed beside it.
  *
  * walk(batch, max_pages_per_seq, pages_per_seq, page_bytes, k_cache, v_cache, block_table, sums, prefetch)
