@@ -165,8 +165,8 @@ def page_walk_runner(k, v, tables, prefetch="none"):
     leaves it to the hardware; "lines" also asks in software for every line of the next block ahead, as the
     kernels do; "4k-starts" asks only for the first line of each 4 KB of the next block, which starts the
     hardware's stream prefetcher there (on a Zen 3 EPYC the fastest of the three in most runs, median 1.04x the
-    plain walk, so the plain walk is not a ceiling). ``run(i)`` returns the sum of everything read (the caches' bytes taken as float32), for a test;
-    the benchmark does not check it."""
+    plain walk, so the plain walk is not a ceiling). ``run(i)`` returns the sum of everything read (the caches'
+    bytes taken as float32), for a test; the benchmark does not check it."""
     if prefetch not in WALK_PREFETCH:
         raise ValueError(f"prefetch must be one of {sorted(WALK_PREFETCH)}, got {prefetch!r}")
     i32, ptr = ctypes.c_int, ctypes.c_void_p

@@ -233,10 +233,15 @@ def build_prefill_cpu(cfg: KernelConfig, *, lanes: int = 8, chunk: int | None = 
     # K is transposed in lanes x lanes blocks of register shuffles when lanes is a power of two (else by element).
     block_t = lanes > 1 and not lanes & (lanes - 1)
 
+    def kt_base(d, cb):
+        """Index in ``kt`` of element ``d`` of token block ``cb``'s first token. ``kt`` is laid out
+        ``[C / lanes, D, lanes]``: the score loop reads ``lanes`` tokens of one ``d`` as a vector, and a
+        lanes x lanes block of tokens and ``d`` is contiguous."""
+        return (cb * D + d) * lanes
+
     def kt_at(d, c):
-        """Index of K element (token ``c``, ``d``) in ``kt``, laid out ``[C / lanes, D, lanes]``: the score loop
-        reads ``lanes`` tokens of one ``d`` as a vector, and a lanes x lanes block of tokens and ``d`` is contiguous."""
-        return (c // lanes * D + d) * lanes + c % lanes
+        """Index in ``kt`` of K element (token ``c``, ``d``)."""
+        return kt_base(d, c // lanes) + c % lanes
 
     def kt_block(kr, cb, db):
         """``kt``'s lanes x lanes block of tokens ``cb * lanes ...`` and head_dim ``db * lanes ...`` (contiguous
@@ -246,7 +251,7 @@ def build_prefill_cpu(cfg: KernelConfig, *, lanes: int = 8, chunk: int | None = 
 
     @T.macro
     def gather_chunk(kt, kr, vc, K, V, BT, b, kvh, c0, kv_end):
-        """K (transposed into ``kt``, see ``kt_at``) and V (``vc [C, D]``) of the chunk's tokens from ``c0``,
+        """K (transposed into ``kt``, see ``kt_base``) and V (``vc [C, D]``) of the chunk's tokens from ``c0``,
         widened to float32 (K through ``kr [C, D]`` when transposed by blocks); tokens at or past ``kv_end`` are
         not read (zeros)."""
         for c in range(C):
@@ -273,7 +278,7 @@ def build_prefill_cpu(cfg: KernelConfig, *, lanes: int = 8, chunk: int | None = 
         if block_t:
             for cb in range(cvec):
                 for db in range(nvec):
-                    kt[T.ramp((cb * D + db * lanes) * lanes, 1, lanes * lanes)] = kt_block(kr, cb, db)
+                    kt[T.ramp(kt_base(db * lanes, cb), 1, lanes * lanes)] = kt_block(kr, cb, db)
 
     @T.macro
     def prefetch_next_chunk(K, V, BT, b, kvh, c0, kv_end):
@@ -299,7 +304,7 @@ def build_prefill_cpu(cfg: KernelConfig, *, lanes: int = 8, chunk: int | None = 
                     for cb in T.unroll(cvec):
                         for cl in T.vectorized(lanes):
                             sreg[ii, cb * lanes + cl] = (
-                                sreg[ii, cb * lanes + cl] + qf[ib * RS + ii, d] * kt[(cb * D + d) * lanes + cl]
+                                sreg[ii, cb * lanes + cl] + qf[ib * RS + ii, d] * kt[kt_base(d, cb) + cl]
                             )
             for ii in T.unroll(RS):
                 for cb in T.unroll(cvec):
