@@ -6,7 +6,7 @@ and server on loopback, and MetaSchedule's own search over the block-form spaces
 
 One small config (decode f32 h4x2 d64 p8, bucket 2x8) keeps each tuning run to a few builds; its e5m2 + window
 variant is tuned once too, and the fallback of variants to the plain config's schedule file is checked. One module
-(about 780 lines) on purpose: ``pytest tests/test_tune.py`` is the whole tuning check (the README names tests
+(about 830 lines) on purpose: ``pytest tests/test_tune.py`` is the whole tuning check (the README names tests
 in it), and its tests share that config, ``_opts``, the target fixture and one module-scoped tuning run.
 """
 
@@ -16,6 +16,7 @@ import argparse
 import json
 import random
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -27,7 +28,7 @@ from tvm_paged.config import KernelConfig
 from tvm_paged.kernels import build_kernel
 from tvm_paged.tuning.measure import OutputCheck, PagedInputs, WrongOutput, fp8_valid_codes
 from tvm_paged.tuning.records import TuningLog
-from tvm_paged.tuning.search import TuneOptions, start_rpc_server, start_rpc_tracker, tune
+from tvm_paged.tuning.search import TuneOptions, refresh_script, start_rpc_server, start_rpc_tracker, tune
 from tvm_paged.tuning.space import KnobSpace, knob_key
 from tvm_paged.tuning.workload import Bucket, make_workload, tensor_params
 from paged_data import ATOL, LSE_ATOL, alibi_slopes, assert_close, make_pool, random_q
@@ -292,6 +293,23 @@ def test_corrupt_schedule_still_gives_correct_decode(target, fresh_build):
     path.write_text(_bad_value(_good_doc(target)))
     with pytest.warns(RuntimeWarning, match="ignoring schedule file"):
         _decode_matches_reference(seed=5)
+
+
+COMMITTED = sorted((Path(__file__).resolve().parent.parent / "schedules").glob("*/*.json"))
+
+
+@pytest.mark.parametrize("path", COMMITTED, ids=lambda p: f"{p.parent.name}/{p.stem}")
+def test_committed_schedule_applies_and_shows_current_code(path):
+    """Every committed schedule still fits its kernel's knob space (a file that does not is ignored with a warning,
+    and that CPU kind silently runs the defaults), and the ``.tvmscript`` beside it is what the build makes from
+    its knobs today."""
+    doc = json.loads(path.read_text())
+    cfg, target = KernelConfig.from_name(doc["config"]), targets.resolve_target(doc["target"])
+    assert (path.parent.name, path.stem) == (targets.target_key(target), cfg.name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert tuned_knobs.load(cfg, target, path) is not None
+    assert not refresh_script(path, write=False), "stale script: run python tools/refresh_schedule_scripts.py"
 
 
 def test_lookup_picks_nearest_bucket(target, tmp_path, monkeypatch):

@@ -294,13 +294,14 @@ def write(cfg, target, buckets: list[dict], *, root: Path | str | None = None, d
         "database": database,
         "tvmscript": path.with_suffix(SCRIPT_SUFFIX).name if tvmscript else None,
     }
-    _write_text(path, json.dumps(doc, indent=1) + "\n")
+    write_text(path, json.dumps(doc, indent=1) + "\n")
     if tvmscript:
-        _write_text(path.with_suffix(SCRIPT_SUFFIX), tvmscript)
+        write_text(path.with_suffix(SCRIPT_SUFFIX), tvmscript)
     return path
 
 
-def _write_text(path: Path, text: str) -> None:
+def write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename, so a reader never sees half a file."""
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)

@@ -12,6 +12,7 @@ a local CPU each trial's row also records the machine's read rate of its moment 
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 import time
@@ -25,7 +26,7 @@ from .. import tuned_knobs
 from .. import tvm_compat as tc
 from ..config import KernelConfig
 from ..kernels import build_kernel
-from ..targets import target_key, target_kind, with_host
+from ..targets import resolve_target, target_key, target_kind, with_host
 from .measure import OutputCheck, PagedInputs, ReadRoof, RotatingTimer
 from .records import TuningLog, default_root, median_secs, workload_hash
 from .space import KnobSpace, Proposer, knob_key
@@ -379,20 +380,44 @@ def write_schedule(cfg: KernelConfig, target, log: TuningLog, space: KnobSpace, 
     summary = {"schedule": None, "buckets": buckets, "work_dir": str(log.dir)}
     if not buckets:
         return summary
+    try:
+        database = str(log.dir.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        database = str(log.dir)
+    path = tuned_knobs.write(cfg, target, buckets, root=opts.schedules_root, database=database,
+                           tvmscript=schedule_script(cfg, target, buckets))
+    summary["schedule"] = str(path)
+    return summary
+
+
+def schedule_script(cfg: KernelConfig, target, buckets: list[dict]) -> str:
+    """The ``.tvmscript`` written beside a schedule file: the kernel the build makes from the knobs of the bucket
+    with the most K+V traffic, under a header giving that bucket's tuned and default rates."""
     top = max(buckets, key=lambda b: (b["batch"] * b["max_pages"], b["max_pages"]))
     func = build_kernel(cfg, target, **top["knobs"])
     header = (f"# Tuned {cfg.name} for {target_key(target)}: knobs {top['knobs']}, "
               f"{top['gbps']:.2f} GB/s of K+V at bucket {top['batch']}x{top['max_pages']} "
               f"(untuned default: {top['default_gbps'] if top['default_gbps'] is not None else 'n/a'} GB/s).\n"
               f"# Written by `tvm-paged tune`; the build recreates it from the knobs in the .json beside it.\n")
-    try:
-        database = str(log.dir.resolve().relative_to(Path.cwd().resolve()))
-    except ValueError:
-        database = str(log.dir)
-    path = tuned_knobs.write(cfg, target, buckets, root=opts.schedules_root, database=database,
-                           tvmscript=header + func.script())
-    summary["schedule"] = str(path)
-    return summary
+    return header + func.script()
+
+
+def refresh_script(path: Path | str, write: bool = True) -> bool:
+    """Bring the ``.tvmscript`` beside the schedule file ``path`` up to date with the current kernel code.
+
+    The build recreates a kernel from the schedule's knobs, so after a change to a kernel's code the committed
+    script no longer shows what runs. Returns True when the script was stale (and, with ``write``, rewritten);
+    the schedule file itself is not touched."""
+    path = Path(path)
+    doc = json.loads(path.read_text())
+    cfg = KernelConfig.from_name(doc["config"])
+    target = resolve_target(doc["target"])
+    text = schedule_script(cfg, target, doc["buckets"])
+    script = path.with_suffix(tuned_knobs.SCRIPT_SUFFIX)
+    stale = not script.exists() or script.read_text() != text
+    if stale and write:
+        tuned_knobs.write_text(script, text)
+    return stale
 
 
 def format_summary(summary: dict) -> str:
