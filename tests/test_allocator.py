@@ -247,8 +247,8 @@ def test_duplicate_full_pages_first_one_stays_cached():
 
 
 def test_constructor_errors():
-    for args in ((0, 4), (4, 0), (-1, 4), (4, -2)):
-        with pytest.raises(ValueError):
+    for args in ((0, 4), (4, 0), (-1, 4), (4, -2), (4.7, 2), (4, 2.5), ("4", 4), (True, 4)):
+        with pytest.raises(ValueError, match="^(num_pages|page_size): "):
             PageAllocator(*args)
 
 
@@ -275,9 +275,17 @@ def test_errors_leave_state_unchanged():
     unchanged(ValueError, a.append_slots, "a", -1, match="num_tokens")
     unchanged(ValueError, a.append_slots, "a", 2, [1], match="token_ids")
     unchanged(ValueError, a.append_slots, "a", 0, [1], match="token_ids")
-    unchanged(TypeError, a.append_slots, "a", 1, [1.5])  # token ids are hashed: integers only
-    unchanged(TypeError, a.append_slots, "a", 1.0)
+    unchanged(ValueError, a.append_slots, "a", 1, [1.5], match="token_ids")  # hashed: integers only
+    unchanged(ValueError, a.append_slots, "a", 1.0, match="num_tokens")
     unchanged(ValueError, a.can_append, "a", -1, match="num_tokens")
+    # Batch calls: one count (and one id list) per sequence, checked before any sequence grows.
+    unchanged(ValueError, a.append_slots_batch, ["a", "b"], [1], match="num_tokens")
+    unchanged(ValueError, a.append_slots_batch, ["a", "b"], [1, 1], [[1]], match="token_ids")
+    unchanged(ValueError, a.append_slots_batch, ["a", "b"], [1, 1], [[1], [2.5]], match=r"token_ids\[1\]")
+    unchanged(ValueError, a.append_slots_batch, ["a", "b"], [1, 2.0], match=r"num_tokens\[1\]")
+    unchanged(ValueError, a.pages_needed, ["a", "b"], [1], match="num_tokens")
+    unchanged(ValueError, a.pages_needed, ["a"], [-1], match=r"num_tokens\[0\]")
+    unchanged(ValueError, a.add_sequence, "new", [1, 2.0], match="prompt_token_ids")
 
     # 2 free pages; b appending 5 needs a copy of the shared partial page + 2 new pages
     assert a.num_free_pages == 2 and not a.can_append("b", 5) and a.can_append("b", 3)

@@ -258,10 +258,30 @@ def test_step_argument_errors_change_nothing():
     h.step([("a", 5)])
     before = _state(h)
     for args, exc in ((( ["a", "a"], 1), ValueError), ((["a"], [0]), ValueError), ((["a", "zz"], 1), KeyError),
-                      ((["a"], [1, 2]), ValueError), ((["a"], 2, [[1]]), ValueError), (([], 1), ValueError)):
+                      ((["a"], [1, 2]), ValueError), ((["a"], 2, [[1]]), ValueError), (([], 1), ValueError),
+                      ((["a"], [2.7]), ValueError), ((["a"], 1.0), ValueError), ((["a"], True), ValueError)):
         with pytest.raises(exc):
             h.cache.begin_step(*args)
         assert _state(h) == before
+
+
+def test_layer_and_constructor_errors():
+    """A layer index outside [0, num_layers) (negative ones included: no wrap-around to the last layer) and bad
+    constructor arguments raise ValueError naming the argument."""
+    h = Harness(num_pages=8)
+    h.add("a")
+    step = h.cache.begin_step(["a"], 3)
+    k = torch.randn(3, h.cache.num_kv_heads, h.cache.head_dim)
+    for layer in (-1, h.cache.num_layers, 1.0, True):
+        with pytest.raises(ValueError, match="^layer: "):
+            h.cache.write(layer, step, k, k)
+        with pytest.raises(ValueError, match="^layer: "):
+            h.cache.attention(layer, step, torch.randn(3, 4, h.cache.head_dim))
+    base = dict(num_layers=2, num_kv_heads=2, head_dim=16, page_size=5, num_pages=8)
+    for name, value in (("num_layers", 2.5), ("num_kv_heads", 0), ("head_dim", -1), ("page_size", "5"),
+                        ("num_pages", 0), ("dtype", torch.float64), ("device", "nowhere")):
+        with pytest.raises(ValueError, match=f"^{name}: "):
+            PagedKVCache(**{**base, name: value})
 
 
 def test_pages_needed_is_exact_under_random_forks_and_frees():

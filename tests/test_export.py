@@ -295,6 +295,17 @@ def test_manifest_from_another_abi_refused(local_export, tmp_path, key):
         load(dst)
 
 
+@pytest.mark.parametrize("versions", [None, "0.27", ["tvm"]])
+def test_manifest_with_malformed_versions_refused(local_export, tmp_path, versions):
+    out, _ = local_export
+    dst = _copy(out, tmp_path)
+    manifest = json.loads((dst / E.MANIFEST).read_text())
+    manifest["versions"] = versions
+    (dst / E.MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(LoadError, match="versions is not an object"):
+        load(dst)
+
+
 @pytest.mark.parametrize("change", ["role", "dtype", "order", "missing", "kernel", "variants", "kv_dtype"])
 def test_manifest_with_another_calling_convention_refused(local_export, tmp_path, change):
     """The loader binds arguments by the specs of this version: a library whose recorded parameters differ in

@@ -168,6 +168,9 @@ def test_prompt_token_ids_and_order(llm):
     (dict(prompt_token_ids=[[]]), r"^prompt_token_ids\[0\]: empty"),
     (dict(prompts=["x " * 9000]), r"^prompts\[0\]: .* context"),
     (dict(prompts=["a", "b"], sampling_params=[SamplingParams()]), r"^sampling_params"),
+    (dict(prompt_token_ids=[[1, 2.9]]), r"^prompt_token_ids\[0\]: expected a list of ints"),  # not truncated
+    (dict(prompt_token_ids=[["5"]]), r"^prompt_token_ids\[0\]: expected a list of ints"),
+    (dict(prompt_token_ids=[[True]]), r"^prompt_token_ids\[0\]: expected a list of ints"),
 ])
 def test_bad_requests_raise_before_running(llm, kwargs, match):
     steps = llm.stats.get("steps")
@@ -184,6 +187,30 @@ def test_bad_requests_raise_before_running(llm, kwargs, match):
 def test_bad_sampling_params(kwargs, match):
     with pytest.raises(ValueError, match=match):
         SamplingParams(**kwargs)
+
+
+@pytest.mark.parametrize("field, value", [("max_tokens", 0), ("max_tokens", -5), ("temperature", -1.0),
+                                          ("n", 0), ("top_p", 2.0), ("temperature", 10**400)])
+def test_sampling_params_changed_after_construction_are_checked(llm, field, value):
+    """A dataclass's fields can be set after it is made: generate checks them again, before anything runs."""
+    params = SamplingParams(max_tokens=2)
+    setattr(params, field, value)
+    steps = llm.stats.get("steps")
+    with pytest.raises(ValueError, match=rf"^sampling_params\[0\]\.{field}: "):
+        llm.generate(["Hello"], params)
+    assert llm.stats.get("steps") == steps and llm.cache.num_free_pages == llm.cache.num_pages
+
+
+def test_tiny_temperature_is_greedy(llm):
+    """Logits divided by 1e-40 overflow float32; like vLLM, temperatures below 1e-5 sample greedily."""
+    greedy = llm.generate([PROMPTS[0]], SamplingParams(max_tokens=4, temperature=0))[0].outputs[0].token_ids
+    tiny = llm.generate([PROMPTS[0]], SamplingParams(max_tokens=4, temperature=1e-40))[0].outputs[0].token_ids
+    assert tiny == greedy
+
+
+def test_chat_message_content_must_be_text(llm):
+    with pytest.raises(ValueError, match=r"^messages\[0\]: "):
+        llm.chat([{"role": "user", "content": None}])
 
 
 def test_pool_too_small_for_a_request():

@@ -180,3 +180,75 @@ def test_plan_binds_once_and_checks_what_changes_per_layer(batch):
         tp.run_decode(plan, q, strided, v)
     outs = [tp.run_decode(plan, q, kc, vc) for kc, vc in layers[:2]]
     assert outs[0].data_ptr() != outs[1].data_ptr()  # each run's output is its own, not a reused buffer
+
+
+@pytest.mark.parametrize("lib", ["torch", "numpy"])
+@pytest.mark.parametrize("table", ["block_table", "seq_lens"])
+def test_plan_owns_its_tables(batch, lib, table):
+    """A plan keeps its own copy of the tables it checked: changing the caller's arrays afterwards (a page id
+    far out of range, a length past the table) changes neither the plan nor what its runs read."""
+    from tvm_paged import reference
+
+    q, k, v, bt, sl = batch
+    if lib == "numpy":
+        q, k, v, bt, sl = (t.numpy() for t in (q, k, v, bt, sl))
+    bt_given, sl_given = bt.copy() if lib == "numpy" else bt.clone(), sl.copy() if lib == "numpy" else sl.clone()
+    plan = tp.plan_decode(bt_given, sl_given, page_size=5, num_pages=k.shape[0])
+    if table == "block_table":
+        bt_given[:] = 10**8
+    else:
+        sl_given[:] = 10**6
+    ref, _ = reference.decode(*(torch.as_tensor(t) for t in (q, k, v, bt, sl)))
+    out = torch.as_tensor(tp.run_decode(plan, q, k, v))
+    assert (out - ref).abs().max() < 1e-5
+
+
+def test_second_plan_of_a_shape_still_checks_the_caches(batch):
+    """A plan of a shape this thread has run before reuses the checked configuration; a strided cache is still
+    refused with the cache's name, not left to TVM."""
+    q, k, v, bt, sl = batch
+    tp.run_decode(tp.plan_decode(bt, sl, page_size=5, num_pages=k.shape[0]), q, k, v)
+    strided = torch.empty(k.shape[0], k.shape[2], k.shape[1], k.shape[3]).transpose(1, 2)
+    strided.copy_(k)
+    for lib in ("torch", "numpy"):
+        args = (q, strided, v) if lib == "torch" else (q.numpy(), strided.numpy(), v.numpy())
+        tables = (bt, sl) if lib == "torch" else (bt.numpy(), sl.numpy())
+        plan = tp.plan_decode(*tables, page_size=5, num_pages=k.shape[0])
+        with pytest.raises(ValueError, match="^k_cache: the cache must be contiguous"):
+            tp.run_decode(plan, *args)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(scale=1e39), "^scale: must be finite as a float32"),
+    (dict(scale="abc"), "^scale: expected a float"),
+    (dict(scale=float("nan")), "^scale: must be finite"),
+    (dict(logits_soft_cap=1e39), "^logits_soft_cap: must be finite as a float32"),
+    (dict(logits_soft_cap=1e-50), "^logits_soft_cap: must be positive as a float32"),
+])
+def test_float_options_must_fit_float32(batch, kwargs, match):
+    """Numbers the kernels take as float32 are checked as float32: 1e39 would be inf there, 1e-50 zero."""
+    q, k, v, bt, sl = batch
+    with pytest.raises(ValueError, match=match):
+        tp.paged_decode(q, k, v, bt, sl, **kwargs)
+
+
+@pytest.mark.parametrize("value, match", [(1e39, "finite"), (1e-50, "positive"), (-1.0, "positive"),
+                                          ("2", "expected a float")])
+def test_fp8_scales_must_fit_float32(batch, value, match):
+    q, k, v, bt, sl = batch
+    k8, v8 = k.to(torch.float8_e5m2), v.to(torch.float8_e5m2)
+    for name in ("k_scale", "v_scale"):
+        with pytest.raises(ValueError, match=f"^{name}: .*{match}"):
+            tp.paged_decode(q, k8, v8, bt, sl, **{name: value})
+
+
+def test_plan_kind_and_pool_arguments(batch):
+    q, k, v, bt, sl = batch
+    cu = torch.arange(4, dtype=torch.int32)
+    prefill = tp.plan_prefill(bt, sl, cu, 3, page_size=5, num_pages=k.shape[0])
+    with pytest.raises(ValueError, match="^plan: a prefill plan was given to run_decode"):
+        tp.run_decode(prefill, q, k, v)
+    for name, value in (("num_pages", "8"), ("page_size", 5.0), ("num_pages", 0)):
+        args = {**dict(page_size=5, num_pages=k.shape[0]), name: value}
+        with pytest.raises(ValueError, match=f"^{name}: expected an int > 0"):
+            tp.plan_decode(bt, sl, **args)

@@ -37,6 +37,22 @@ from typing import Hashable, Iterable, Sequence
 import numpy as np
 
 
+def _count(n, name: str) -> int:
+    """A token count: an int >= 0 (no floats, no bools)."""
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
+        raise ValueError(f"{name}: expected an int >= 0, got {n!r}")
+    return int(n)
+
+
+def _token_list(ids, name: str) -> list[int]:
+    """Token ids as a list of Python ints (they are hashed into the prefix cache): ints only, no floats."""
+    try:
+        return list(map(operator.index, ids))
+    except TypeError:
+        raise ValueError(f"{name}: token ids must be ints, got {type(ids).__name__} holding "
+                         f"{sorted({type(t).__name__ for t in ids})}") from None
+
+
 class OutOfPages(MemoryError):
     """Not enough free pages for the request; the allocator was left unchanged."""
 
@@ -67,8 +83,9 @@ class PageAllocator:
     """
 
     def __init__(self, num_pages: int, page_size: int, *, window_left: int = -1):
-        if num_pages <= 0 or page_size <= 0:
-            raise ValueError(f"num_pages and page_size must be > 0, got {num_pages}, {page_size}")
+        for name, value in (("num_pages", num_pages), ("page_size", page_size)):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+                raise ValueError(f"{name}: expected an int > 0, got {value!r}")
         if (isinstance(window_left, bool) or not isinstance(window_left, (int, np.integer))
                 or window_left < -1):
             raise ValueError(f"window_left: expected an int >= -1 (-1: no window), got {window_left!r}")
@@ -137,9 +154,7 @@ class PageAllocator:
 
     def can_append(self, seq_id: Hashable, num_tokens: int) -> bool:
         """Whether append_slots(seq_id, num_tokens) would get its pages (copy-on-write and window drop included)."""
-        seq, n = self._seq(seq_id), operator.index(num_tokens)
-        if n < 0:
-            raise ValueError(f"num_tokens must be >= 0, got {n}")
+        seq, n = self._seq(seq_id), _count(num_tokens, "num_tokens")
         return self._needed(seq, n) <= self.num_free_pages
 
     # -- page pool and table rows ---------------------------------------------------------------
@@ -211,7 +226,7 @@ class PageAllocator:
             raise ValueError(f"sequence id {seq_id!r} already exists")
         pages, last_hash, ps = [], None, self.page_size
         if prompt_token_ids is not None:
-            tokens = list(map(operator.index, prompt_token_ids))  # ints only: they are hashed
+            tokens = _token_list(prompt_token_ids, "prompt_token_ids")  # ints only: they are hashed
             for i in range((len(tokens) - 1) // ps):  # full pages, never the last prompt token
                 key = (last_hash, tuple(tokens[i * ps : (i + 1) * ps]))
                 page = self._key_to_page.get(key)
@@ -242,14 +257,12 @@ class PageAllocator:
             seq = self._seqs[seq_id]
         except KeyError:
             seq = self._seq(seq_id)  # raises the KeyError with a message
-        n = operator.index(num_tokens)
-        if n < 0:
-            raise ValueError(f"num_tokens must be >= 0, got {n}")
+        n = _count(num_tokens, "num_tokens")
         if token_ids is not None:
             if len(token_ids) != n:
                 raise ValueError(f"token_ids has {len(token_ids)} ids, num_tokens is {n}")
             if seq.partial is not None:  # they will be hashed: ints only, checked before any change
-                token_ids = list(map(operator.index, token_ids))
+                token_ids = _token_list(token_ids, "token_ids")
         ps, pages, old_len = self.page_size, seq.pages, seq.length
         cow = n > 0 and old_len % ps != 0 and self._ref[pages[-1]] > 1
         need = -(-(old_len + n) // ps) - len(pages) + cow
@@ -296,10 +309,31 @@ class PageAllocator:
         holders but the last), minus, with a window, the pages the batch's window drops return to the pool (a
         page all of whose holders drop it in this batch included). Negative when the drops free more than the
         batch takes. Changes nothing."""
+        seq_ids, num_tokens, _ = self._check_batch(seq_ids, num_tokens)
+        return self._pages_needed([self._seq(s) for s in seq_ids], num_tokens)
+
+    def _check_batch(self, seq_ids, num_tokens, token_ids=None) -> tuple:
+        """(seq_ids, num_tokens as ints, token_ids as lists of ints or None) of a batch call, checked: one count
+        (and one id list, when given) per sequence, counts >= 0, each id list as long as its count."""
+        seq_ids, num_tokens = list(seq_ids), list(num_tokens)
+        if len(num_tokens) != len(seq_ids):
+            raise ValueError(f"num_tokens: {len(num_tokens)} counts for {len(seq_ids)} seq_ids")
+        num_tokens = [_count(n, f"num_tokens[{i}]") for i, n in enumerate(num_tokens)]
+        if token_ids is not None:
+            token_ids = list(token_ids)
+            if len(token_ids) != len(seq_ids):
+                raise ValueError(f"token_ids: {len(token_ids)} lists for {len(seq_ids)} seq_ids")
+            token_ids = [None if ids is None else _token_list(ids, f"token_ids[{i}]")
+                         for i, ids in enumerate(token_ids)]
+            for i, (ids, n) in enumerate(zip(token_ids, num_tokens)):
+                if ids is not None and len(ids) != n:
+                    raise ValueError(f"token_ids[{i}] has {len(ids)} ids, num_tokens is {n}")
+        return seq_ids, num_tokens, token_ids
+
+    def _pages_needed(self, seqs: list, num_tokens: list[int]) -> int:
         ps, ref, window = self.page_size, self._ref, self.window_left
         need, leaving, drops = 0, {}, {}
-        for sid, n in zip(seq_ids, num_tokens):
-            seq = self._seq(sid)
+        for seq, n in zip(seqs, num_tokens):
             cow = 0
             if n > 0 and seq.length % ps:
                 last = seq.pages[-1]
@@ -317,18 +351,11 @@ class PageAllocator:
         [sum(num_tokens)]. Raises (changing nothing) OutOfPages when ``pages_needed`` exceeds the free pool, and
         what append_slots raises for bad arguments."""
         ps, ref = self.page_size, self._ref
+        seq_ids, num_tokens, token_ids = self._check_batch(seq_ids, num_tokens, token_ids)
         seqs = [self._seq(s) for s in seq_ids]
         if len(set(map(id, seqs))) != len(seqs):
             raise ValueError("seq_ids: a sequence appears twice")
-        for i, n in enumerate(num_tokens):
-            if operator.index(n) < 0:
-                raise ValueError(f"num_tokens[{i}] must be >= 0, got {n}")
-        if token_ids is not None:
-            token_ids = [None if ids is None else list(map(operator.index, ids)) for ids in token_ids]
-            for i, (ids, n) in enumerate(zip(token_ids, num_tokens)):
-                if ids is not None and len(ids) != n:
-                    raise ValueError(f"token_ids[{i}] has {len(ids)} ids, num_tokens is {n}")
-        need = self.pages_needed(seq_ids, num_tokens)
+        need = self._pages_needed(seqs, num_tokens)
         if need > len(self._free) + len(self._cached_free):
             raise OutOfPages(f"the batch needs {need} pages, {self.num_free_pages} free")
         if self.window_left >= 0:  # every drop first: the pages they return serve the whole batch

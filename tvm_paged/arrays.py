@@ -204,6 +204,19 @@ def contiguous(x):
     return x.contiguous()
 
 
+def private(x, *sources):
+    """``x``, or a copy of it when it shares memory with one of ``sources`` (arrays the caller keeps and may
+    change after a check)."""
+    span = byte_span(x)
+    if span is None:
+        return x
+    for src in sources:
+        other = byte_span(src) if is_array(src) else None
+        if other is not None and span[0] < other[1] and other[0] < span[1]:
+            return x.copy() if isinstance(x, np.ndarray) else x.clone()
+    return x
+
+
 def byte_view(cache):
     """An 8-bit cache ``[num_pages, page_size, num_kv_heads, head_dim]`` as its bytes (``uint8``, zero copy):
     how the kernels take it."""

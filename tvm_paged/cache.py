@@ -81,14 +81,21 @@ class PagedKVCache:
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, page_size: int, num_pages: int,
                  dtype: torch.dtype = torch.float32, device="cpu", *, kv_dtype: torch.dtype | None = None,
                  window_left: int = -1, k_scale=1.0, v_scale=1.0):
-        if num_layers <= 0:
-            raise ValueError(f"num_layers must be > 0, got {num_layers}")
+        for name, value in (("num_layers", num_layers), ("num_kv_heads", num_kv_heads), ("head_dim", head_dim),
+                            ("page_size", page_size), ("num_pages", num_pages)):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+                raise ValueError(f"{name}: expected an int > 0, got {value!r}")
         self.num_layers, self.num_kv_heads, self.head_dim = int(num_layers), int(num_kv_heads), int(head_dim)
         self.page_size, self.num_pages = int(page_size), int(num_pages)
-        self.dtype, self.device = dtype, torch.device(device)
         if dtype in A.TORCH_FP8_NAMES:
             raise ValueError(f"dtype: {dtype} is the dtype of q, k and v (float32, float16, bfloat16); give an "
                              "8-bit cache as kv_dtype")
+        if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise ValueError(f"dtype: expected torch.float32, torch.float16 or torch.bfloat16, got {dtype!r}")
+        try:
+            self.dtype, self.device = dtype, torch.device(device)
+        except (TypeError, RuntimeError) as exc:
+            raise ValueError(f"device: {device!r} is not a device ({exc})") from None
         kv_dtype = dtype if kv_dtype is None else kv_dtype
         if kv_dtype != dtype and kv_dtype not in A.TORCH_FP8_NAMES:
             raise ValueError(f"kv_dtype: expected None (dtype {dtype}) or one of {list(A.TORCH_FP8_NAMES)}, "
@@ -159,10 +166,11 @@ class PagedKVCache:
 
     @staticmethod
     def _q_lens(seq_ids: list, num_new_tokens) -> np.ndarray:
-        if isinstance(num_new_tokens, (int, np.integer)):
-            q_lens = np.full(len(seq_ids), int(num_new_tokens), dtype=np.int64)
-        else:
-            q_lens = np.asarray(list(num_new_tokens), dtype=np.int64)
+        value = num_new_tokens.tolist() if hasattr(num_new_tokens, "tolist") else num_new_tokens  # numpy, torch
+        counts = list(value) if isinstance(value, (list, tuple)) else [value] * len(seq_ids)
+        if any(isinstance(n, bool) or not isinstance(n, (int, np.integer)) for n in counts):
+            raise ValueError(f"num_new_tokens: expected an int or a list of ints, got {num_new_tokens!r}")
+        q_lens = np.asarray(counts, dtype=np.int64)
         if not seq_ids:
             raise ValueError("seq_ids: a step needs at least one sequence")
         if q_lens.shape != (len(seq_ids),):
@@ -190,12 +198,6 @@ class PagedKVCache:
         seq_ids = list(seq_ids)
         q_lens = self._q_lens(seq_ids, num_new_tokens)
         q_list = q_lens.tolist()
-        if token_ids is not None:
-            if len(token_ids) != len(seq_ids):
-                raise ValueError(f"token_ids: {len(token_ids)} lists for {len(seq_ids)} sequences")
-            for i, (ids, n) in enumerate(zip(token_ids, q_list)):
-                if ids is not None and len(ids) != n:
-                    raise ValueError(f"token_ids[{i}]: {len(ids)} ids for {n} new tokens")
         old_lens = alloc.seq_lens(seq_ids).astype(np.int64)
         slots = alloc.append_slots_batch(seq_ids, q_list, token_ids)  # all or nothing
         src, dst = alloc.pop_copies()
@@ -230,14 +232,21 @@ class PagedKVCache:
     def write(self, layer: int, step: Step, k: torch.Tensor, v: torch.Tensor) -> None:
         """Write the step's new keys and values of one layer. ``k``, ``v`` [step.num_tokens, num_kv_heads,
         head_dim] in ``dtype`` (quantized with the layer's scales into an 8-bit cache)."""
+        layer = self._layer(layer)
         ops.write_kv(k, v, self.k_caches[layer], self.v_caches[layer], step.slot_mapping,
                      k_scale=self.k_scales[layer], v_scale=self.v_scales[layer])
+
+    def _layer(self, layer) -> int:
+        if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)) or not 0 <= layer < self.num_layers:
+            raise ValueError(f"layer: expected an int in [0, {self.num_layers}), got {layer!r}")
+        return int(layer)
 
     def attention(self, layer: int, step: Step, q: torch.Tensor, *, scale: float | None = None,
                   logits_soft_cap: float = 0.0, alibi_slopes=None, sinks=None) -> torch.Tensor:
         """Causal attention of the new tokens over all their sequence holds (within the cache's window), after
         :meth:`write` of this layer. ``q`` [step.num_tokens, num_qo_heads, head_dim] -> the same shape and dtype.
         ``scale``, ``logits_soft_cap``, ``alibi_slopes``, ``sinks``: as in :func:`tvm_paged.paged_decode`."""
+        layer = self._layer(layer)
         kc, vc = self.k_caches[layer], self.v_caches[layer]
         options = dict(scale=scale, logits_soft_cap=logits_soft_cap, alibi_slopes=alibi_slopes, sinks=sinks,
                        k_scale=self.k_scales[layer], v_scale=self.v_scales[layer])

@@ -15,6 +15,7 @@ and the compiled paged kernels: compiled on demand, or a library from ``tvm-page
 from __future__ import annotations
 
 import contextlib
+import operator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence as Seq
@@ -151,8 +152,10 @@ class LLM:
         convs = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         texts = []
         for i, conv in enumerate(convs):
-            if not conv or not all(isinstance(m, dict) and "role" in m and "content" in m for m in conv):
-                raise ValueError(f"messages[{i}]: expected a non-empty list of {{'role', 'content'}} dicts")
+            if not conv or not all(isinstance(m, dict) and isinstance(m.get("role"), str)
+                                   and isinstance(m.get("content"), str) for m in conv):
+                raise ValueError(f"messages[{i}]: expected a non-empty list of {{'role', 'content'}} dicts with "
+                                 "string values")
             texts.append(self.tokenizer.apply_chat_template(conv, add_generation_prompt=add_generation_prompt))
         ids = [self.tokenizer.encode(t) for t in texts]
         return self._run(texts, ids, sampling_params, use_tqdm)
@@ -160,8 +163,10 @@ class LLM:
     # -- the run --------------------------------------------------------------------------------------------
     def _check_ids(self, i: int, ids) -> list[int]:
         try:
-            ids = [int(t) for t in ids]
-        except (TypeError, ValueError):
+            if isinstance(ids, (str, bytes)) or any(isinstance(t, bool) for t in ids):
+                raise TypeError
+            ids = [operator.index(t) for t in ids]  # ints only: 1.9 is not a token id
+        except TypeError:
             raise ValueError(f"prompt_token_ids[{i}]: expected a list of ints") from None
         if not ids:
             raise ValueError(f"prompt_token_ids[{i}]: empty prompt")
@@ -186,6 +191,10 @@ class LLM:
         stop_ids = frozenset(self.spec.stop_token_ids)
         requests = []
         for i, (p, sp) in enumerate(zip(ids, params)):
+            try:
+                sp.validate()
+            except ValueError as exc:
+                raise ValueError(f"sampling_params[{i}].{exc}") from None
             if len(p) >= context:
                 raise ValueError(f"prompts[{i}]: {len(p)} tokens, the model's context holds {context}")
             if len(p) > capacity:

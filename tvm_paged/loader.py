@@ -104,6 +104,8 @@ def load(path, *, verify: bool = True) -> "PagedLibrary":
             raise IntegrityError(f"{lib_path}: SHA-256 {digest} does not match the manifest's "
                                  f"{manifest['library'].get('sha256')}; refusing a library changed after export")
     versions = manifest.get("versions", {})
+    if not isinstance(versions, dict):
+        raise LoadError(f"{manifest_path}: malformed manifest (versions is not an object)")
     here = {"tvm": tc.TVM_VERSION, "tvm_ffi": tc.FFI_VERSION}
     for key, mine in here.items():
         if versions.get(key) != mine:

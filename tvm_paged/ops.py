@@ -13,7 +13,6 @@ in what order the kernel takes them, is each family's spec (``tvm_paged.spec``).
 
 from __future__ import annotations
 
-import math
 
 import numpy as np
 
@@ -108,12 +107,7 @@ def _check_written(spec, given: dict, tensors: dict) -> None:
 
 
 def _scale(scale, bound: BoundKernel) -> float:
-    if scale is None:
-        return bound.default_scale
-    scale = float(scale)
-    if not math.isfinite(scale):
-        raise ValueError(f"scale: must be finite, got {scale}")
-    return scale
+    return bound.default_scale if scale is None else V.check_scale(scale)
 
 
 def _binding(plan: AttentionPlan, kernel: str, q, k_cache, v_cache, out, rows_of, options: dict) -> tuple:
@@ -135,7 +129,8 @@ def _binding(plan: AttentionPlan, kernel: str, q, k_cache, v_cache, out, rows_of
             return _config(kernel, q, kc, opts.variants)
 
         bound = bind(plan, key, validate, A.device(kc))
-    elif not (A.is_contiguous(kc) and A.is_contiguous(vc)):  # the only property the key does not pin
+    # The one property the key does not pin; bind skips validate() for a plan of a shape checked before.
+    if not (A.is_contiguous(kc) and A.is_contiguous(vc)):
         V.check_cache_pair(kc, vc)
     q, kc, vc = A.contiguous(q), V.kernel_view(kc), V.kernel_view(vc)
     out = _result(q, out, torch_call, kc, vc, opts.args)
@@ -170,6 +165,8 @@ def run_decode(plan: AttentionPlan, q, k_cache, v_cache, *, scale=None, logits_s
     (and ``lse`` [batch, num_qo_heads] float32 when ``return_lse``). ``out``: write the result there instead of a
     new tensor (a serving loop or a CUDA graph reuses one buffer). The options are :func:`paged_decode`'s; the
     sliding window and batch invariance are the plan's."""
+    if plan.is_prefill:
+        raise ValueError("plan: a prefill plan was given to run_decode (use plan_decode)")
     q, kc, vc, out, bound, extra = _binding(plan, "decode", q, k_cache, v_cache, out, _batch_rows, dict(
         logits_soft_cap=logits_soft_cap, alibi_slopes=alibi_slopes, sinks=sinks, k_scale=k_scale, v_scale=v_scale))
     lse = _lse(q) if return_lse else bound.lse

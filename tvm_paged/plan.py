@@ -261,8 +261,7 @@ def plan_decode(block_table, seq_lens, *, page_size: int, num_pages: int, device
     output is bitwise the same whatever else is in the batch."""
     window_left = V.check_window_left(window_left)
     torch_call = _torch_tables(device, block_table, seq_lens)
-    bt = V.index_array(block_table, "block_table", 2, "[batch, max_pages_per_seq]", torch_call)
-    sl = V.index_array(seq_lens, "seq_lens", 1, "[batch]", torch_call)
+    bt, sl = _private_tables(torch_call, block_table=block_table, seq_lens=seq_lens)
     lens = V.check_block_table(bt, sl, page_size, num_pages,
                                first_key=lambda n: first_visible_key(n, 1, window_left))
     device = A.as_device(device, bt)
@@ -271,6 +270,20 @@ def plan_decode(block_table, seq_lens, *, page_size: int, num_pages: int, device
     return AttentionPlan(A.to_device(bt, device), A.to_device(sl, device), page_size, num_pages, num_splits=splits,
                          dims=dims, window_left=window_left, batch_invariant=bool(batch_invariant),
                          split_pages=split_pages)
+
+
+_TABLE_SHAPES = {"block_table": (2, "[batch, max_pages_per_seq]"), "seq_lens": (1, "[batch]"),
+                 "cu_seqlens_q": (1, "[batch + 1]")}
+
+
+def _private_tables(torch_call: bool, **tables) -> list:
+    """The named tables as int32 contiguous arrays that the plan owns: a copy of any the caller still holds, so
+    changing the caller's table after the checks cannot steer a kernel out of bounds."""
+    out = []
+    for name, given in tables.items():
+        rank, shape_doc = _TABLE_SHAPES[name]
+        out.append(A.private(V.index_array(given, name, rank, shape_doc, torch_call), given))
+    return out
 
 
 def _torch_tables(device, *tables) -> bool:
@@ -287,9 +300,7 @@ def plan_prefill(block_table, seq_lens, cu_seqlens_q, total_q: int, *, page_size
     kernel's knobs (no batch-size bucket)."""
     window_left = V.check_window_left(window_left)
     torch_call = _torch_tables(device, block_table, seq_lens, cu_seqlens_q)
-    bt = V.index_array(block_table, "block_table", 2, "[batch, max_pages_per_seq]", torch_call)
-    sl = V.index_array(seq_lens, "seq_lens", 1, "[batch]", torch_call)
-    cu = V.index_array(cu_seqlens_q, "cu_seqlens_q", 1, "[batch + 1]", torch_call)
+    bt, sl, cu = _private_tables(torch_call, block_table=block_table, seq_lens=seq_lens, cu_seqlens_q=cu_seqlens_q)
     checked = {}
 
     def first_key(lens):

@@ -1,6 +1,6 @@
 """Sampling parameters (vLLM's ``SamplingParams``) and drawing the next token from a row of logits.
 
-Greedy when ``temperature == 0``; otherwise logits / temperature, then top-k, then top-p (nucleus), then a draw
+Greedy when ``temperature`` is 0 (or below 1e-5, as vLLM); otherwise logits / temperature, then top-k, then top-p (nucleus), then a draw
 from each sequence's own ``torch.Generator``, so a seeded request gives the same completions whatever else is in
 the batch and whether or not it was preempted and recomputed.
 """
@@ -35,9 +35,14 @@ class SamplingParams:
     stop_strings: tuple[str, ...] = field(init=False, repr=False)
 
     def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        """Check every field (``ValueError`` naming it); run at construction and again by each call that takes
+        the parameters, since a dataclass's fields can be changed after it is made."""
         if not _is_int(self.n) or self.n < 1:
             raise ValueError(f"n: must be an int >= 1, got {self.n!r}")
-        if not _is_number(self.temperature) or not math.isfinite(self.temperature) or self.temperature < 0:
+        if not _is_number(self.temperature) or not _finite(self.temperature) or self.temperature < 0:
             raise ValueError(f"temperature: must be a finite number >= 0, got {self.temperature!r}")
         if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
             raise ValueError(f"top_p: must be in (0, 1], got {self.top_p!r}")
@@ -54,7 +59,19 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        """Temperatures below :data:`GREEDY_BELOW` sample greedily: dividing float32 logits by them overflows."""
+        return self.temperature < GREEDY_BELOW
+
+
+# vLLM's threshold: a temperature this small is greedy in all but rounding.
+GREEDY_BELOW = 1e-5
+
+
+def _finite(x) -> bool:
+    try:
+        return math.isfinite(x)
+    except OverflowError:  # an int beyond float's range
+        return False
 
 
 def _is_int(x) -> bool:

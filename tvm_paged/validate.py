@@ -46,14 +46,35 @@ def check_window_left(window_left) -> int:
     return int(window_left)
 
 
-def check_soft_cap(cap) -> float:
-    """``logits_soft_cap``: a finite float >= 0 (0: off)."""
-    if not _is_real(cap):
-        raise ValueError(f"logits_soft_cap: expected a float, got {cap!r}")
-    value = float(cap)
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"logits_soft_cap: must be finite and >= 0 (0 = off), got {cap!r}")
+def float32_value(x, name: str, positive: bool = False) -> float:
+    """A plain number that the kernels take as a float32 argument: finite there (1e39 is not), and with
+    ``positive`` still > 0 there (1e-50 rounds to 0)."""
+    if not _is_real(x):
+        raise ValueError(f"{name}: expected a float, got {x!r}")
+    try:
+        value = float(x)
+    except OverflowError:
+        value = math.inf
+    with np.errstate(over="ignore", under="ignore"):
+        as_f32 = float(np.float32(value))
+    if not math.isfinite(as_f32):
+        raise ValueError(f"{name}: must be finite as a float32 (the kernels' type), got {x!r}")
+    if positive and not as_f32 > 0:
+        raise ValueError(f"{name}: must be positive as a float32 (the kernels' type), got {x!r}")
     return value
+
+
+def check_scale(scale) -> float:
+    """``scale``, the factor on q.k: a number finite as a float32."""
+    return float32_value(scale, "scale")
+
+
+def check_soft_cap(cap) -> float:
+    """``logits_soft_cap``: a float >= 0 (0: off), finite as a float32 and, when on, positive there."""
+    value = float32_value(cap, "logits_soft_cap")
+    if value < 0:
+        raise ValueError(f"logits_soft_cap: must be >= 0 (0 = off), got {cap!r}")
+    return float32_value(cap, "logits_soft_cap", positive=True) if value else 0.0
 
 
 def check_head_vector(x, name: str, heads: int, heads_name: str, device):
@@ -91,14 +112,11 @@ def check_kv_scale(x, name: str, num_kv_heads: int, fp8: bool, device):
         return A.contiguous(t)
     if not _is_real(x):
         raise ValueError(f"{name}: expected a float or a float32 [num_kv_heads] tensor, got {x!r}")
-    value = float(x)
     if not fp8:
-        if value != 1.0:
-            raise ValueError(f"{name}: scales apply to 8-bit caches only, got {value} for caches in q's dtype")
+        if float32_value(x, name) != 1.0:
+            raise ValueError(f"{name}: scales apply to 8-bit caches only, got {x!r} for caches in q's dtype")
         return None
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{name}: must be positive and finite, got {value}")
-    return _broadcast_scale(value, num_kv_heads, device)
+    return _broadcast_scale(float32_value(x, name, positive=True), num_kv_heads, device)
 
 
 def _is_real(x) -> bool:
@@ -171,6 +189,9 @@ def check_block_table(block_table, seq_lens, page_size: int, num_pages: int, fir
     Entries past a sequence's last page are ignored (they may be -1), and so are those of pages wholly before
     ``first_key(lens)`` (a function of the lengths giving each sequence's first visible key: a sliding window's
     freed pages). Returns the lengths (int64 numpy)."""
+    for name, value in (("page_size", page_size), ("num_pages", num_pages)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+            raise ValueError(f"{name}: expected an int > 0, got {value!r}")
     batch, max_pages = block_table.shape
     if seq_lens.shape[0] != batch:
         raise ValueError(f"seq_lens: length {seq_lens.shape[0]} does not match block_table's batch {batch}")
