@@ -37,7 +37,7 @@ from tvm_paged.spec import SPECS
 from tvm_paged.tvm_compat import Target, buffer_signature, compile_cuda_with_nvcc
 
 from cuda_emulator import Emulated
-from paged_data import ATOL, LSE_ATOL, make_pool
+from paged_data import ATOL, LSE_ATOL, assert_close, make_pool
 
 TARGETS = {"nvidia/nvidia-h100": "sm_90a", "nvidia/jetson-orin-nano": "sm_87"}
 TDT = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -292,6 +292,8 @@ DECODE_EMU = [
     ("bfloat16", 12, 2, 96, 1, [7, 3], 8, {}),  # empty splits
     ("float16", 32, 1, 64, 16, [70, 1], 2, {}),  # MQA: 8 head groups of 4
     ("float32", 4, 4, 256, 8, [33], 1, {"num_threads": 64, "tokens_per_iter": 1}),
+    # batch 17, page 5: page-edge and odd lengths up to 97
+    ("float16", 8, 2, 64, 5, [1, 2, 5, 6, 20, 21, 54, 97, 33, 4, 10, 11, 96, 98, 3, 60, 97], 3, {}),
 ]
 
 
@@ -301,8 +303,8 @@ def test_emulated_decode(emulate, dtype, hq, hkv, d, page, lens, splits, knobs):
     cfg = _att("decode", dtype, hq, hkv, d, page)
     out, lse, ref_out, ref_lse = _decode_case(emulate, cfg, lens, splits, **knobs)
     assert torch.isfinite(out.float()).all() and torch.isfinite(lse).all()
-    torch.testing.assert_close(out.double(), ref_out, atol=ATOL[dtype], rtol=0)
-    torch.testing.assert_close(lse.double(), ref_lse, atol=LSE_ATOL[dtype], rtol=0)
+    assert_close(out, ref_out, ATOL[dtype])
+    assert_close(lse, ref_lse, LSE_ATOL[dtype], "lse")
 
 
 def test_emulated_decode_huge_negative_logits(emulate):
@@ -330,6 +332,9 @@ PREFILL_EMU = [
     ("float16", 24, 4, 80, 5, [1, 23, 36], [1, 7, 20], True, 16, {}),  # chunked prefill, group 6
     ("bfloat16", 12, 2, 96, 1, [7, 30], [3, 17], False, 16, {}),
     ("float16", 8, 1, 128, 8, [50], [33], True, 40, {"kv_tile": 8, "tokens_per_step": 2}),  # tile > 16 rows
+    # batch 17, page 5: whole prompts, chunks and single rows over lengths up to 97
+    ("float32", 4, 2, 64, 5, [1, 2, 5, 6, 20, 21, 54, 97, 33, 4, 10, 11, 96, 98, 3, 60, 97],
+     [1, 1, 5, 2, 20, 3, 17, 97, 1, 4, 9, 11, 5, 40, 3, 1, 30], True, 16, {}),
 ]
 
 
@@ -351,8 +356,8 @@ def test_emulated_prefill(emulate, dtype, hq, hkv, d, page, lens, q_lens, causal
             {"B": len(lens), "P": kc.shape[0], "M": bt.shape[1], "TQ": total, "NT": tiles.shape[0], "scale": scale,
              "causal": int(causal)}, **knobs)
     ref_out, ref_lse = reference.prefill(q, kc, vc, bt.numpy(), sl.numpy(), cu.numpy(), scale=scale, causal=causal)
-    torch.testing.assert_close(out.double(), ref_out, atol=ATOL[dtype], rtol=0)
-    torch.testing.assert_close(lse.double(), ref_lse, atol=LSE_ATOL[dtype], rtol=0)
+    assert_close(out, ref_out, ATOL[dtype])
+    assert_close(lse, ref_lse, LSE_ATOL[dtype], "lse")
 
 
 @pytest.mark.parametrize("dtype,hkv,d,page", [("float16", 2, 80, 5), ("float32", 3, 64, 1)])
@@ -459,8 +464,8 @@ def test_emulated_decode_variants(emulate, dtype, kv_dtype, hq, hkv, d, page, va
     out, lse = _emulated_decode(emulate, cfg, cache, q, bt, sl, splits, split_pages, options)
     ref_out, ref_lse = reference.decode(q, ref_k, ref_v, bt, sl, scale=d ** -0.5, **ref_opts, **options[2])
     assert torch.isfinite(out.float()).all() and torch.isfinite(lse).all()
-    torch.testing.assert_close(out.double(), ref_out, atol=ATOL[dtype], rtol=0)
-    torch.testing.assert_close(lse.double(), ref_lse, atol=LSE_ATOL[dtype], rtol=0)
+    assert_close(out, ref_out, ATOL[dtype])
+    assert_close(lse, ref_lse, LSE_ATOL[dtype], "lse")
 
 
 @pytest.mark.parametrize("name", ["decode_f16_h8x2_d64_p5", "decode_e4m3_bf16_h8x2_d64_p5_w_sink"])
@@ -524,8 +529,8 @@ def test_emulated_prefill_variants(emulate, dtype, kv_dtype, hq, hkv, d, page, v
     ref_out, ref_lse = reference.prefill(q, ref_k, ref_v, bt, sl, cu, scale=d ** -0.5, causal=causal, **ref_opts,
                                          **opts)
     assert torch.isfinite(out.float()).all() and torch.isfinite(lse).all()
-    torch.testing.assert_close(out.double(), ref_out, atol=ATOL[dtype], rtol=0)
-    torch.testing.assert_close(lse.double(), ref_lse, atol=LSE_ATOL[dtype], rtol=0)
+    assert_close(out, ref_out, ATOL[dtype])
+    assert_close(lse, ref_lse, LSE_ATOL[dtype], "lse")
 
 
 @pytest.mark.parametrize("dtype,kv_dtype,hkv,d,page", [("float16", E4M3, 3, 80, 5), ("bfloat16", E5M2, 2, 64, 1),
@@ -618,7 +623,7 @@ def test_paged_space_cuda_samples_correct_kernels(emulate, tmp_path, heads, head
         func = sch.mod["main"]
         out = torch.full_like(q, 777.0)
         Emulated(func, target, str(tmp_path))({"Q": q, "K": k, "V": v, "BT": table, "SL": seq_lens, "O": out}, {})
-        torch.testing.assert_close(out.double(), ref, atol=ATOL[dtype], rtol=0, msg=lambda m: f"{dec}: {m}")
+        assert_close(out, ref, ATOL[dtype], f"out {dec}")
         if not cubin_done:
             cubin = compile_cuda_with_nvcc(_cuda_source(tc.compile_module(func, target).mod), Target(H100), "sm_90a")
             assert cubin[:4] == b"\x7fELF"
