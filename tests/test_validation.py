@@ -250,5 +250,5 @@ def test_plan_kind_and_pool_arguments(batch):
         tp.run_decode(prefill, q, k, v)
     for name, value in (("num_pages", "8"), ("page_size", 5.0), ("num_pages", 0)):
         args = {**dict(page_size=5, num_pages=k.shape[0]), name: value}
-        with pytest.raises(ValueError, match=f"^{name}: expected an int > 0"):
+        with pytest.raises(ValueError, match=f"^{name}: expected an int >= 1"):
             tp.plan_decode(bt, sl, **args)

@@ -36,12 +36,7 @@ from typing import Hashable, Iterable, Sequence
 
 import numpy as np
 
-
-def _count(n, name: str) -> int:
-    """A token count: an int >= 0 (no floats, no bools)."""
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
-        raise ValueError(f"{name}: expected an int >= 0, got {n!r}")
-    return int(n)
+from .config import check_int
 
 
 def _token_list(ids, name: str) -> list[int]:
@@ -83,9 +78,7 @@ class PageAllocator:
     """
 
     def __init__(self, num_pages: int, page_size: int, *, window_left: int = -1):
-        for name, value in (("num_pages", num_pages), ("page_size", page_size)):
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
-                raise ValueError(f"{name}: expected an int > 0, got {value!r}")
+        num_pages, page_size = check_int(num_pages, "num_pages"), check_int(page_size, "page_size")
         if (isinstance(window_left, bool) or not isinstance(window_left, (int, np.integer))
                 or window_left < -1):
             raise ValueError(f"window_left: expected an int >= -1 (-1: no window), got {window_left!r}")
@@ -154,7 +147,7 @@ class PageAllocator:
 
     def can_append(self, seq_id: Hashable, num_tokens: int) -> bool:
         """Whether append_slots(seq_id, num_tokens) would get its pages (copy-on-write and window drop included)."""
-        seq, n = self._seq(seq_id), _count(num_tokens, "num_tokens")
+        seq, n = self._seq(seq_id), check_int(num_tokens, "num_tokens", 0)
         return self._needed(seq, n) <= self.num_free_pages
 
     # -- page pool and table rows ---------------------------------------------------------------
@@ -257,7 +250,7 @@ class PageAllocator:
             seq = self._seqs[seq_id]
         except KeyError:
             seq = self._seq(seq_id)  # raises the KeyError with a message
-        n = _count(num_tokens, "num_tokens")
+        n = check_int(num_tokens, "num_tokens", 0)
         if token_ids is not None:
             if len(token_ids) != n:
                 raise ValueError(f"token_ids has {len(token_ids)} ids, num_tokens is {n}")
@@ -318,7 +311,7 @@ class PageAllocator:
         seq_ids, num_tokens = list(seq_ids), list(num_tokens)
         if len(num_tokens) != len(seq_ids):
             raise ValueError(f"num_tokens: {len(num_tokens)} counts for {len(seq_ids)} seq_ids")
-        num_tokens = [_count(n, f"num_tokens[{i}]") for i, n in enumerate(num_tokens)]
+        num_tokens = [check_int(n, f"num_tokens[{i}]", 0) for i, n in enumerate(num_tokens)]
         if token_ids is not None:
             token_ids = list(token_ids)
             if len(token_ids) != len(seq_ids):

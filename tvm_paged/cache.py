@@ -30,6 +30,7 @@ from . import arrays as A
 from . import ops
 from . import validate as V
 from .allocator import OutOfPages, PageAllocator
+from .config import check_int
 
 __all__ = ["PagedKVCache", "Step", "OutOfPages"]
 
@@ -81,12 +82,9 @@ class PagedKVCache:
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, page_size: int, num_pages: int,
                  dtype: torch.dtype = torch.float32, device="cpu", *, kv_dtype: torch.dtype | None = None,
                  window_left: int = -1, k_scale=1.0, v_scale=1.0):
-        for name, value in (("num_layers", num_layers), ("num_kv_heads", num_kv_heads), ("head_dim", head_dim),
-                            ("page_size", page_size), ("num_pages", num_pages)):
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
-                raise ValueError(f"{name}: expected an int > 0, got {value!r}")
-        self.num_layers, self.num_kv_heads, self.head_dim = int(num_layers), int(num_kv_heads), int(head_dim)
-        self.page_size, self.num_pages = int(page_size), int(num_pages)
+        self.num_layers, self.head_dim = check_int(num_layers, "num_layers"), check_int(head_dim, "head_dim")
+        self.num_kv_heads = check_int(num_kv_heads, "num_kv_heads")
+        self.page_size, self.num_pages = check_int(page_size, "page_size"), check_int(num_pages, "num_pages")
         if dtype in A.TORCH_FP8_NAMES:
             raise ValueError(f"dtype: {dtype} is the dtype of q, k and v (float32, float16, bfloat16); give an "
                              "8-bit cache as kv_dtype")
@@ -237,7 +235,8 @@ class PagedKVCache:
                      k_scale=self.k_scales[layer], v_scale=self.v_scales[layer])
 
     def _layer(self, layer) -> int:
-        if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)) or not 0 <= layer < self.num_layers:
+        """``layer`` checked: an int in [0, num_layers) (-1 does not mean the last layer)."""
+        if check_int(layer, "layer", 0) >= self.num_layers:
             raise ValueError(f"layer: expected an int in [0, {self.num_layers}), got {layer!r}")
         return int(layer)
 

@@ -9,6 +9,7 @@ at once the kernel's symbol, the compile-cache key, the tuning-log folder and th
 
 from __future__ import annotations
 
+import numbers
 import re
 from dataclasses import dataclass
 
@@ -22,6 +23,15 @@ DTYPES = {"float32": ("f32", 4), "float16": ("f16", 2), "bfloat16": ("bf16", 2)}
 FP8_DTYPES = {"float8_e4m3fn": ("e4m3", 1), "float8_e5m2": ("e5m2", 1)}
 FP8_MAX = {"float8_e4m3fn": 448.0, "float8_e5m2": 57344.0}
 KV_DTYPES = {**DTYPES, **FP8_DTYPES}
+
+
+def check_int(value, name: str, minimum: int = 1) -> int:
+    """``value`` as an int >= ``minimum``: a Python or numpy integer, not a bool, a float or a string (a count or
+    size of 4.7 is a caller's bug, not 4); else a ValueError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{name}: expected an int >= {minimum}, got {value!r}")
+    return int(value)
+
 
 # Attention variants, in name order: (field of KernelConfig, tag in the name).
 VARIANTS = (("window", "w"), ("soft_cap", "cap"), ("alibi", "alibi"), ("sinks", "sink"))

@@ -8,7 +8,7 @@ import math
 import numpy as np
 
 from . import arrays as A
-from .config import DTYPES, FP8_DTYPES
+from .config import DTYPES, FP8_DTYPES, check_int
 
 
 def dtype_name(t, name: str) -> str:
@@ -189,9 +189,7 @@ def check_block_table(block_table, seq_lens, page_size: int, num_pages: int, fir
     Entries past a sequence's last page are ignored (they may be -1), and so are those of pages wholly before
     ``first_key(lens)`` (a function of the lengths giving each sequence's first visible key: a sliding window's
     freed pages). Returns the lengths (int64 numpy)."""
-    for name, value in (("page_size", page_size), ("num_pages", num_pages)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
-            raise ValueError(f"{name}: expected an int > 0, got {value!r}")
+    check_int(page_size, "page_size"), check_int(num_pages, "num_pages")
     batch, max_pages = block_table.shape
     if seq_lens.shape[0] != batch:
         raise ValueError(f"seq_lens: length {seq_lens.shape[0]} does not match block_table's batch {batch}")
