@@ -8,8 +8,9 @@ a step's kernels and scratch are fixed at plan time is also what lets a CUDA gra
 from a per-thread workspace shared by plans of the same shapes (see ``workspace_tensor``).
 
 A plan's tables are in the library of the arrays it was built from (see :mod:`tvm_paged.arrays`): numpy tables
-(on the host) or torch tensors on ``device``. A run binds them in the library of its own operands, so a plan of
-numpy tables also runs torch CPU operands (and the other way round), zero copy.
+(on the host) or torch tensors on ``device``, copies the plan owns (the caller may change or reuse its arrays once
+the plan is made). A run binds them in the library of its own operands, so a plan of numpy tables also runs
+torch CPU operands (and the other way round), zero copy.
 """
 
 from __future__ import annotations
