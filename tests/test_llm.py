@@ -208,6 +208,36 @@ def test_tiny_temperature_is_greedy(llm):
     assert tiny == greedy
 
 
+def test_a_second_concurrent_call_is_refused(llm, monkeypatch):
+    """Two calls on one LLM would share sequence ids and prefix pages whose K/V one may read before the other
+    writes them: while one runs, another thread's call raises, and the LLM serves the next call normally."""
+    import threading
+
+    running, release = threading.Event(), threading.Event()
+    run = llm.generator.run
+
+    def held_run(*args, **kwargs):
+        running.set()
+        release.wait(60)
+        return run(*args, **kwargs)
+
+    monkeypatch.setattr(llm.generator, "run", held_run)
+    results = []
+    first = threading.Thread(target=lambda: results.append(llm.generate(["Hi"], SamplingParams(max_tokens=2))))
+    first.start()
+    assert running.wait(60)
+    try:
+        with pytest.raises(RuntimeError, match="already running on this LLM"):
+            llm.generate(["Hello"], SamplingParams(max_tokens=2))
+    finally:
+        release.set()
+        first.join()
+    assert len(results) == 1 and results[0][0].outputs[0].token_ids
+    monkeypatch.setattr(llm.generator, "run", run)
+    assert llm.generate(["Hello"], SamplingParams(max_tokens=2))[0].outputs[0].token_ids
+    assert llm.cache.num_free_pages == llm.cache.num_pages
+
+
 def test_chat_message_content_must_be_text(llm):
     with pytest.raises(ValueError, match=r"^messages\[0\]: "):
         llm.chat([{"role": "user", "content": None}])

@@ -252,3 +252,35 @@ def test_plan_kind_and_pool_arguments(batch):
         args = {**dict(page_size=5, num_pages=k.shape[0]), name: value}
         with pytest.raises(ValueError, match=f"^{name}: expected an int >= 1"):
             tp.plan_decode(bt, sl, **args)
+
+
+def test_one_plan_run_from_several_threads():
+    """A plan's binding holds its thread's scratch (split partials, LSE): a plan shared by threads, each running
+    its own q many times at once, gives each thread its own correct answer (they had shared one scratch)."""
+    import threading
+
+    from tvm_paged import reference
+
+    k, v, bt, sl = make_pool([700, 97], page_size=5, num_kv_heads=2, head_dim=64, seed=11)
+    plan = tp.plan_decode(bt, sl, page_size=5, num_pages=k.shape[0])
+    assert plan.num_splits > 1  # the case with scratch to share
+    qs = [random_q(2, 4, 64, seed=20 + i) for i in range(3)]
+    refs = [reference.decode(q, k, v, bt, sl) for q in qs]
+    tp.run_decode(plan, qs[0], k, v)  # bound first in this thread, as a serving loop hands a plan on
+    errors, start = [], threading.Barrier(len(qs))
+
+    def worker(i):
+        start.wait()
+        for _ in range(60):
+            out, lse = tp.run_decode(plan, qs[i], k, v, return_lse=True)
+            err = max(float((out - refs[i][0]).abs().max()), float((lse - refs[i][1]).abs().max()))
+            if err > 1e-4:
+                errors.append((i, err))
+                return
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(qs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors

@@ -10,12 +10,15 @@
 Every request goes through the serving machinery: one page pool for all sequences (prefix caching across requests
 and calls, forks with copy-on-write for ``n > 1``, preemption with recompute when pages run out), chunked prefill,
 and the compiled paged kernels: compiled on demand, or a library from ``tvm-paged export`` (``module=DIR``).
+One LLM serves one call at a time: ``generate`` or ``chat`` from a second thread while one runs raises
+``RuntimeError`` (pass all prompts to one call: they are batched).
 """
 
 from __future__ import annotations
 
 import contextlib
 import operator
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence as Seq
@@ -100,6 +103,7 @@ class LLM:
         if not isinstance(num_pages, int) or isinstance(num_pages, bool) or num_pages < 1:
             raise ValueError(f"num_pages: must be a positive int, got {num_pages!r}")
         self.library = None
+        self._running = threading.Lock()
         if module is not None:
             self.library = self._load_library(module, dtype, page_size)
         self.model = LlamaModel.from_gguf(gf, dtype)
@@ -210,14 +214,20 @@ class LLM:
 
     def _run(self, texts, ids, sampling_params, use_tqdm: bool) -> list[RequestOutput]:
         requests = self._requests(ids, sampling_params)
+        # One call at a time: two would share the scheduler's sequence ids and the cache's prefix pages, whose K/V
+        # one call may read before the other has written them.
+        if not self._running.acquire(blocking=False):
+            raise RuntimeError("LLM: generate or chat is already running on this LLM in another thread; one LLM "
+                               "serves one call at a time (pass all prompts to one call, or use one LLM per thread)")
         bar = None
-        if use_tqdm:
-            bar = tqdm(total=sum(r.n * r.max_new_tokens for r in requests), unit="tok", desc="generating")
-        kernels = self.library.activate() if self.library is not None else contextlib.nullcontext()
         try:
+            if use_tqdm:
+                bar = tqdm(total=sum(r.n * r.max_new_tokens for r in requests), unit="tok", desc="generating")
+            kernels = self.library.activate() if self.library is not None else contextlib.nullcontext()
             with kernels:
                 samples = self.generator.run(requests, on_token=bar.update if bar is not None else None)
         finally:
+            self._running.release()
             if bar is not None:
                 bar.close()
         return [self._output(r, texts[r.index], seqs) for r, seqs in zip(requests, samples)]

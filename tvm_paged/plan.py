@@ -107,7 +107,7 @@ class AttentionPlan:
     split_pages: int = 0
     # The kernel's symbolic dimensions for this batch (spec names: B, M, P, and NS or TQ, NT).
     dims: dict = field(default_factory=dict, repr=False)
-    # (kernel source, operand shapes and dtypes, device) -> BoundKernel: the kernels bound to this plan.
+    # (thread, kernel source, operand shapes and dtypes, device) -> BoundKernel: the kernels bound to this plan.
     bindings: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -135,13 +135,14 @@ class BoundKernel:
 
 
 def operand_key(q, k_cache, v_cache) -> tuple:
-    """What a binding depends on: the kernel source and the operands' shapes, dtypes and device (numpy arrays:
-    their dtypes, which differ from torch's, say the library; they are all on the host)."""
+    """What a binding depends on: the calling thread (a binding holds that thread's scratch: a plan run from two
+    threads must not share split partials), the kernel source and the operands' shapes, dtypes and device (numpy
+    arrays: their dtypes, which differ from torch's, say the library; they are all on the host)."""
     if isinstance(q, np.ndarray):
-        return (_KERNEL_PROVIDER.get(), q.shape, q.dtype, k_cache.shape, k_cache.dtype, v_cache.shape,
-                v_cache.dtype)
-    return (_KERNEL_PROVIDER.get(), q.shape, q.dtype, q.device, k_cache.shape, k_cache.dtype, v_cache.shape,
-            v_cache.dtype, v_cache.device)
+        return (threading.get_ident(), _KERNEL_PROVIDER.get(), q.shape, q.dtype, k_cache.shape, k_cache.dtype,
+                v_cache.shape, v_cache.dtype)
+    return (threading.get_ident(), _KERNEL_PROVIDER.get(), q.shape, q.dtype, q.device, k_cache.shape, k_cache.dtype,
+            v_cache.shape, v_cache.dtype, v_cache.device)
 
 
 def bind(plan: AttentionPlan, key: tuple, validate: Callable[[], KernelConfig], device) -> BoundKernel:
