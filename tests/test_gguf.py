@@ -229,9 +229,10 @@ def _stub_tokenizer(w: gguf.GGUFWriter, model: str = "gpt2"):
 
 
 def write_gguf(path, arch: str = "llama", *, weights: dict | None = None, skip_keys=(), skip_tensors=(),
-               types: dict | None = None, tokenizer=_stub_tokenizer):
+               types: dict | None = None, tokenizer=_stub_tokenizer, values: dict | None = None):
     """A small model file as llama.cpp writes one (llama's Q/K rows permuted), ``types`` quantizing some tensors
-    ({name: GGMLQuantizationType}; F32 otherwise), ``tokenizer(writer)`` adding the tokenizer metadata."""
+    ({name: GGMLQuantizationType}; F32 otherwise), ``tokenizer(writer)`` adding the tokenizer metadata, ``values``
+    replacing some of the model's metadata values ({"block_count": 3}; a float is written as float32)."""
     weights = _hf_layout_weights(arch) if weights is None else weights
     types = types or {}
     w = gguf.GGUFWriter(str(path), arch)
@@ -240,6 +241,7 @@ def write_gguf(path, arch: str = "llama", *, weights: dict | None = None, skip_k
     keys = {"block_count": L, "context_length": 256, "embedding_length": HIDDEN, "feed_forward_length": INTER,
             "attention.head_count": HEADS, "attention.head_count_kv": KV_HEADS, "vocab_size": VOCAB,
             "rope.dimension_count": HEAD_DIM, "rope.freq_base": 50000.0, "attention.layer_norm_rms_epsilon": 1e-6}
+    keys.update(values or {})
     for key, value in keys.items():
         if key not in skip_keys:
             (w.add_float32 if isinstance(value, float) else w.add_uint32)(f"{arch}.{key}", value)
@@ -329,13 +331,65 @@ BAD_FILES = {  # write_gguf arguments -> fragments of the error message
     "tensor_type": (lambda: dict(types={"blk.0.attn_v.weight": gguf.GGMLQuantizationType.I32}),
                     ("blk.0.attn_v.weight", "I32", "cannot handle")),
     "tensor_shape": (lambda: dict(weights=_narrow_gate()), ("blk.1.ffn_gate.weight", "[96, 32]", "expected [96, 64]")),
+    # Metadata values out of range: a smaller layer count would load a truncated model, a huge one or a huge
+    # context would size huge tables, NaN or negative constants would generate garbage without a word.
+    "block_count_low": (lambda: dict(values={"block_count": 1}), ("llama.block_count is 1", "2 layers")),
+    "block_count_huge": (lambda: dict(values={"block_count": 2**32 - 1}), ("llama.block_count is 4294967295",)),
+    "block_count_float": (lambda: dict(values={"block_count": 2.0}), ("llama.block_count is 2.0",)),
+    "context_zero": (lambda: dict(values={"context_length": 0}), ("llama.context_length is 0",)),
+    "context_huge": (lambda: dict(values={"context_length": 2**31}), ("llama.context_length is 2147483648",)),
+    "rope_nan": (lambda: dict(values={"rope.freq_base": float("nan")}), ("llama.rope.freq_base is nan",)),
+    "eps_negative": (lambda: dict(values={"attention.layer_norm_rms_epsilon": -1.0}),
+                     ("llama.attention.layer_norm_rms_epsilon is -1.0",)),
+    "more_tokens_than_rows": (lambda: dict(tokenizer=_tokens(VOCAB + 5)), (f"{VOCAB + 5} tokens", f"only {VOCAB} rows")),
+    "eos_outside": (lambda: dict(tokenizer=_tokens(VOCAB, eos=10**6)), ("1000000", f"[0, {VOCAB})")),
+    "bad_template": (lambda: dict(tokenizer=_tokens(VOCAB, template="{% if %}")),
+                     ("tokenizer.chat_template does not compile",)),
 }
+
+
+def _tokens(n: int, eos: int = 0, template: str | None = None):
+    """A stub tokenizer of ``n`` tokens, end-of-sequence id ``eos``, and a chat template."""
+    def add(w: gguf.GGUFWriter):
+        w.add_tokenizer_model("gpt2")
+        w.add_token_list(["<|endoftext|>", "<|im_end|>", "t", "0", "t0"] + [f"x{i}" for i in range(n - 5)])
+        w.add_token_types([3, 3] + [1] * (n - 2))
+        w.add_token_merges(["t 0"])
+        w.add_eos_token_id(eos)
+        if template is not None:
+            w.add_chat_template(template)
+    return add
 
 
 @pytest.mark.parametrize("case", BAD_FILES)
 def test_bad_file(tmp_path, case):
     make_args, fragments = BAD_FILES[case]
-    _raises(write_gguf(tmp_path / f"{case}.gguf", **make_args()), *fragments)
+    path = write_gguf(tmp_path / f"{case}.gguf", **make_args())
+    with pytest.raises(ValueError) as info:
+        Tokenizer.from_gguf(open_gguf(path))  # the template is compiled when the tokenizer is built
+    message = str(info.value)
+    assert message.startswith("gguf: ") and all(fragment in message for fragment in fragments), message
+
+
+@pytest.mark.parametrize("key, count", [("tokenizer.ggml.token_type", 2**50), ("tokenizer.ggml.tokens", 2**50)])
+def test_huge_array_length_is_refused_at_once(tmp_path, key, count):
+    """An array whose stated length is far past the file's end (gguf's reader spins, allocating, on 2**50 int32s)
+    is refused before the reader sees it."""
+    data = bytearray(write_gguf(tmp_path / "small.gguf").read_bytes())
+    name = key.encode()
+    at = data.index(len(name).to_bytes(8, "little") + name) + 8 + len(name) + 4 + 4  # past the types: the count
+    data[at:at + 8] = count.to_bytes(8, "little")
+    (tmp_path / "huge.gguf").write_bytes(bytes(data))
+    _raises(tmp_path / "huge.gguf", "is corrupt", str(count))
+
+
+def test_invalid_utf8_names_the_key(tmp_path):
+    data = bytearray(write_gguf(tmp_path / "small.gguf").read_bytes())
+    at = data.index(b"tiny-llama")
+    data[at:at + 2] = b"\xff\xfe"
+    (tmp_path / "utf8.gguf").write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="^gguf: .*general.name holds text that is not UTF-8"):
+        open_gguf(tmp_path / "utf8.gguf").spec  # noqa: B018
 
 
 def test_unsupported_tokenizer_model(tmp_path):

@@ -70,8 +70,11 @@ class Generator:
     request ``i``'s first generated token (time to first token)."""
 
     def __init__(self, model: LlamaModel, cache: PagedKVCache, decode, *, max_batch: int, max_tokens_per_step: int,
-                 num_kernel_threads: int | None = None):
+                 num_kernel_threads: int | None = None, num_tokens: int | None = None):
         self.model, self.cache, self.decode = model, cache, decode
+        # The tokenizer's vocabulary: ids at or past it are never sampled (a GGUF's embedding may have padding rows
+        # past the last token, which the tokenizer could not decode).
+        self.num_tokens = num_tokens
         self.num_kernel_threads = num_kernel_threads
         self.max_batch, self.max_tokens_per_step = max_batch, max_tokens_per_step
         self.stats: Counter = Counter()
@@ -154,7 +157,7 @@ class Generator:
     def _append(self, sched: Scheduler, seq: Sequence, logits: torch.Tensor) -> int:
         """Sample the sequence's next token, check its stop conditions, finish it when done."""
         req = seq.request
-        token = sample(logits, req.params, seq.generator)
+        token = sample(logits[: self.num_tokens], req.params, seq.generator)
         seq.tokens.append(token)
         self.first_token_s.setdefault(req.index, time.perf_counter() - self._t_start)
         if token in req.stop_token_ids and not req.params.ignore_eos:

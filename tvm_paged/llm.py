@@ -109,7 +109,8 @@ class LLM:
         self.model = LlamaModel.from_gguf(gf, dtype)
         self.cache = PagedKVCache(spec.num_layers, spec.num_kv_heads, spec.head_dim, page_size, num_pages, dtype=dtype)
         self.generator = Generator(self.model, self.cache, lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True),
-                                   max_batch=max_batch, max_tokens_per_step=max_tokens_per_step)
+                                   max_batch=max_batch, max_tokens_per_step=max_tokens_per_step,
+                                   num_tokens=self.tokenizer.vocab_size)
 
     def _load_library(self, module, dtype, page_size):
         lib = load(module)

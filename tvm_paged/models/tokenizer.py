@@ -156,8 +156,13 @@ class Tokenizer:
                 backend.add_tokens([AddedToken(t, normalized=False, special=False) for t in user])
         else:
             backend = _via_transformers(gguf_file, model)
-        return cls(backend, vocab_size=len(tokens), named_ids=named_ids,
-                   chat_template=gguf_file.metadata("tokenizer.chat_template"))
+        template = gguf_file.metadata("tokenizer.chat_template")
+        if template is not None:
+            try:
+                _compile(template)  # at open, not at the first chat
+            except Exception as e:  # jinja2's TemplateSyntaxError and friends
+                raise ValueError(f"gguf: tokenizer.chat_template does not compile: {type(e).__name__}: {e}") from None
+        return cls(backend, vocab_size=len(tokens), named_ids=named_ids, chat_template=template)
 
     # ------------------------------------------------------------------ text
     def encode(self, text: str) -> list[int]:
