@@ -626,3 +626,32 @@ except ValueError as exc:
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "decode refused: q: tensors on cpu" in proc.stdout
     assert "copy_pages refused: k_cache: tensors on cpu" in proc.stdout
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["export", "-o", "{file}"], "-o/--output: {file} exists and is not a folder"),
+    (["export", "-o", "{file}/sub"], "is not a folder"),
+    (["export", "-o", "/proc/no-such-folder"], "-o/--output: cannot write in /proc"),
+    (["export", "-o", "{tmp}/out", "--target", '{{"kind": "llvm", "mtriple": "bogus"}}'], "LLVM here has no 'bogus'"),
+    (["export", "-o", "{tmp}/out", "--target", '{{"kind": "llvm", "mcpu": "bogus-cpu"}}'], "mcpu 'bogus-cpu'"),
+    (["export", "-o", "{tmp}/out", "--page-size", "100000000"], "page_size must be at most 4096"),
+    (["tune", "--schedules-dir", "{file}"], "--schedules-dir: {file} exists and is not a folder"),
+    (["tune", "--work-dir", "/proc/no-such-folder"], "--work-dir: cannot write in /proc"),
+    (["tune", "--repeat", "0"], "--repeat: must be >= 1"),
+    (["tune", "--per-round", "-5"], "--per-round: must be >= 1"),
+    (["tune", "--build-timeout", "-1"], "--build-timeout: must be > 0"),
+    (["tune", "--pool-mb", "-1"], "--pool-mb: must be > 0"),
+    (["tune", "--buckets", "100000x100000000"], "page-table entries, at most"),
+])
+def test_cli_refuses_bad_options_before_any_work(tmp_path, capsys, argv, message):
+    """One line on stderr naming the option, a non-zero exit, nothing built or written (a compile or a tune that
+    runs for hours must not fail at the end on a path; a bogus triple had crashed LLVM)."""
+    from tvm_paged.cli import main
+
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    fill = {"file": str(afile), "tmp": str(tmp_path)}
+    assert main([a.format(**fill) for a in argv]) != 0
+    err = capsys.readouterr().err
+    assert message.format(**fill) in err and "Traceback" not in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]

@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import tempfile
+from pathlib import Path
 
 # subcommand -> (module, one-line help)
 SUBCOMMANDS = {
@@ -65,6 +67,29 @@ def parse_variants(values) -> list[dict[str, bool]]:
                 combos = [variant_flags(part)]
             out.extend(c for c in combos if c not in out)
     return out
+
+
+def output_folder(path, option: str) -> Path:
+    """``path``, a folder a command will write into, checked before any work (a compile or a tune that runs for
+    minutes or hours must not fail at the end on an unwritable path) and not made yet (a refused command leaves
+    nothing behind): an existing folder must be writable, a new one must have a writable folder above it.
+    ValueError naming ``option``."""
+    if path is None or not str(path).strip():
+        raise ValueError(f"{option}: empty path")
+    folder = Path(path).expanduser().absolute()
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"{option}: {folder} exists and is not a folder")
+    existing = folder
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"{option}: cannot create {folder}: {existing} is not a folder")
+    try:  # a real write: permission bits do not tell root, or a read-only or virtual file system
+        with tempfile.TemporaryDirectory(dir=existing):
+            pass
+    except OSError as exc:
+        raise ValueError(f"{option}: cannot write in {existing} ({exc.strerror or exc})") from None
+    return folder
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -33,6 +33,10 @@ def check_int(value, name: str, minimum: int = 1) -> int:
     return int(value)
 
 
+# The largest value of each size a kernel is built for: above every model's (MLA's head_dim is 576; vLLM's page
+# sizes reach 256).
+_LIMITS = {"num_qo_heads": 1024, "num_kv_heads": 1024, "head_dim": 1024, "page_size": 4096}
+
 # Attention variants, in name order: (field of KernelConfig, tag in the name).
 VARIANTS = (("window", "w"), ("soft_cap", "cap"), ("alibi", "alibi"), ("sinks", "sink"))
 
@@ -86,6 +90,8 @@ class KernelConfig:
             value = getattr(self, field)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"{field} must be a positive int, got {value!r}")
+            if value > _LIMITS[field]:  # larger ones overflow the kernels' 32-bit extents or never finish compiling
+                raise ValueError(f"{field} must be at most {_LIMITS[field]}, got {value}")
         for field, _ in VARIANTS:
             if not isinstance(getattr(self, field), bool):
                 raise ValueError(f"{field} must be a bool, got {getattr(self, field)!r}")

@@ -35,7 +35,7 @@ from pathlib import Path
 from . import __version__, build, targets, tuned_knobs
 from . import tvm_compat as tc
 from .binary import FORMAT, MANIFEST, inspect_library, sha256_file
-from .cli import VARIANTS_HELP, parse_variants, variant_flags
+from .cli import VARIANTS_HELP, output_folder, parse_variants, variant_flags
 from .config import ATTENTION_KERNELS, DTYPES, FP8_DTYPES, VARIANTS, KernelConfig
 from .spec import SPECS
 from .toolchain import (ExportError, build_library, cross_compiler, export_target, host_arch, require_nvcc,
@@ -287,6 +287,7 @@ def run(args) -> int:
     cfg = {"dtype": args.dtype, "num_qo_heads": args.num_qo_heads, "num_kv_heads": args.num_kv_heads,
            "head_dim": args.head_dim, "page_size": args.page_size}
     try:
+        output_folder(args.output, "-o/--output")
         manifest = export(cfg, args.target, args.output, kv_dtypes=getattr(args, "kv_dtype", None) or None,
                           variants=getattr(args, "variants", None) or None)
     except (ValueError, ExportError) as exc:

@@ -100,6 +100,7 @@ def resolve_target(spec: Any = None) -> "tc.Target":
     if isinstance(spec, dict):
         spec = dict(spec)
         if spec.get("kind") == "llvm":
+            _check_llvm_triple(spec)
             spec.setdefault("num-cores", tc.allowed_cores())
             for key, value in _LLVM_MATH_FLAGS.items():
                 spec.setdefault(key, value)
@@ -108,6 +109,19 @@ def resolve_target(spec: Any = None) -> "tc.Target":
         except Exception as exc:
             raise ValueError(f"target: invalid target dict {spec!r} ({exc})") from exc
     raise ValueError(f"target: expected a tag, a JSON/dict target or 'local', got {type(spec).__name__}")
+
+
+def _check_llvm_triple(spec: dict) -> None:
+    """An ``mtriple`` whose architecture LLVM lacks crashes the code generator (a segfault, not an error), and an
+    ``mcpu`` LLVM does not know builds for a generic CPU after a page of warnings: refuse both by name."""
+    triple = str(spec.get("mtriple") or tc.host_triple())
+    arch = triple.split("-")[0]
+    if arch not in tc.llvm_arches():
+        raise ValueError(f"target: mtriple {triple!r}: LLVM here has no {arch!r} target (it has "
+                         f"{', '.join(sorted(tc.llvm_arches()))})")
+    mcpu = spec.get("mcpu")
+    if mcpu and not tc.llvm_knows_cpu(str(mcpu), triple):
+        raise ValueError(f"target: mcpu {mcpu!r} is not a CPU LLVM knows for {triple!r}")
 
 
 def _fix_host(tag: str, target: "tc.Target") -> "tc.Target":

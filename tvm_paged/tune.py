@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 
 from . import tuned_knobs
-from .cli import VARIANTS_HELP, variant_flags
+from .cli import VARIANTS_HELP, output_folder, variant_flags
 from .config import FP8_DTYPES, KernelConfig
 from .targets import resolve_target
 
@@ -88,6 +88,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "<work-dir>/<space>/)")
 
 
+def _check_numbers(args: argparse.Namespace) -> None:
+    """The numeric options in range (ValueError naming the option), before any build."""
+    for option, value, lowest in (("--trials", args.trials, 1), ("--per-round", args.per_round, 1),
+                                  ("--repeat", args.repeat, 1), ("--min-repeat-ms", args.min_repeat_ms, 0),
+                                  ("--q-len", args.q_len, 0), ("--population", args.population, 2)):
+        if value < lowest:
+            raise ValueError(f"{option}: must be >= {lowest}, got {value}")
+    for option, value in (("--pool-mb", args.pool_mb), ("--build-timeout", args.build_timeout)):
+        if value is not None and not value > 0:
+            raise ValueError(f"{option}: must be > 0, got {value}")
+
+
 def _tracker(text: str | None) -> tuple[str, int] | None:
     if not text:
         return None
@@ -115,12 +127,16 @@ def run(args: argparse.Namespace) -> int:
         target = resolve_target(args.target)
         cfg = tune_config(args)
         buckets = parse_buckets(args.buckets)
+        _check_numbers(args)
+        for option, folder in (("--work-dir", args.work_dir), ("--schedules-dir", args.schedules_dir)):
+            if folder is not None:
+                output_folder(folder, option)
         opts = TuneOptions(
-            trials=args.trials, per_round=max(1, args.per_round), seed=args.seed, strategy=args.strategy,
+            trials=args.trials, per_round=args.per_round, seed=args.seed, strategy=args.strategy,
             work_dir=args.work_dir, schedules_root=args.schedules_dir, rpc_tracker=_tracker(args.rpc_tracker),
             rpc_key=args.rpc_key, pool_mb=args.pool_mb, repeat=args.repeat, min_repeat_ms=args.min_repeat_ms,
             q_len=args.q_len, progress=not args.no_progress, build_timeout=args.build_timeout,
-            population=max(2, args.population),
+            population=args.population,
         )
     except ValueError as exc:
         print(f"tvm-paged tune: {exc}", file=sys.stderr)

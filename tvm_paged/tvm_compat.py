@@ -53,6 +53,19 @@ def host_cpu_features() -> dict[str, bool]:
     return {str(name): bool(present) for name, present in detect().items()}
 
 
+def host_triple() -> str:
+    return str(_codegen.llvm_get_system_triple())
+
+
+def llvm_arches() -> set[str]:
+    """The architectures (a triple's first part) this build of LLVM can generate code for."""
+    return {str(name) for name in _codegen.llvm_get_targets()}
+
+
+def llvm_knows_cpu(mcpu: str, mtriple: str) -> bool:
+    return bool(_codegen.llvm_is_valid_cpu(mcpu, mtriple))
+
+
 def cpu_features(target: Target) -> set[str]:
     """The ISA and tuning features LLVM enables for a CPU target (its ``mcpu``, ``mattr`` applied)."""
     return {str(name) for name in _codegen.llvm_get_cpu_features(target)}

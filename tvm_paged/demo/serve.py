@@ -13,9 +13,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 import torch
 
+from ..cli import output_folder
 from ..generation import default_kernel_threads, kernel_threads
 from .engine import Engine, LogitsMismatch
 
@@ -129,6 +131,8 @@ def run(args) -> int:
 
 def _run(args) -> int:
     try:
+        if args.json:  # its folder checked now, not after the run
+            output_folder(Path(args.json).expanduser().resolve().parent, "--json")
         engine = Engine(args)
     except ValueError as exc:
         print(f"tvm-paged demo: {exc}", file=sys.stderr)

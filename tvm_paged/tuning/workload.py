@@ -91,7 +91,14 @@ class Bucket:
             raise ValueError(f"bucket: expected BATCHxPAGES (e.g. 8x64), got {text!r}") from None
         if bucket.batch <= 0 or bucket.pages <= 0:
             raise ValueError(f"bucket: batch and pages must be positive, got {text!r}")
+        if bucket.batch * bucket.pages > MAX_TABLE_ENTRIES:  # its tables and pool would be measured in TB
+            raise ValueError(f"bucket: {text!r} has {bucket.batch * bucket.pages} page-table entries, at most "
+                             f"{MAX_TABLE_ENTRIES}")
         return bucket
+
+
+# A bucket's batch x pages: 256 sequences of 64K pages is far past any serving step.
+MAX_TABLE_ENTRIES = 2**24
 
 
 def parse_buckets(text: str) -> list[Bucket]:
