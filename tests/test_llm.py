@@ -238,6 +238,15 @@ def test_a_second_concurrent_call_is_refused(llm, monkeypatch):
     assert llm.cache.num_free_pages == llm.cache.num_pages
 
 
+def test_ids_past_the_tokenizer_are_never_sampled(llm, monkeypatch):
+    """A GGUF's embedding may have padding rows past the tokenizer's last token: the generator samples only ids the
+    tokenizer has (here a vocabulary cut to 200 stands in for one)."""
+    monkeypatch.setattr(llm.generator, "num_tokens", 200)
+    outs = llm.generate(PROMPTS[:2], SamplingParams(max_tokens=8, temperature=1.5, seed=3, ignore_eos=True))
+    ids = [t for o in outs for t in o.outputs[0].token_ids]
+    assert len(ids) == 16 and max(ids) < 200
+
+
 def test_chat_message_content_must_be_text(llm):
     with pytest.raises(ValueError, match=r"^messages\[0\]: "):
         llm.chat([{"role": "user", "content": None}])
