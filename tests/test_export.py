@@ -655,3 +655,12 @@ def test_cli_refuses_bad_options_before_any_work(tmp_path, capsys, argv, message
     err = capsys.readouterr().err
     assert message.format(**fill) in err and "Traceback" not in err, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
+@pytest.mark.parametrize("triple", ["aarch64-linux-gnu", "arm64-apple-macos", "armv7a-linux-gnueabihf",
+                                    "i686-linux-gnu", "x86_64-linux-gnu", "riscv64-linux-gnu"])
+def test_llvm_triples_of_known_architectures_resolve(triple):
+    """Sub-architectures and aliases LLVM accepts (armv7a, i686, arm64) are not mistaken for unknown ones."""
+    from tvm_paged import targets
+
+    assert targets.resolve_target({"kind": "llvm", "mtriple": triple}).kind.name == "llvm"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 from typing import Any
 
 from . import tvm_compat as tc
@@ -115,13 +116,22 @@ def _check_llvm_triple(spec: dict) -> None:
     """An ``mtriple`` whose architecture LLVM lacks crashes the code generator (a segfault, not an error), and an
     ``mcpu`` LLVM does not know builds for a generic CPU after a page of warnings: refuse both by name."""
     triple = str(spec.get("mtriple") or tc.host_triple())
-    arch = triple.split("-")[0]
+    arch = _llvm_arch(triple.split("-")[0])
     if arch not in tc.llvm_arches():
         raise ValueError(f"target: mtriple {triple!r}: LLVM here has no {arch!r} target (it has "
                          f"{', '.join(sorted(tc.llvm_arches()))})")
     mcpu = spec.get("mcpu")
     if mcpu and not tc.llvm_knows_cpu(str(mcpu), triple):
         raise ValueError(f"target: mcpu {mcpu!r} is not a CPU LLVM knows for {triple!r}")
+
+
+def _llvm_arch(arch: str) -> str:
+    """A triple's architecture as LLVM names its target: sub-architectures (armv7a, thumbv8m, i686) and aliases
+    (arm64, amd64) to their family."""
+    arch = {"arm64": "aarch64", "arm64e": "aarch64", "amd64": "x86_64"}.get(arch, arch)
+    if re.fullmatch(r"i[3-6]86", arch):
+        return "i386"
+    return next((family for family in ("armeb", "arm", "thumbeb", "thumb") if arch.startswith(family)), arch)
 
 
 def _fix_host(tag: str, target: "tc.Target") -> "tc.Target":
